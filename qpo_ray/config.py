@@ -209,7 +209,9 @@ def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
 
 
 def _did_you_mean(key: str) -> str:
-    close = difflib.get_close_matches(key, _known_keys(RunConfig), n=1, cutoff=0.6)
+    parent = key.rpartition(".")[0]
+    siblings = [k for k in _known_keys(RunConfig) if k.rpartition(".")[0] == parent]
+    close = difflib.get_close_matches(key, siblings, n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 

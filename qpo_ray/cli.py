@@ -1,0 +1,225 @@
+"""The ``qpo-ray`` command line. Every subcommand takes ``--config`` (a profile or YAML) and ``--set k=v``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import sys
+from pathlib import Path
+
+from qpo_ray.config import PROFILES, load_config
+from qpo_ray.errors import QPOError
+
+log = logging.getLogger("qpo_ray")
+
+
+def _config_args(p: argparse.ArgumentParser, default: str = "tiny") -> None:
+    p.add_argument("--config", default=default, help=f"profile ({', '.join(PROFILES)}) or YAML file [{default}]")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted override, e.g. --set train.scratch.lr=1e-4 (repeatable)")
+
+
+def _cfg(args):
+    return load_config(args.config, args.overrides)
+
+
+def _version_dir(path: str) -> tuple[Path, int]:
+    p = Path(path).resolve()
+    m = re.fullmatch(r"v(\d+)", p.name)
+    if not m or p.parent.name != "data":
+        raise QPOError(f"--data {path}: expected RUN_DIR/data/vNNN")
+    return p.parent.parent, int(m.group(1))
+
+
+def cmd_run(args) -> int:
+    from qpo_ray.driver import run
+
+    cfg = None if args.resume else _cfg(args)
+    run(cfg, resume=args.resume)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from qpo_ray.driver import run
+
+    cfg = load_config("demo", args.overrides)
+    done = Path(cfg.run_dir, "config.yaml").exists()
+    if done:
+        print(f"[qpo-ray] {cfg.run_dir} exists: resuming it (delete it for a fresh demo)", flush=True)
+    run(None if done else cfg, resume=cfg.run_dir if done else None)
+    return 0
+
+
+def cmd_bootstrap(args) -> int:
+    from qpo_ray.driver import steps
+    from qpo_ray.driver.run import _prepare
+    from qpo_ray.driver.session import Session, init_ray
+
+    cfg, rd = _prepare(_cfg(args), None) if not Path(_cfg(args).run_dir, "config.yaml").exists() \
+        else _prepare(None, _cfg(args).run_dir)
+    init_ray()
+    s = Session(cfg, rd)
+    try:
+        print(json.dumps(steps.bootstrap(s)))
+    finally:
+        s.close()
+    return 0
+
+
+def cmd_train(args) -> int:
+    from qpo_ray.data.store import DatasetStore
+    from qpo_ray.driver.session import init_ray
+    from qpo_ray.train import train_policy
+
+    cfg = _cfg(args)
+    run_dir, version = _version_dir(args.data)
+    store = DatasetStore(run_dir)
+    store.verify(version)
+    init_ray()
+    out = Path(args.out).resolve()
+    res = train_policy(cfg, store=store, version=version, out_dir=out, schedule=args.schedule,
+                       init_policy=Path(args.init) if args.init else None,
+                       run_name=args.name or f"qpo-train-{out.name}")
+    for m in res.metrics:
+        print(json.dumps(m), flush=True)
+    print(f"policy saved to {res.policy_dir}", flush=True)
+    return 0
+
+
+def _read_queries(path: str) -> list[str]:
+    p = Path(path)
+    if not p.is_file():
+        raise QPOError(f"--in {path}: no such file")
+    lines = [ln for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    if p.suffix == ".jsonl":
+        out = []
+        for i, ln in enumerate(lines, 1):
+            try:
+                out.append(str(json.loads(ln)["query"]))
+            except (ValueError, KeyError, TypeError):
+                raise QPOError(f"{path}: line {i}: expected a JSON object with a 'query' field") from None
+        return out
+    return lines
+
+
+def cmd_generate(args) -> int:
+    from qpo_ray.policy.generate import generate_prompts
+    from qpo_ray.policy.model import QPOPolicy
+
+    queries = _read_queries(args.inp)
+    policy = QPOPolicy.load(args.policy)
+    prompts = generate_prompts(policy, queries, target_reward=args.reward, greedy=not args.sample,
+                               top_k=args.top_k, top_p=args.top_p, seed=args.seed, batch_size=args.batch_size)
+    out = open(args.out, "w", encoding="utf-8") if args.out else sys.stdout
+    for q, p in zip(queries, prompts, strict=True):
+        out.write(json.dumps({"query": q, "prompt": p}) + "\n")
+    if args.out:
+        out.close()
+        print(f"{len(prompts)} prompts written to {args.out}", file=sys.stderr)
+    return 0
+
+
+def cmd_score(args) -> int:
+    from qpo_ray.driver.session import init_ray
+    from qpo_ray.score.cli_score import score_file
+
+    init_ray()
+    score_file(_cfg(args), args.inp, args.out)
+    return 0
+
+
+def cmd_serve_target(args) -> int:
+    from qpo_ray.score.server import serve_target_main
+
+    serve_target_main(_cfg(args), args.host, args.port)
+    return 0
+
+
+def cmd_import(args) -> int:
+    from qpo_ray.data.importers import run_import
+
+    return run_import(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="qpo-ray", description="QPO prompt-policy training on Ray.")
+    ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("run", help="the full multi-loop QPO pipeline (bootstrap → loops → report)")
+    _config_args(p)
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run; finished steps are skipped")
+    p.set_defaults(fn=cmd_run)
+
+    p = sub.add_parser("demo", help="the embedded emotion demo (real SmolLM2 target), ~15 min on 2 CPUs")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(fn=cmd_demo)
+
+    p = sub.add_parser("bootstrap", help="build D0 by scoring the task's prompt pool on its train queries")
+    _config_args(p)
+    p.set_defaults(fn=cmd_bootstrap)
+
+    p = sub.add_parser("train", help="train a policy on one dataset version (Ray Train + DeepSpeed)")
+    _config_args(p)
+    p.add_argument("--data", required=True, help="RUN_DIR/data/vNNN")
+    p.add_argument("--out", required=True, help="folder for the trained policy")
+    p.add_argument("--schedule", choices=["scratch", "finetune"], default="scratch")
+    p.add_argument("--init", help="policy folder to fine-tune (with --schedule finetune)")
+    p.add_argument("--name", help="Ray Train run name (same name resumes from its latest checkpoint)")
+    p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("generate", help="write a prompt for each query with a trained policy")
+    p.add_argument("--policy", required=True)
+    p.add_argument("--in", dest="inp", required=True, help="text file (one query a line) or JSONL with 'query'")
+    p.add_argument("--out", help="JSONL output (default: stdout)")
+    p.add_argument("--reward", type=float, default=100.0, help="target reward to condition on [100]")
+    p.add_argument("--sample", action="store_true", help="sample (top-k/top-p) instead of greedy")
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.set_defaults(fn=cmd_generate)
+
+    p = sub.add_parser("score", help="score (query, prompt) pairs with the target pool")
+    _config_args(p)
+    p.add_argument("--in", dest="inp", required=True, help="parquet/jsonl with query, prompt [, label]")
+    p.add_argument("--out", required=True, help="scored parquet (the dataset schema)")
+    p.set_defaults(fn=cmd_score)
+
+    p = sub.add_parser("serve-target", help="an OpenAI-compatible completions server over the transformers engine")
+    _config_args(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.set_defaults(fn=cmd_serve_target)
+
+    p = sub.add_parser("data", help="dataset tools")
+    dsub = p.add_subparsers(dest="data_cmd", required=True)
+    pi = dsub.add_parser("import", help="import benchmark logs (jsonl/csv/parquet/Prompt-OIRL) as D0")
+    try:
+        from qpo_ray.data.importers import add_import_args
+
+        add_import_args(pi)
+    except ImportError:
+        pass
+    pi.set_defaults(fn=cmd_import)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        return args.fn(args)
+    except QPOError as e:
+        print(f"qpo-ray: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("qpo-ray: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""Batched prompt sampling on a Ray Data actor pool (one policy copy per actor), like batch inference."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qpo_ray.config import CollectConfig
+
+
+def pick_collect_queries(queries: Sequence[tuple[str, str]], n: int, loop: int, seed: int) -> list[tuple[str, str]]:
+    """The loop's collect queries: ``n`` drawn without replacement from the collect split, seeded by loop."""
+    rng = random.Random(f"{seed}:collect:{loop}")
+    pool = list(queries)
+    return rng.sample(pool, min(n, len(pool)))
+
+
+class _Sampler:
+    """Ray Data actor: loads the policy once, then samples prompts batch by batch."""
+
+    def __init__(self, policy_dir: str, gen: dict[str, Any], threads: int | None = None):
+        import torch
+
+        from qpo_ray.policy.model import QPOPolicy
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.policy = QPOPolicy.load(policy_dir)
+        self.gen = gen
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from qpo_ray.policy.generate import generate_prompts
+
+        queries = [str(q) for q in batch["query"]]
+        # One seed per batch, derived from the batch's first row index: the same rows always get the
+        # same draws, however the batches are spread over actors.
+        seed = int(self.gen["seed"]) * 1_000_003 + int(batch["row"][0])
+        prompts = generate_prompts(self.policy, queries, greedy=self.gen["greedy"], top_k=self.gen["top_k"],
+                                   top_p=self.gen["top_p"], temperature=self.gen["temperature"],
+                                   target_reward=self.gen["target_reward"], batch_size=len(queries), seed=seed)
+        return {**batch, "prompt": np.array(prompts, dtype=object)}
+
+
+def sample_prompts(policy_dir: str | Path, queries: Sequence[tuple[str, str]], ccfg: CollectConfig, *,
+                   seed: int, greedy: bool = False, target_reward: float | None = None) -> list[dict[str, Any]]:
+    """Sample one prompt per (query, label) on a pool of ``ccfg.num_actors`` actors; rows keep input order."""
+    import ray
+
+    if not queries:
+        return []
+    items = [{"row": i, "query": q, "label": lab} for i, (q, lab) in enumerate(queries)]
+    gen = {"greedy": greedy, "top_k": ccfg.top_k, "top_p": ccfg.top_p, "temperature": ccfg.temperature,
+           "target_reward": ccfg.target_reward if target_reward is None else target_reward, "seed": seed}
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True
+    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items) // ccfg.batch_size))
+    ds = ds.map_batches(
+        _Sampler,
+        fn_constructor_kwargs={"policy_dir": str(policy_dir), "gen": gen},
+        batch_size=ccfg.batch_size,
+        batch_format="numpy",
+        concurrency=ccfg.num_actors,
+        num_gpus=ccfg.num_gpus_per_actor or None,
+        num_cpus=1,
+    )
+    out = sorted(ds.take_all(), key=lambda r: int(r["row"]))
+    return [{"query": str(r["query"]), "label": str(r["label"]), "prompt": str(r["prompt"])} for r in out]

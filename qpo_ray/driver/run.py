@@ -1,0 +1,85 @@
+"""The QPO loop (DESIGN §1) as persisted steps: ``qpo-ray run`` and ``qpo-ray run --resume RUN_DIR``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from qpo_ray.config import RunConfig, dump_config, load_config
+from qpo_ray.driver import steps
+from qpo_ray.driver.session import Session, StepTimer, init_ray
+from qpo_ray.evaluate.report import summary_table, write_report
+from qpo_ray.errors import QPOError
+from qpo_ray.runs import RunDir, fault_point
+
+log = logging.getLogger("qpo_ray")
+
+
+def run(cfg: RunConfig | None = None, *, resume: str | Path | None = None) -> Path:
+    """Run (or resume) a QPO run; returns the report's path."""
+    cfg, rd = _prepare(cfg, resume)
+    init_ray()
+    s = Session(cfg, rd)
+    try:
+        def step(name: str, fn: Callable[[], dict[str, Any]]) -> None:
+            if rd.done(name) is not None:
+                log.info("[%s] done earlier: skipped", name)
+                return
+            log.info("[%s] start", name)
+            with StepTimer(s) as t:
+                info = fn()
+            fault_point(f"{name}.before-mark")
+            rd.mark(name, {**info, **t.info, "step": name, "finished": time.time()})
+            log.info("[%s] done in %.1f s (%d target calls)", name, t.info["wall_s"], t.info["target_calls"])
+
+        step("bootstrap", lambda: steps.bootstrap(s))
+        step("eval-0", lambda: steps.evaluate(s, 0))
+        for t in range(1, cfg.loops + 1):
+            step(f"loop-{t}.train", lambda t=t: steps.train(s, t))
+            step(f"loop-{t}.collect", lambda t=t: steps.collect(s, t))
+            step(f"loop-{t}.score", lambda t=t: steps.score(s, t))
+            step(f"loop-{t}.merge", lambda t=t: steps.merge(s, t))
+            step(f"loop-{t}.eval", lambda t=t: steps.evaluate(s, t))
+        return report(s)
+    finally:
+        s.close()
+
+
+def _prepare(cfg: RunConfig | None, resume: str | Path | None) -> tuple[RunConfig, RunDir]:
+    if resume is not None:
+        rd = RunDir(resume)
+        saved = rd.path / "config.yaml"
+        if not saved.is_file():
+            raise QPOError(f"--resume {resume}: no config.yaml there — not a qpo-ray run directory")
+        cfg = load_config(saved)
+        log.info("resuming %s", rd.path)
+        return cfg, rd
+    if cfg is None:
+        cfg = load_config("tiny")
+    rd = RunDir(cfg.run_dir)
+    if (rd.path / "config.yaml").exists():
+        raise QPOError(f"run directory {rd.path} already holds a run: use --resume {rd.path} or another run_dir")
+    rd.path.mkdir(parents=True, exist_ok=True)
+    cfg = cfg.model_copy(update={"run_dir": str(rd.path)})
+    dump_config(cfg, rd.path / "config.yaml")
+    return cfg, rd
+
+
+def report(s: Session) -> Path:
+    rd = s.run
+    evals = [json.loads(p.read_text()) for p in sorted((rd.path / "eval").glob("loop-*.json"),
+                                                         key=lambda p: int(p.stem.split("-")[1]))]
+    markers = sorted(rd.steps.glob("*.json"), key=lambda p: json.loads(p.read_text()).get("finished", 0))
+    step_infos = [json.loads(p.read_text()) for p in markers]
+    header = {"task": s.task.name, "setting": s.cfg.task.setting, "target": s.target,
+              "policy": s.cfg.policy.model, "loops": s.cfg.loops, "dataset versions": len(s.store.versions()),
+              "rows in latest version": s.store.manifest(s.store.latest()).rows}
+    path = write_report(rd.path, evals, step_infos, header)
+    s.tracker.artifact(path)
+    print("\n" + summary_table(evals) + "\n", flush=True)
+    print(f"report: {path}", flush=True)
+    return path

@@ -1,0 +1,154 @@
+"""What one driver process holds for a run: Ray, the run directory, the dataset store, the task, the
+tracker, the scoring pool (started on first use) and the cache of every pair scored in this run."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from qpo_ray.config import RunConfig
+from qpo_ray.data.schema import SCHEMA, content_id, pair_key, rows_to_table
+from qpo_ray.data.store import DatasetStore
+from qpo_ray.runs import RunDir, atomic_write_table
+from qpo_ray.tracking import Tracker
+
+log = logging.getLogger("qpo_ray")
+
+SCORE_CHUNK = 64  # pairs scored and persisted together: a crash loses at most one chunk of target calls
+
+
+def init_ray() -> None:
+    """Connect to the cluster named by RAY_ADDRESS, else start Ray embedded on this machine."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(runtime_env=env, log_to_driver=True)
+    else:
+        # Logical CPUs above the physical count let the scoring replicas, the train workers and the
+        # sampling actors coexist on a laptop; they run one at a time in the driver's loop anyway.
+        ray.init(num_cpus=max(8, os.cpu_count() or 1), include_dashboard=False, runtime_env=env)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+class Session:
+    """Holds the per-run state shared by the steps."""
+
+    def __init__(self, cfg: RunConfig, run: RunDir):
+        from qpo_ray.tasks import load_task
+
+        self.cfg = cfg
+        self.run = run
+        self.store = DatasetStore(run.path)
+        self.store.clean_tmp()
+        self.task = load_task(cfg.task.name)
+        self.target = cfg.target.model
+        self.run_id = content_id(str(run.path), n=8)
+        self.tracker = Tracker(run.path, cfg.tracking, cfg.model_dump(mode="json"))
+        self._pool = None
+        self._cache: dict[str, dict[str, Any]] | None = None
+        self.calls = 0
+        self.tokens = 0
+
+    # -- scoring ------------------------------------------------------------------------------------
+    @property
+    def pool(self):
+        if self._pool is None:
+            from qpo_ray.score.pool import ScoringPool
+
+            self._pool = ScoringPool(self.cfg.target, self.task, app_name=f"qpo-target-{self.run_id}")
+            self._pool.__enter__()
+        return self._pool
+
+    def _load_cache(self) -> dict[str, dict[str, Any]]:
+        if self._cache is None:
+            self._cache = {}
+            if self.run.scores.is_dir():
+                for f in sorted(self.run.scores.glob("*.parquet")):
+                    for r in pq.read_table(f).to_pylist():
+                        self._cache[r["key"]] = r
+        return self._cache
+
+    def _from_dataset(self, keys: set[str]) -> dict[str, dict[str, Any]]:
+        """Rows of the latest dataset version whose key is asked for (streamed, filtered by key)."""
+        latest = self.store.latest()
+        if latest is None or not keys:
+            return {}
+        wanted = pa.array(sorted(keys))
+        out = {}
+        for b in self.store.iter_batches(latest):
+            hit = b.filter(pc.is_in(b.column("key"), value_set=wanted))
+            for r in hit.to_pylist():
+                out[r["key"]] = r
+        return out
+
+    def score(self, pairs: Sequence[dict[str, str]], tag: str, *, phase: str, source: str, loop: int) -> list[dict[str, Any]]:
+        """Score (query, label, prompt) pairs; a pair scored before in this run or in the dataset costs no call.
+
+        New results are persisted chunk by chunk under ``scores/`` before they are used, so a crash never
+        pays for the same pair twice. Rows come back in input order.
+        """
+        from qpo_ray.score.pool import score_pairs
+
+        setting = self.cfg.task.setting
+        cache = self._load_cache()
+        keys = [pair_key(self.task.name, self.target, setting, p["query"], p["prompt"]) for p in pairs]
+        known = {**self._from_dataset({k for k in keys if k not in cache}), **cache}
+        todo = [p for p, k in zip(pairs, keys, strict=True) if k not in known]
+        todo = list({pair_key(self.task.name, self.target, setting, p["query"], p["prompt"]): p for p in todo}.values())
+        if todo:
+            log.info("[%s] scoring %d new pair(s) (%d already known)", tag, len(todo), len(pairs) - len(todo))
+        for i in range(0, len(todo), SCORE_CHUNK):
+            chunk = todo[i : i + SCORE_CHUNK]
+            before = self.pool.stats.copy()
+            rows = score_pairs(self.pool, self.task, self.cfg, chunk, phase=phase, source=source, loop=loop)
+            after = self.pool.stats
+            self.calls += after["calls"] - before["calls"]
+            self.tokens += after["tokens"] - before["tokens"]
+            table = rows_to_table(rows, source=f"scores of {tag}")
+            atomic_write_table(self.run.scores / f"{tag}-{uuid.uuid4().hex[:12]}.parquet", table)
+            for r in table.to_pylist():
+                cache[r["key"]] = r
+                known[r["key"]] = r
+        # A reused row is labelled with the step that asked for it; rows already in the dataset are
+        # dropped by the merge rule, so a label never changes a stored row.
+        return [dict(known[k], source=source, loop=loop) for k in keys]
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.__exit__(None, None, None)
+            self._pool = None
+        self.tracker.close()
+
+
+class StepTimer:
+    """Measures a step's wall time and the target calls/tokens it spent."""
+
+    def __init__(self, session: Session):
+        self.s = session
+
+    def __enter__(self) -> StepTimer:
+        self.t0, self.c0, self.k0 = time.time(), self.s.calls, self.s.tokens
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.info = {"wall_s": round(time.time() - self.t0, 2), "target_calls": self.s.calls - self.c0,
+                     "target_tokens": self.s.tokens - self.k0}
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    return pq.read_table(path).to_pylist()
+
+
+__all__ = ["SCHEMA", "Session", "StepTimer", "init_ray", "read_rows"]

@@ -1,0 +1,62 @@
+"""Typed config: profiles load, overrides apply and are typed, unknown keys are named."""
+
+from __future__ import annotations
+
+import pytest
+
+from qpo_ray.config import PROFILES, dump_config, load_config
+from qpo_ray.errors import ConfigError
+
+
+@pytest.mark.parametrize("name", PROFILES)
+def test_profiles_load(name):
+    cfg = load_config(name)
+    assert cfg.train.batch_size % (cfg.train.micro_batch_size * cfg.train.num_workers) == 0
+
+
+def test_paper_profile_has_reference_hyperparameters():
+    c = load_config("paper")
+    assert (c.train.scratch.lr, c.train.scratch.epochs) == (1e-3, 100)
+    assert (c.train.finetune.lr, c.train.finetune.epochs) == (1e-4, 20)
+    assert (c.train.lr_step_epochs, c.train.lr_gamma, c.train.batch_size, c.train.grad_clip) == (20, 0.65, 128, 0.25)
+    assert (c.train.lambda_high, c.train.lambda_low, c.train.mse_switch) == (0.5, 0.1, 10.0)
+    assert (c.collect.num_queries, c.collect.batch_size, c.collect.top_k, c.collect.top_p) == (1000, 100, 2, 0.9)
+    assert (c.policy.max_query_tokens, c.policy.max_prompt_tokens) == (40, 40)
+    assert c.policy.keep_layers is None and c.policy.freeze_layers == 0
+
+
+def test_overrides_are_typed():
+    c = load_config("tiny", ["train.scratch.lr=5e-4", "loops=3", "train.use_gpu=true", "eval.max_test_queries=null"])
+    assert c.train.scratch.lr == 5e-4 and c.loops == 3 and c.train.use_gpu is True
+    assert c.eval.max_test_queries is None
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.lrr=1", "unknown key 'train.lrr'"),
+        ("trian.lr=1", "did you mean 'train'"),
+        ("train.micro_batch_sze=4", "did you mean 'train.micro_batch_size'"),
+        ("train.batch_size=abc", "'train.batch_size'"),
+        ("train.zero_stage=5", "'train.zero_stage'"),
+        ("train.batch_size=12", "must be a multiple"),
+        ("nodot", "must look like section.key=value"),
+    ],
+)
+def test_bad_config_names_the_key(override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_config("tiny", [override])
+
+
+def test_yaml_with_base_profile_and_roundtrip(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("profile: tiny\nloops: 1\ntrain:\n  zero_stage: 2\n")
+    c = load_config(p)
+    assert c.loops == 1 and c.train.zero_stage == 2 and c.policy.model == "tiny-gpt2"
+    dump_config(c, tmp_path / "resolved.yaml")
+    assert load_config(tmp_path / "resolved.yaml") == c
+
+
+def test_missing_config_file():
+    with pytest.raises(ConfigError, match="neither a profile"):
+        load_config("no/such/file.yaml")

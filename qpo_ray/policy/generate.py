@@ -1,0 +1,129 @@
+"""Prompt generation with the policy: batched KV-cache decoding, conditioned on a target reward.
+
+Unlike the reference, the attention mask and position ids stay correct at every step (query padding is
+never visible) and each row's prompt is cut at its first EOS.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from qpo_ray.policy.model import QPOPolicy
+from qpo_ray.policy.tokenize import encode_prompts, encode_queries
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Top-k, then top-p (nucleus) filtering; removed entries become -inf. ``top_k=0``/``top_p=1`` = off."""
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # Drop a token when the mass before it already reaches top_p; the most likely token always stays.
+        drop = (probs.cumsum(-1) - probs) >= top_p
+        drop[..., 0] = False
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+@torch.no_grad()
+def generate_ids(policy: QPOPolicy, query_ids: torch.Tensor, query_mask: torch.Tensor, *,
+                 target_reward: float = 100.0, greedy: bool = True, top_k: int = 0, top_p: float = 1.0,
+                 temperature: float = 1.0, max_new_tokens: int = 40,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """Token ids ``[B, max_new_tokens]``: each row up to and including its first EOS, pad after it.
+
+    Stops early once every row has ended. The caller sets eval mode."""
+    tok = policy.tokenizer
+    eos = tok.eos_token_id
+    pad = tok.pad_token_id if tok.pad_token_id is not None else eos
+    B, dev = query_ids.shape[0], query_ids.device
+    reward = torch.full((B,), float(target_reward), device=dev)
+    h, cache, mask, pos = policy.start(query_ids, query_mask, reward)
+    out = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=dev)
+    done = torch.zeros(B, dtype=torch.bool, device=dev)
+    for t in range(max_new_tokens):
+        logits = policy.prompt_logits(h).float()
+        if greedy:
+            nxt = logits.argmax(-1)
+        else:
+            probs = torch.softmax(filter_logits(logits / temperature, top_k, top_p), dim=-1)
+            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+        out[:, t] = nxt
+        done |= nxt == eos
+        if bool(done.all()) or t == max_new_tokens - 1:
+            break
+        # Ended rows keep stepping (the batch moves together) but their outputs are discarded.
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        h, cache = policy.step(nxt, cache, mask, pos)
+        pos = pos + 1
+    return out
+
+
+def _text(policy: QPOPolicy, ids: list[int]) -> str:
+    eos = policy.tokenizer.eos_token_id
+    if eos in ids:
+        ids = ids[: ids.index(eos)]
+    return policy.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+def generate_prompts(policy: QPOPolicy, queries: Sequence[str], *, target_reward: float = 100.0,
+                     greedy: bool = True, top_k: int = 0, top_p: float = 1.0, temperature: float = 1.0,
+                     max_new_tokens: int | None = None, batch_size: int = 32,
+                     seed: int | None = None) -> list[str]:
+    """One prompt per query, conditioned on ``r = target_reward``; greedy, or sampled with top-k then top-p.
+
+    Deterministic for a given ``seed`` (and batch size)."""
+    pcfg = policy.pcfg
+    n_new = max_new_tokens or pcfg.max_prompt_tokens
+    dev = policy.device
+    gen = torch.Generator(device=dev).manual_seed(seed) if seed is not None else None
+    was_training = policy.training
+    policy.eval()
+    try:
+        texts: list[str] = []
+        for i in range(0, len(queries), batch_size):
+            q_ids, q_mask = encode_queries(policy.tokenizer, list(queries[i:i + batch_size]), pcfg.max_query_tokens)
+            ids = generate_ids(policy, torch.as_tensor(q_ids, device=dev), torch.as_tensor(q_mask, device=dev),
+                               target_reward=target_reward, greedy=greedy, top_k=top_k, top_p=top_p,
+                               temperature=temperature, max_new_tokens=n_new, generator=gen)
+            texts += [_text(policy, row) for row in ids.tolist()]
+        return texts
+    finally:
+        policy.train(was_training)
+
+
+def generate_candidates(policy: QPOPolicy, query: str, n: int, *, target_reward: float = 100.0,
+                        top_k: int = 2, top_p: float = 0.9, temperature: float = 1.0,
+                        max_new_tokens: int | None = None, seed: int | None = None) -> list[str]:
+    """``n`` sampled prompts for one query (duplicates removed, order kept)."""
+    texts = generate_prompts(policy, [query] * n, target_reward=target_reward, greedy=False, top_k=top_k,
+                             top_p=top_p, temperature=temperature, max_new_tokens=max_new_tokens,
+                             batch_size=n, seed=seed)
+    return list(dict.fromkeys(texts))
+
+
+@torch.no_grad()
+def rank_by_reward_head(policy: QPOPolicy, query: str, candidates: Sequence[str]) -> tuple[str, list[float]]:
+    """Score each candidate prompt with the "last_prompt" reward head; the best one and all scores."""
+    pcfg, tok, dev = policy.pcfg, policy.tokenizer, policy.device
+    q_ids, q_mask = encode_queries(tok, [query] * len(candidates), pcfg.max_query_tokens)
+    p_ids, p_mask = encode_prompts(tok, list(candidates), pcfg.max_prompt_tokens)
+    was_training = policy.training
+    policy.eval()
+    try:
+        scores = policy.predict_reward(*(torch.as_tensor(a, device=dev) for a in (q_ids, q_mask, p_ids, p_mask)))
+    finally:
+        policy.train(was_training)
+    scores_list = scores.float().tolist()
+    best = max(range(len(candidates)), key=scores_list.__getitem__)
+    return candidates[best], scores_list
+
+
+def best_of_n(policy: QPOPolicy, query: str, n: int, **sampling) -> str:
+    """Sample ``n`` prompts and keep the one the reward head rates highest."""
+    return rank_by_reward_head(policy, query, generate_candidates(policy, query, n, **sampling))[0]

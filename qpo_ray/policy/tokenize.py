@@ -1,0 +1,79 @@
+"""Turn (query, prompt, reward) rows into the fixed-shape arrays the policy consumes.
+
+Pure numpy + tokenizer, so it runs inside a Ray Data ``map_batches`` as well as in a plain loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from transformers import PreTrainedTokenizerBase
+
+
+def _ids(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> list[list[int]]:
+    if len(texts) == 0:
+        return []
+    # No BOS/EOS from the tokenizer: the policy adds the one EOS that ends a prompt itself.
+    return tokenizer([str(t) for t in texts], add_special_tokens=False)["input_ids"]
+
+
+def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    pad = tokenizer.pad_token_id
+    return int(pad if pad is not None else tokenizer.eos_token_id)
+
+
+def encode_queries(tokenizer: PreTrainedTokenizerBase, queries: Sequence[str],
+                   max_query_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(query_ids, query_mask)``, both ``[B, max_query_tokens]``, LEFT-padded.
+
+    Long queries keep their first tokens (the question usually opens the text)."""
+    lq = max_query_tokens
+    ids = np.full((len(queries), lq), _pad_id(tokenizer), dtype=np.int64)
+    mask = np.zeros((len(queries), lq), dtype=np.int64)
+    for i, toks in enumerate(_ids(tokenizer, queries)):
+        toks = toks[:lq]
+        if toks:
+            ids[i, lq - len(toks):] = toks
+            mask[i, lq - len(toks):] = 1
+    return ids, mask
+
+
+def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
+                   max_prompt_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(prompt_ids, prompt_mask)``, both ``[B, max_prompt_tokens + 1]``, RIGHT-padded.
+
+    Each row is the (truncated) prompt tokens followed by exactly one EOS, so the policy learns to stop;
+    an empty prompt ("no instruction") is just that EOS."""
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the policy tokenizer has no EOS token; prompts cannot be terminated")
+    width = max_prompt_tokens + 1
+    ids = np.full((len(prompts), width), _pad_id(tokenizer), dtype=np.int64)
+    mask = np.zeros((len(prompts), width), dtype=np.int64)
+    for i, toks in enumerate(_ids(tokenizer, prompts)):
+        toks = list(toks[:max_prompt_tokens]) + [tokenizer.eos_token_id]
+        ids[i, :len(toks)] = toks
+        mask[i, :len(toks)] = 1
+    return ids, mask
+
+
+def encode_rows(tokenizer: PreTrainedTokenizerBase, queries: Sequence[str], prompts: Sequence[str] | None,
+                rewards: Sequence[float] | None, max_query_tokens: int,
+                max_prompt_tokens: int) -> dict[str, np.ndarray]:
+    """Encode a batch of rows into numpy arrays.
+
+    Returns ``query_ids``/``query_mask`` ``[B, Lq]`` (left-padded), and when given, ``prompt_ids``/
+    ``prompt_mask`` ``[B, Lp+1]`` (right-padded, prompt + one EOS; mask is 1 on real tokens incl. EOS)
+    and ``reward`` ``[B]`` float32. Inputs may be lists or numpy arrays (as Ray Data passes them).
+    """
+    out: dict[str, np.ndarray] = {}
+    out["query_ids"], out["query_mask"] = encode_queries(tokenizer, list(queries), max_query_tokens)
+    if prompts is not None:
+        if len(prompts) != len(queries):
+            raise ValueError(f"{len(prompts)} prompts for {len(queries)} queries")
+        out["prompt_ids"], out["prompt_mask"] = encode_prompts(tokenizer, list(prompts), max_prompt_tokens)
+    if rewards is not None:
+        if len(rewards) != len(queries):
+            raise ValueError(f"{len(rewards)} rewards for {len(queries)} queries")
+        out["reward"] = np.asarray(rewards, dtype=np.float32).reshape(len(queries))
+    return out

@@ -82,7 +82,7 @@ def cmd_train(args) -> int:
     res = train_policy(cfg, store=store, version=version, out_dir=out, schedule=args.schedule,
                        init_policy=Path(args.init) if args.init else None,
                        run_name=args.name or f"qpo-train-{out.name}")
-    for m in res.metrics:
+    for m in res.epoch_metrics:
         print(json.dumps(m), flush=True)
     print(f"policy saved to {res.policy_dir}", flush=True)
     return 0
@@ -134,6 +134,13 @@ def cmd_serve_target(args) -> int:
     from qpo_ray.score.server import serve_target_main
 
     serve_target_main(_cfg(args), args.host, args.port)
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from qpo_ray.serve import resolve_config, serve_policy
+
+    serve_policy(args.policy, resolve_config(args.policy, args.config, args.overrides), args.host, args.port)
     return 0
 
 
@@ -193,6 +200,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.set_defaults(fn=cmd_serve_target)
+
+    p = sub.add_parser("serve", help="serve a trained policy over HTTP (Ray Serve): POST /v1/prompts, /docs")
+    p.add_argument("--policy", required=True, help="policy folder, e.g. RUN_DIR/policy/loop-2")
+    p.add_argument("--config", default=None,
+                   help="profile or YAML [the run's config.yaml when --policy is RUN_DIR/policy/loop-N, else tiny]")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted override, e.g. --set serve.num_replicas=2 (repeatable)")
+    p.add_argument("--host", help="bind address [serve.host]")
+    p.add_argument("--port", type=int, help="HTTP port [serve.port]")
+    p.set_defaults(fn=cmd_serve)
 
     p = sub.add_parser("data", help="dataset tools")
     dsub = p.add_subparsers(dest="data_cmd", required=True)

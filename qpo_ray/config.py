@@ -123,6 +123,10 @@ class TaskConfig(_Section):
     demo_sets_collect: int = Field(5, ge=1)
     demo_sets_test: int = Field(10, ge=1)
     threshold: float | None = None  # merge keeps rows with raw reward > threshold; None = the task's own
+    # Bootstrap budget: use only the first N train queries / pool prompts (None = all). The target cost of
+    # D0 is their product.
+    max_train_queries: int | None = Field(None, ge=1)
+    max_prompts: int | None = Field(None, ge=1)
 
 
 class EvalConfig(_Section):

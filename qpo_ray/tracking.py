@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +29,9 @@ class Tracker:
         try:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(str(self.run_dir / "tb"))
+            # Event files are named by second and host: a unique suffix keeps a resumed driver that starts
+            # within the same second from overwriting the previous one's file.
+            self._tb = SummaryWriter(str(self.run_dir / "tb"), filename_suffix=f".{os.getpid()}.{uuid.uuid4().hex[:8]}")
         except ImportError:  # tensorboardX ships with ray[train]; keep tracking usable without it
             log.warning("tensorboardX not installed: TensorBoard events are not written")
         tracking = tracking or {}

@@ -12,8 +12,8 @@ from typing import Any
 from qpo_ray.config import RunConfig, dump_config, load_config
 from qpo_ray.driver import steps
 from qpo_ray.driver.session import Session, StepTimer, init_ray
-from qpo_ray.evaluate.report import summary_table, write_report
 from qpo_ray.errors import QPOError
+from qpo_ray.evaluate.report import summary_table, write_report
 from qpo_ray.runs import RunDir, fault_point
 
 log = logging.getLogger("qpo_ray")
@@ -34,6 +34,7 @@ def run(cfg: RunConfig | None = None, *, resume: str | Path | None = None) -> Pa
                 info = fn()
             fault_point(f"{name}.before-mark")
             rd.mark(name, {**info, **t.info, "step": name, "finished": time.time()})
+            fault_point(f"{name}.done")
             log.info("[%s] done in %.1f s (%d target calls)", name, t.info["wall_s"], t.info["target_calls"])
 
         step("bootstrap", lambda: steps.bootstrap(s))

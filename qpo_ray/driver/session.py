@@ -38,7 +38,8 @@ def init_ray() -> None:
     else:
         # Logical CPUs above the physical count let the scoring replicas, the train workers and the
         # sampling actors coexist on a laptop; they run one at a time in the driver's loop anyway.
-        ray.init(num_cpus=max(8, os.cpu_count() or 1), include_dashboard=False, runtime_env=env)
+        # address="local": always a fresh embedded instance, never a stray cluster found on the machine.
+        ray.init(address="local", num_cpus=max(8, os.cpu_count() or 1), include_dashboard=False, runtime_env=env)
     ray.data.DataContext.get_current().enable_progress_bars = False
 
 
@@ -109,8 +110,7 @@ class Session:
         todo = list({pair_key(self.task.name, self.target, setting, p["query"], p["prompt"]): p for p in todo}.values())
         if todo:
             log.info("[%s] scoring %d new pair(s) (%d already known)", tag, len(todo), len(pairs) - len(todo))
-        for i in range(0, len(todo), SCORE_CHUNK):
-            chunk = todo[i : i + SCORE_CHUNK]
+        for chunk in _chunks_by_prompt(todo, SCORE_CHUNK):
             before = self.pool.stats.copy()
             rows = score_pairs(self.pool, self.task, self.cfg, chunk, phase=phase, source=source, loop=loop)
             after = self.pool.stats
@@ -130,6 +130,20 @@ class Session:
             self._pool.__exit__(None, None, None)
             self._pool = None
         self.tracker.close()
+
+
+def _chunks_by_prompt(pairs: list[dict[str, str]], size: int) -> list[list[dict[str, str]]]:
+    """Chunks of about ``size`` pairs that never split the pairs of one prompt: a prompt's batch accuracy
+    (a reward component) is computed over all of its pairs in a call, so a chunk must hold all of them."""
+    groups: dict[str, list[dict[str, str]]] = {}
+    for p in pairs:
+        groups.setdefault(p["prompt"], []).append(p)
+    chunks: list[list[dict[str, str]]] = [[]]
+    for group in groups.values():
+        if chunks[-1] and len(chunks[-1]) + len(group) > size:
+            chunks.append([])
+        chunks[-1].extend(group)
+    return [c for c in chunks if c]
 
 
 class StepTimer:

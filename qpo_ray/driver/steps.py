@@ -23,8 +23,8 @@ def bootstrap(s: Session) -> dict[str, Any]:
         m = s.store.verify(0)
         log.info("[bootstrap] dataset v000 exists (%d rows): nothing to do", m.rows)
         return {"rows": m.rows}
-    prompts = s.task.prompts
-    queries = s.task.queries("train")
+    prompts = s.task.prompts[: s.cfg.task.max_prompts]
+    queries = s.task.queries("train")[: s.cfg.task.max_train_queries]
     log.info("[bootstrap] scoring %d prompts × %d train queries", len(prompts), len(queries))
     by_text = {text: pid for pid, text in prompts}
     pairs = [{"query": q, "label": lab, "prompt": text} for _pid, text in prompts for q, lab in queries]
@@ -45,10 +45,13 @@ def train(s: Session, loop: int) -> dict[str, Any]:
     res = train_policy(s.cfg, store=s.store, version=loop - 1, out_dir=s.run.policy_dir(loop), schedule=schedule,
                        init_policy=s.run.policy_dir(loop - 1) if loop > 1 else None,
                        run_name=f"qpo-{s.run_id}-loop-{loop}")
+    # The global step counts epochs over all loops; a resumed call logs only the epochs it trained.
     base = sum((s.run.done(f"loop-{t}.train") or {}).get("epochs", 0) for t in range(1, loop))
-    for i, m in enumerate(res.metrics):
-        s.tracker.log("train", m, loop=loop, global_step=base + i + 1)
-    return {"epochs": len(res.metrics), "policy": str(res.policy_dir), "final": res.metrics[-1] if res.metrics else {}}
+    done_before = len(res.history) - res.epochs_run
+    for i, m in enumerate(res.epoch_metrics):
+        s.tracker.log("train", m, loop=loop, global_step=base + done_before + i + 1)
+    return {"epochs": len(res.history), "resumed_from_epoch": res.resumed_from_epoch, "policy": str(res.policy_dir),
+            "final": res.metrics}
 
 
 def collect(s: Session, loop: int) -> dict[str, Any]:

@@ -1,0 +1,13 @@
+"""`python jobs/evaluate.py ...` = `python -m qpo_ray.jobs.evaluate ...`: evaluation of a run directory (see `python -m qpo_ray.jobs.evaluate --help`)."""
+
+import sys
+from pathlib import Path
+
+# The repository beside this script, ahead of any installed qpo_ray: with `ray job submit --working-dir .`
+# the job runs the code that was uploaded.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from qpo_ray.jobs.evaluate import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""Job entrypoint that evaluates a run directory and writes its report.
+
+``python -m qpo_ray.jobs.evaluate --run-dir RUN [--loops 0,2] [--redo] [--set eval.max_test_queries=50]``
+
+Evaluates every loop whose policy exists (loop 0 = the offline baselines) and has no ``eval/loop-N.json``
+yet (all of them with ``--redo``), then rewrites ``report.md`` / ``accuracy.png`` and prints the summary. Pairs
+scored earlier in the run are reused, so only new (query, prompt) pairs cost target calls. Step markers are
+left alone: this job never changes what ``qpo-ray run --resume`` will do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from qpo_ray.config import load_config
+from qpo_ray.errors import QPOError
+
+log = logging.getLogger("qpo_ray")
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m qpo_ray.jobs.evaluate", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--run-dir", required=True, help="a qpo-ray run directory (holds config.yaml)")
+    ap.add_argument("--loops", help="comma-separated loops to evaluate (default: every loop with a policy)")
+    ap.add_argument("--redo", action="store_true", help="re-evaluate loops that already have results")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override the run's saved config for this evaluation, e.g. eval.max_test_queries=50")
+    ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return ap
+
+
+def _loops(rd, cfg, wanted: str | None) -> list[int]:
+    trained = [0] + [t for t in range(1, cfg.loops + 1) if (rd.policy_dir(t) / "policy_config.json").is_file()]
+    if wanted is None:
+        return trained
+    try:
+        asked = [int(x) for x in wanted.split(",") if x.strip()]
+    except ValueError:
+        raise QPOError(f"--loops {wanted}: expected comma-separated integers") from None
+    missing = [t for t in asked if t not in trained]
+    if missing:
+        raise QPOError(f"--loops: no trained policy for loop(s) {missing} in {rd.path} (have {trained})")
+    return asked
+
+
+def evaluate_run(run_dir: str | Path, *, loops: str | None = None, redo: bool = False,
+                 overrides: list[str] | None = None) -> Path:
+    """Evaluate the run's missing (or all, with ``redo``) loops; returns the report's path."""
+    from qpo_ray.driver import steps
+    from qpo_ray.driver.run import report
+    from qpo_ray.driver.session import Session, init_ray
+    from qpo_ray.runs import RunDir
+
+    rd = RunDir(run_dir)
+    saved = rd.path / "config.yaml"
+    if not saved.is_file():
+        raise QPOError(f"--run-dir {run_dir}: no config.yaml there — not a qpo-ray run directory")
+    cfg = load_config(saved, overrides)
+    if rd.done("bootstrap") is None:
+        raise QPOError(f"{rd.path}: the run has no dataset yet (bootstrap not done); run or resume it first")
+    todo = [t for t in _loops(rd, cfg, loops) if redo or not (rd.path / "eval" / f"loop-{t}.json").is_file()]
+    if todo:
+        init_ray()  # only scoring needs Ray; a report from existing results does not
+    s = Session(cfg, rd)
+    try:
+        for t in todo:
+            log.info("[evaluate] loop %d", t)
+            steps.evaluate(s, t)
+        return report(s)
+    finally:
+        s.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        evaluate_run(args.run_dir, loops=args.loops, redo=args.redo, overrides=args.overrides)
+    except QPOError as e:
+        print(f"qpo-ray evaluate: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

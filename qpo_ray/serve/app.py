@@ -1,0 +1,455 @@
+"""The trained policy behind HTTP: a Ray Serve deployment with a FastAPI ingress.
+
+Endpoints
+- ``POST /v1/prompts``: ``{"query": "..."}`` or ``{"queries": [...]}`` (+ optional ``task``, ``target_reward``)
+  → ``{"prompts": [{"query", "prompt"}], "policy", "task", "target_reward"}``;
+- ``POST /v1/answer``: the same, then asks the configured target (an OpenAI-compatible ``/v1/completions``
+  server, ``target.engine = openai``) to answer each rendered prompt + query; 503 when no target is set;
+- ``GET /healthz``: liveness plus batching counters of the replica that answers;
+- ``/docs`` and ``/openapi.json``: FastAPI's own.
+
+Status codes: 422 malformed body (wrong types, empty list, unknown field, both or neither of
+``query``/``queries``, another task than the one served); 413 over a limit (more than
+``serve.max_queries_per_request`` queries, a query longer than ``serve.max_query_chars`` characters, or a
+body over the byte bound derived from both); 401 missing/wrong key when ``serve.api_key_env`` names a
+set variable.
+
+Concurrent requests are batched per replica with ``@serve.batch``: one ``generate_prompts`` call per batch
+(per distinct ``target_reward`` in it). Deploy with ``serve run qpo_ray.serve.app:build_app policy_dir=DIR``,
+a KubeRay RayService (``import_path: qpo_ray.serve.app:build_app``), or ``qpo-ray serve --policy DIR``.
+"""
+
+# No `from __future__ import annotations` here: Serve rebuilds the FastAPI routes inside the replica from the
+# methods' annotations, and string annotations cannot be resolved there (the class is pickled by value).
+import asyncio
+import hmac
+import json
+import logging
+import os
+import shlex
+import signal
+import time
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import httpx
+from fastapi import FastAPI, HTTPException, Security
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from ray import serve
+from ray.serve import Application
+
+from qpo_ray.config import RunConfig, ServeConfig, build_config, load_config
+from qpo_ray.errors import ConfigError, QPOError
+
+log = logging.getLogger("qpo_ray.serve")
+
+APP_NAME = "qpo-policy"
+DEPLOYMENT_NAME = "QPOPolicyService"
+_GEN_CHUNK = 128  # rows per forward pass inside one generate_prompts call: bounds a big batch's memory
+
+
+# -- request / response models ----------------------------------------------------------------------------
+class PromptRequest(BaseModel):
+    """One query or a list of queries. Limits on count and length are checked against the served config."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    queries: list[str] | None = Field(None, min_length=1, description="queries (one or many)")
+    query: str | None = Field(None, description="a single query (instead of `queries`)")
+    task: str | None = Field(None, description="must match the served task when given")
+    target_reward: float = Field(100.0, allow_inf_nan=False, description="reward to condition on (0–100)")
+
+    @model_validator(mode="after")
+    def _one_of(self) -> "PromptRequest":
+        if (self.queries is None) == (self.query is None):
+            raise ValueError("give exactly one of 'query' or 'queries'")
+        return self
+
+    def query_list(self) -> list[str]:
+        return self.queries if self.queries is not None else [self.query or ""]
+
+
+class PromptItem(BaseModel):
+    query: str
+    prompt: str
+
+
+class PromptResponse(BaseModel):
+    prompts: list[PromptItem]
+    policy: str
+    task: str
+    target_reward: float
+
+
+class AnswerItem(PromptItem):
+    input: str  # what the target was sent: the task template filled with prompt and query
+    answer: str
+
+
+class AnswerResponse(BaseModel):
+    answers: list[AnswerItem]
+    policy: str
+    task: str
+    target: str
+    target_reward: float
+
+
+# -- helpers ----------------------------------------------------------------------------------------------
+def max_body_bytes(scfg: ServeConfig) -> int:
+    """The body bound: every query at its longest, JSON-escaped at worst (12 bytes a character), + slack."""
+    return scfg.max_queries_per_request * (scfg.max_query_chars * 12 + 16) + 64 * 1024
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for a body over ``limit()`` bytes, checked on Content-Length and while reading.
+
+    The body is read here before the app sees it (FastAPI reads it whole anyway): an error raised from inside
+    the app's body read would come out as FastAPI's generic 400."""
+
+    def __init__(self, app, limit: Callable[[], int]):
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = self.limit()
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            return await self._reject(send, limit)
+        buffered, seen = [], 0
+        while True:
+            msg = await receive()
+            buffered.append(msg)
+            if msg["type"] != "http.request":
+                break
+            seen += len(msg.get("body", b""))
+            if seen > limit:
+                return await self._reject(send, limit)
+            if not msg.get("more_body", False):
+                break
+
+        async def replay():
+            return buffered.pop(0) if buffered else await receive()
+
+        await self.app(scope, replay, send)
+
+    @staticmethod
+    async def _reject(send, limit: int) -> None:
+        body = json.dumps({"detail": f"request body over {limit} bytes"}).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+def policy_name(policy_dir: str | Path) -> str:
+    """``RUN/policy/loop-2`` → ``RUN-name/loop-2``; any other folder → its name."""
+    p = Path(policy_dir)
+    return f"{p.parent.parent.name}/{p.name}" if p.parent.name == "policy" else p.name
+
+
+# -- the deployment ---------------------------------------------------------------------------------------
+api = FastAPI(
+    title="qpo_ray policy service",
+    version="1",
+    description="Query-dependent prompts from a trained QPO policy (greedy, conditioned on a target reward).",
+)
+# The body bound comes from the served config, known only when a replica starts; a replica owns its worker
+# process, so a module global holds it. Read and set through module-level functions: the deployment class
+# is pickled by value, and a global it touched directly would be a copy, not this module's.
+_LIMIT = {"bytes": max_body_bytes(ServeConfig())}
+
+
+def body_limit() -> int:
+    return _LIMIT["bytes"]
+
+
+def set_body_limit(n: int) -> None:
+    _LIMIT["bytes"] = n
+
+
+# Before @serve.ingress: it freezes a copy of the app.
+api.add_middleware(BodyLimit, limit=body_limit)
+
+_bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer <key>`")
+_api_key = APIKeyHeader(name="X-API-Key", auto_error=False, description="or `X-API-Key: <key>`")
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"description": "missing or wrong API key (only when serve.api_key_env names a set variable)"},
+    413: {"description": "too many queries, a query too long, or a body too large"},
+}
+Bearer = Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)]
+ApiKey = Annotated[str | None, Security(_api_key)]
+
+
+@serve.deployment(name=DEPLOYMENT_NAME)
+@serve.ingress(api)
+class PolicyService:
+    """One policy copy per replica; concurrent requests on a replica are batched into one generation."""
+
+    def __init__(self, policy_dir: str, cfg: dict[str, Any]):
+        import torch
+
+        from qpo_ray.policy.model import QPOPolicy
+
+        self.cfg: RunConfig = build_config(cfg, "serve config")
+        self.scfg = self.cfg.serve
+        self.name = policy_name(policy_dir)
+        set_body_limit(max_body_bytes(self.scfg))
+        self.policy = QPOPolicy.load(policy_dir, device="cuda" if torch.cuda.is_available() else "cpu")
+        self._generate_batch.set_max_batch_size(self.scfg.max_batch_size)
+        self._generate_batch.set_batch_wait_timeout_s(self.scfg.batch_wait_timeout_s)
+        env = self.scfg.api_key_env
+        self._key = os.environ.get(env, "") if env else ""
+        if env and not self._key:
+            log.warning("serve.api_key_env=%s but the variable is unset or empty here: no key required", env)
+        self._task = None  # loaded on the first /v1/answer: prompts alone never need the task file
+        self._http: httpx.AsyncClient | None = None
+        self.started = time.time()
+        self.requests = 0
+        self.batches = 0
+        self.max_batch_seen = 0
+        self.recent_batch_sizes: deque[int] = deque(maxlen=50)
+
+    # -- batching -------------------------------------------------------------------------------------
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)  # real values set per replica from config
+    async def _generate_batch(self, items: list[tuple[list[str], float]]) -> list[list[str]]:
+        from qpo_ray.policy.generate import generate_prompts
+
+        self.batches += 1
+        self.max_batch_seen = max(self.max_batch_seen, len(items))
+        self.recent_batch_sizes.append(len(items))
+        out: list[list[str]] = [[] for _ in items]
+        # The policy is conditioned on one reward per call: one call per distinct value (usually just one).
+        for reward in dict.fromkeys(r for _, r in items):
+            idx = [i for i, (_, r) in enumerate(items) if r == reward]
+            flat = [q for i in idx for q in items[i][0]]
+            # In a thread: generation is CPU/GPU-bound and must not stall the replica's event loop
+            # (health checks, the next batch filling up).
+            prompts = await asyncio.to_thread(generate_prompts, self.policy, flat, target_reward=reward,
+                                              greedy=True, batch_size=min(len(flat), _GEN_CHUNK))
+            pos = 0
+            for i in idx:
+                n = len(items[i][0])
+                out[i] = prompts[pos:pos + n]
+                pos += n
+        return out
+
+    # -- request handling ----------------------------------------------------------------------------
+    def _authorize(self, bearer: HTTPAuthorizationCredentials | None, key: str | None) -> None:
+        if not self._key:
+            return
+        given = bearer.credentials if bearer is not None else key
+        if not given or not hmac.compare_digest(given.encode(), self._key.encode()):
+            raise HTTPException(401, "missing or wrong API key (Authorization: Bearer <key> or X-API-Key)",
+                                headers={"WWW-Authenticate": "Bearer"})
+
+    def _check(self, req: PromptRequest) -> list[str]:
+        queries = req.query_list()
+        if len(queries) > self.scfg.max_queries_per_request:
+            raise HTTPException(413, f"{len(queries)} queries: at most {self.scfg.max_queries_per_request} "
+                                     "per request (serve.max_queries_per_request)")
+        for i, q in enumerate(queries):
+            if len(q) > self.scfg.max_query_chars:
+                raise HTTPException(413, f"query {i} has {len(q)} characters: at most "
+                                         f"{self.scfg.max_query_chars} (serve.max_query_chars)")
+        if req.task is not None and req.task != self.cfg.task.name:
+            raise HTTPException(422, f"this service serves task '{self.cfg.task.name}', not '{req.task}'")
+        return queries
+
+    async def _prompts(self, req: PromptRequest) -> list[PromptItem]:
+        queries = self._check(req)
+        self.requests += 1
+        prompts = await self._generate_batch((queries, float(req.target_reward)))
+        return [PromptItem(query=q, prompt=p) for q, p in zip(queries, prompts, strict=True)]
+
+    @api.post("/v1/prompts", response_model=PromptResponse, summary="optimised prompt(s) for query(ies)",
+              responses=_ERRORS)
+    async def prompts(self, req: PromptRequest, bearer: Bearer, key: ApiKey) -> PromptResponse:
+        self._authorize(bearer, key)
+        items = await self._prompts(req)
+        return PromptResponse(prompts=items, policy=self.name, task=self.cfg.task.name,
+                              target_reward=req.target_reward)
+
+    @api.post("/v1/answer", response_model=AnswerResponse,
+              summary="prompt(s), then the configured target's answer to prompt + query",
+              responses={**_ERRORS, 502: {"description": "the target failed"},
+                         503: {"description": "no target configured"}})
+    async def answer(self, req: PromptRequest, bearer: Bearer, key: ApiKey) -> AnswerResponse:
+        self._authorize(bearer, key)
+        t = self.cfg.target
+        if t.engine != "openai":
+            raise HTTPException(503, f"no target configured for answers: target.engine is '{t.engine}'; set "
+                                     "target.engine=openai and target.base_url to an OpenAI-compatible server")
+        items = await self._prompts(req)
+        try:
+            inputs = [self._render(it.prompt, it.query) for it in items]
+        except QPOError as e:  # a task file the service cannot read: say which, not a bare 500
+            raise HTTPException(500, f"cannot render the target input: {e}") from None
+        sem = asyncio.Semaphore(t.max_concurrency)
+
+        async def one(text: str) -> str:
+            async with sem:
+                return await self._complete(text)
+
+        answers = await asyncio.gather(*(one(x) for x in inputs))
+        return AnswerResponse(answers=[AnswerItem(query=it.query, prompt=it.prompt, input=x, answer=a)
+                                       for it, x, a in zip(items, inputs, answers, strict=True)],
+                              policy=self.name, task=self.cfg.task.name, target=t.model,
+                              target_reward=req.target_reward)
+
+    def _render(self, prompt: str, query: str) -> str:
+        """The target's input, as in scoring: the task template, with demonstrations in the few-shot setting."""
+        from qpo_ray.tasks import load_task
+
+        if self._task is None:
+            self._task = load_task(self.cfg.task.name)
+        demos = None
+        if self.cfg.task.setting == "few_shot":
+            demos = self._task.demo_sets(1, self.cfg.task.num_demos, self.cfg.seed, exclude_query=query)[0]
+        return self._task.render(prompt, query, demos)
+
+    async def _complete(self, text: str) -> str:
+        """Greedy ``/completions`` on the target; retries transport errors and 5xx, then 502."""
+        t = self.cfg.target
+        if self._http is None:
+            headers = {}
+            if os.environ.get(t.api_key_env):
+                headers["Authorization"] = f"Bearer {os.environ[t.api_key_env]}"
+            self._http = httpx.AsyncClient(timeout=t.timeout_s, headers=headers)
+        url = t.base_url.rstrip("/") + "/completions"
+        body = {"model": t.model, "prompt": text, "max_tokens": t.max_new_tokens, "temperature": 0.0}
+        err = ""
+        for attempt in range(t.retries + 1):
+            try:
+                r = await self._http.post(url, json=body)
+                if r.status_code < 500:
+                    if r.status_code != 200:
+                        raise HTTPException(502, f"target {url} answered {r.status_code}: {r.text[:300]}")
+                    return str(r.json()["choices"][0]["text"])
+                err = f"{r.status_code}: {r.text[:300]}"
+            except httpx.HTTPError as e:
+                err = f"{type(e).__name__}: {e}"
+            except (ValueError, KeyError, IndexError, TypeError):
+                raise HTTPException(502, f"target {url} returned no choices[0].text") from None
+            await asyncio.sleep(min(2.0, 0.2 * 2 ** attempt))
+        raise HTTPException(502, f"target {url} failed after {t.retries + 1} attempt(s): {err}")
+
+    @api.get("/healthz", summary="liveness and this replica's batching counters")
+    async def healthz(self) -> dict[str, Any]:
+        return {"status": "ok", "policy": self.name, "task": self.cfg.task.name,
+                "uptime_s": round(time.time() - self.started, 1), "requests": self.requests,
+                "batches": self.batches, "max_batch_seen": self.max_batch_seen,
+                "recent_batch_sizes": list(self.recent_batch_sizes),
+                "max_batch_size": self.scfg.max_batch_size, "auth": bool(self._key)}
+
+
+# -- building the application -----------------------------------------------------------------------------
+def resolve_config(policy_dir: str | Path, config: str | Path | None = None,
+                   overrides: list[str] | None = None) -> RunConfig:
+    """The served config: ``config`` when given, else the run's own ``config.yaml`` when the policy lives in a
+    run directory (``RUN/policy/loop-N``, so the task matches training), else the ``tiny`` profile."""
+    if config is None:
+        run_cfg = Path(policy_dir).resolve().parent.parent / "config.yaml"
+        config = run_cfg if Path(policy_dir).resolve().parent.name == "policy" and run_cfg.is_file() else "tiny"
+    return load_config(config, overrides)
+
+
+def make_app(policy_dir: str | Path, cfg: RunConfig, *, ray_actor_options: dict[str, Any] | None = None
+             ) -> Application:
+    """The bound application: replicas/autoscaling from ``cfg.serve``; ``ray_actor_options`` for extras such
+    as a runtime_env (the API key variable must exist in the replica's environment)."""
+    path = Path(policy_dir).expanduser().resolve()
+    if not (path / "policy_config.json").is_file():
+        raise QPOError(f"policy {policy_dir}: not a saved QPO policy folder (no policy_config.json)")
+    s = cfg.serve
+    opts: dict[str, Any] = {
+        # Enough requests in flight on one replica to fill a batch while the previous one runs.
+        "max_ongoing_requests": max(2 * s.max_batch_size, 8),
+    }
+    if s.autoscaling:
+        opts["autoscaling_config"] = s.autoscaling
+    else:
+        opts["num_replicas"] = s.num_replicas
+    if ray_actor_options:
+        opts["ray_actor_options"] = ray_actor_options
+    return PolicyService.options(**opts).bind(str(path), cfg.model_dump(mode="json"))
+
+
+def _overrides(value: Any) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):  # `serve run ... overrides="a.b=1 c.d=2"`
+        return shlex.split(value)
+    if isinstance(value, list | tuple):
+        return [str(v) for v in value]
+    raise ConfigError(f"overrides must be a list of KEY=VALUE strings, not {type(value).__name__}")
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    """Serve application builder: ``args = {policy_dir, config?, overrides?}``.
+
+    ``serve run qpo_ray.serve.app:build_app policy_dir=DIR [config=demo] [overrides="serve.num_replicas=2"]``
+    or, in a KubeRay ``serveConfigV2``, ``import_path: qpo_ray.serve.app:build_app`` with ``args``. Paths must
+    be readable where the replicas run (a shared volume on a multi-node cluster)."""
+    unknown = set(args) - {"policy_dir", "config", "overrides"}
+    if unknown:
+        raise ConfigError(f"build_app: unknown argument(s) {sorted(unknown)} (policy_dir, config, overrides)")
+    if not args.get("policy_dir"):
+        raise ConfigError("build_app: 'policy_dir' is required (a folder written by QPOPolicy.save)")
+    cfg = resolve_config(args["policy_dir"], args.get("config"), _overrides(args.get("overrides")))
+    return make_app(args["policy_dir"], cfg)
+
+
+def http_address() -> tuple[str, int] | None:
+    """Host and port of the running Serve HTTP proxy, or None when Serve is not running."""
+    try:
+        from ray.serve.context import _get_global_client
+
+        client = _get_global_client(raise_if_no_controller_running=False)
+    except Exception:  # private API: tolerate its changes, the caller falls back to the config
+        return None
+    if client is None:
+        return None
+    return client.http_config.host, client.http_config.port
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def serve_policy(policy_dir: str | Path, cfg: RunConfig, host: str | None = None, port: int | None = None,
+                 blocking: bool = True) -> str:
+    """Start Serve (Ray embedded, or RAY_ADDRESS's cluster) and deploy the policy; returns the base URL.
+
+    With ``blocking`` it serves until interrupted."""
+    from qpo_ray.driver.session import init_ray
+
+    host = host or cfg.serve.host
+    port = port or cfg.serve.port
+    app = make_app(policy_dir, cfg)
+    init_ray()
+    running = http_address()
+    if running is not None and running[1] != port:
+        log.warning("Serve already runs on %s:%d: the policy is served there, not on port %d", *running, port)
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(app, name=APP_NAME, route_prefix="/")
+    h, p = http_address() or (host, port)
+    url = f"http://{'127.0.0.1' if h in ('0.0.0.0', '::') else h}:{p}"
+    print(f"policy {policy_name(policy_dir)} served at {url}/v1/prompts (docs: {url}/docs)", flush=True)
+    if blocking:
+        # SIGTERM (Kubernetes, systemd, `kill`) ends the service as cleanly as Ctrl-C does.
+        signal.signal(signal.SIGTERM, _interrupt)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            print("stopping the policy service", flush=True)
+            serve.delete(APP_NAME)
+    return url
+
+
+__all__ = ["APP_NAME", "PolicyService", "PromptRequest", "build_app", "http_address", "make_app",
+           "resolve_config", "serve_policy"]

@@ -1,0 +1,102 @@
+"""End to end: a full 2-loop tiny run (real Ray Data, Train + DeepSpeed, Serve), and resume."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+
+import pytest
+
+from qpo_ray.config import load_config
+from qpo_ray.data.store import DatasetStore
+from qpo_ray.tasks import load_task
+from qpo_ray.tracking import read_metrics
+from tests.e2e import dataset_rows, qpo, scored_keys
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("ref") / "run"
+    qpo("run", "--config", "tiny", "--set", f"run_dir={run_dir}")
+    return run_dir
+
+
+def test_versions_grow_by_exactly_the_merged_rows(reference_run):
+    store = DatasetStore(reference_run)
+    assert store.versions() == [0, 1, 2]
+    m0 = store.verify(0)
+    for v in (1, 2):
+        m = store.verify(v)
+        prev, cur = set(dataset_rows(reference_run, v - 1)), dataset_rows(reference_run, v)
+        assert len(cur) == len(set(cur)) == m.rows
+        assert prev <= set(cur)  # every previous row survives unchanged
+        added = set(cur) - prev
+        assert len(added) == m.new_rows
+        assert all(src == f"loop-{v}" for _, _, src in added)
+        merged = json.loads((reference_run / "steps" / f"loop-{v}.merge.json").read_text())
+        assert merged["kept"] == m.new_rows
+        assert (m.reward_min, m.reward_max) == (m0.reward_min, m0.reward_max)  # normalisation unchanged
+    keys = [k for k, _, _ in dataset_rows(reference_run)]
+    assert len(keys) == len(set(keys))
+
+
+def test_bootstrap_scores_every_train_pair_once(reference_run):
+    cfg = load_config("tiny")
+    task = load_task(cfg.task.name)
+    n_pairs = len(task.queries("train")[: cfg.task.max_train_queries]) * len(task.prompts[: cfg.task.max_prompts])
+    store = DatasetStore(reference_run)
+    assert store.manifest(0).rows == n_pairs
+    boot = json.loads((reference_run / "steps" / "bootstrap.json").read_text())
+    assert boot["target_calls"] == n_pairs
+    counts = Counter(scored_keys(reference_run))
+    assert max(counts.values()) == 1, "a pair was sent to the target twice"
+
+
+def test_report_is_consistent_with_the_data(reference_run):
+    for name in ("report.md", "accuracy.png", "metrics.jsonl", "config.yaml"):
+        assert (reference_run / name).is_file(), name
+    assert list((reference_run / "tb").glob("events.out.tfevents.*"))
+    report = (reference_run / "report.md").read_text()
+    assert "| qpo |" in report and "loop 2" in report
+    evals = {e: json.loads((reference_run / "eval" / f"loop-{e}.json").read_text()) for e in (0, 1, 2)}
+    assert "qpo" not in evals[0]["methods"] and "qpo" in evals[2]["methods"]
+    cfg = load_config("tiny")
+    for e in evals.values():
+        m = e["methods"]
+        assert m["oracle"]["accuracy"] >= m["best_offline"]["accuracy"] - 1e-9
+        assert m["oracle"]["accuracy"] >= m["random_offline"]["accuracy"] - 1e-9
+        assert m["best_offline"]["n"] == cfg.eval.max_test_queries
+        # the table in report.md shows these numbers
+        for name in ("oracle", "best_offline"):
+            assert f"{m[name]['accuracy']:.3f}" in report
+    metrics = read_metrics(reference_run)
+    ev = [r for r in metrics if r["event"] == "eval/qpo"]
+    assert [r["loop"] for r in ev] == [1, 2]
+    assert math.isclose(ev[-1]["accuracy"], evals[2]["methods"]["qpo"]["accuracy"])
+    train = [r for r in metrics if r["event"] == "train"]
+    steps = [r["global_step"] for r in train]
+    assert steps == sorted(steps) and len(set(steps)) == len(steps)
+    assert {r["loop"] for r in train} == {1, 2}
+
+
+def test_resume_after_collect_matches_uninterrupted_run(reference_run, tmp_path):
+    run_dir = tmp_path / "run"
+    p = qpo("run", "--config", "tiny", "--set", f"run_dir={run_dir}", fault="loop-2.collect.done", check=False)
+    assert p.returncode == -9, p.stderr[-3000:]
+    store = DatasetStore(run_dir)
+    assert store.versions() == [0, 1]
+    calls_before = len(scored_keys(run_dir))
+    qpo("run", "--resume", str(run_dir))
+    assert dataset_rows(run_dir) == dataset_rows(reference_run)
+    # nothing scored before the kill was scored again
+    counts = Counter(scored_keys(run_dir))
+    assert max(counts.values()) == 1
+    assert len(scored_keys(run_dir)) >= calls_before
+
+
+def test_run_refuses_an_existing_run_dir(reference_run):
+    p = qpo("run", "--config", "tiny", "--set", f"run_dir={reference_run}", check=False)
+    assert p.returncode == 2 and "--resume" in p.stderr

@@ -1,0 +1,19 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One embedded Ray instance for the whole session (starting Ray costs seconds; 4 logical CPUs so two
+    Train workers, a Ray Data reader and a tokenizer actor fit at once on a small machine)."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=True)
+    yield ray
+    if started:
+        ray.shutdown()

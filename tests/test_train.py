@@ -1,0 +1,174 @@
+"""Policy training on Ray Train V2 + DeepSpeed (CPU, gloo): real Ray, real DeepSpeed, tiny-gpt2.
+
+The slow tests share one Ray session and a handful of ``train_policy`` calls (each one starts a worker
+group, a DeepSpeed engine and a Ray Data pipeline, which dominates the time on a small machine).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from qpo_ray.config import load_config
+from qpo_ray.data.schema import rows_to_table
+from qpo_ray.data.store import DatasetStore
+from qpo_ray.train.trainer import (
+    EPOCH_FILE,
+    deepspeed_config,
+    grad_accum_steps,
+    step_lr,
+    storage_path,
+    train_policy,
+)
+
+PROMPTS = ["Classify the emotion of the text.", "Which feeling is expressed?", "Answer with one word.", ""]
+FEELINGS = ["happy", "sad", "angry", "calm"]
+
+
+def _rows(n: int) -> list[dict]:
+    # Reward depends on the prompt, so there is something to learn besides the prompt tokens themselves.
+    return [dict(task="emotion", setting="zero_shot", target="tiny-llama", label=FEELINGS[i % 4],
+                 query=f"Today I felt {FEELINGS[i % 4]} after call number {i}.", prompt=PROMPTS[i % 4],
+                 reward=-5.0 + 4.0 * (i % 4) + 0.1 * (i % 7), source="offline:manual", loop=0)
+            for i in range(n)]
+
+
+def _cfg(run_dir: Path, *overrides: str):
+    return load_config("tiny", [f"run_dir={run_dir}", "train.batch_size=16", "train.micro_batch_size=8",
+                                "train.max_failures=0", *overrides])
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("train-run")
+    DatasetStore(d).commit([rows_to_table(_rows(64))], note="test D0")
+    return d
+
+
+@pytest.fixture(scope="module")
+def ray_quiet(ray_local):
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    return ray_local
+
+
+@pytest.fixture(scope="module")
+def zero2(run_dir, ray_quiet):
+    """A ZeRO-2 run on 2 workers interrupted after epoch 1, then called again for 2 epochs. StepLR steps
+    every epoch here, so the resumed epoch must derive its own learning rate."""
+    store = DatasetStore(run_dir)
+    kw = dict(store=store, version=0, schedule="scratch", run_name="z2", out_dir=run_dir / "policy-z2")
+    common = ("train.num_workers=2", "train.zero_stage=2", "train.lr_step_epochs=1", "train.lr_gamma=0.5")
+    first = train_policy(_cfg(run_dir, *common, "train.scratch.epochs=1"), **kw)
+    second = train_policy(_cfg(run_dir, *common, "train.scratch.epochs=2"), **kw)
+    return first, second
+
+
+# -- fast: pure helpers ---------------------------------------------------------------------------------
+def test_step_lr_is_a_function_of_the_epoch():
+    assert step_lr(1e-3, 0, 20, 0.65) == 1e-3
+    assert step_lr(1e-3, 19, 20, 0.65) == 1e-3
+    assert math.isclose(step_lr(1e-3, 20, 20, 0.65), 6.5e-4)
+    assert math.isclose(step_lr(1e-3, 45, 20, 0.65), 1e-3 * 0.65**2)
+
+
+def test_deepspeed_config_batch_arithmetic_and_precision():
+    cfg = load_config("tiny", ["train.batch_size=64", "train.micro_batch_size=8", "train.num_workers=2",
+                               "train.zero_stage=3", "train.precision=bf16"])
+    assert grad_accum_steps(cfg.train, 2) == 4
+    ds = deepspeed_config(cfg.train, 2)
+    assert ds["train_batch_size"] == 64 and ds["train_micro_batch_size_per_gpu"] == 8
+    assert ds["gradient_accumulation_steps"] == 4 and ds["zero_optimization"]["stage"] == 3
+    assert ds["gradient_clipping"] == cfg.train.grad_clip
+    assert not ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]  # CPU: always fp32
+    cfg.train.use_gpu = True
+    assert deepspeed_config(cfg.train, 2)["bf16"]["enabled"]
+
+
+def test_tokenize_batch_normalises_rewards():
+    from qpo_ray.train.loader import TRAIN_COLUMNS, TokenizeBatch
+
+    pcfg = load_config("tiny").policy
+    tb = TokenizeBatch(pcfg.tokenizer, pcfg.model, pcfg.max_query_tokens, pcfg.max_prompt_tokens, -5.0, 15.0)
+    out = tb({"query": np.array(["a query", "another one"], dtype=object),
+              "prompt": np.array(["Be brief.", ""], dtype=object), "reward": np.array([-5.0, 15.0])})
+    assert set(out) == set(TRAIN_COLUMNS)
+    assert out["query_ids"].shape == (2, pcfg.max_query_tokens)
+    assert out["prompt_ids"].shape == (2, pcfg.max_prompt_tokens + 1)
+    np.testing.assert_allclose(out["reward"], [0.0, 100.0])
+    flat = TokenizeBatch(pcfg.tokenizer, pcfg.model, 8, 8, 3.0, 3.0)  # degenerate range → 50 for all
+    out = flat({"query": np.array(["q"], dtype=object), "prompt": np.array(["p"], dtype=object),
+                "reward": np.array([3.0])})
+    np.testing.assert_allclose(out["reward"], [50.0])
+
+
+def test_train_policy_checks_arguments(tmp_path):
+    store = DatasetStore(tmp_path)
+    store.commit([rows_to_table(_rows(8))])
+    cfg = _cfg(tmp_path, "train.num_workers=2")
+    with pytest.raises(ValueError, match="too few"):
+        train_policy(cfg, store=store, version=0, out_dir=tmp_path / "p", schedule="scratch", run_name="x")
+    with pytest.raises(ValueError, match="init_policy"):
+        train_policy(cfg, store=store, version=0, out_dir=tmp_path / "p", schedule="finetune", run_name="x")
+
+
+# -- slow: real Ray Train + DeepSpeed ---------------------------------------------------------------------
+@pytest.mark.slow
+def test_zero2_two_workers_lowers_the_loss(zero2):
+    _, second = zero2
+    losses = [h["loss"] for h in second.history]
+    ces = [h["ce"] for h in second.history]
+    assert [h["epoch"] for h in second.history] == [1, 2]
+    assert all(math.isfinite(x) for x in losses)
+    assert losses[1] < losses[0] and ces[1] < ces[0]
+    assert all(h["steps"] == 4 for h in second.history)  # 64 rows / global batch 16
+    assert second.metrics["epoch"] == 2
+
+
+@pytest.mark.slow
+def test_interrupted_run_resumes_at_the_next_epoch(zero2, run_dir):
+    first, second = zero2
+    assert first.epochs_run == 1 and first.resumed_from_epoch is None
+    assert second.resumed_from_epoch == 1 and second.epochs_run == 1
+    assert second.history[0] == first.history[0]  # epoch 1 came from the checkpoint, not a rerun
+    assert [h["epoch"] for h in second.epoch_metrics] == [2]
+    lr = load_config("tiny").train.scratch.lr
+    assert [h["lr"] for h in second.history] == pytest.approx([lr, lr * 0.5])  # read back from the engine
+    ckpts = sorted(p.name for p in (Path(storage_path(_cfg(run_dir))) / "z2").glob("epoch-*"))
+    assert ckpts == ["epoch-0001", "epoch-0002"]
+    state = json.loads((Path(second.checkpoint_path) / EPOCH_FILE).read_text())
+    assert state["epoch"] == 2 and state["final"]
+
+
+@pytest.mark.slow
+def test_exported_policy_loads_and_generates(zero2):
+    from qpo_ray.policy import QPOPolicy, generate_prompts
+
+    _, second = zero2
+    policy = QPOPolicy.load(second.policy_dir)
+    out = generate_prompts(policy, ["Today I felt happy after call number 3.", "I am calm."], max_new_tokens=6)
+    assert len(out) == 2 and all(isinstance(t, str) for t in out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage,workers", [(0, 1), (3, 2)])
+def test_other_zero_stages_train_one_epoch(stage, workers, zero2, run_dir):
+    """ZeRO-0 on one worker (gradient accumulation 2) and ZeRO-3 on two (sharded parameters, gathered
+    for the export), each fine-tuning the ZeRO-2 policy for one epoch."""
+    from qpo_ray.policy import QPOPolicy
+
+    _, base = zero2
+    cfg = _cfg(run_dir, f"train.num_workers={workers}", f"train.zero_stage={stage}", "train.finetune.epochs=1")
+    res = train_policy(cfg, store=DatasetStore(run_dir), version=0, out_dir=run_dir / f"policy-ft{stage}",
+                       schedule="finetune", init_policy=base.policy_dir, run_name=f"ft-zero{stage}")
+    assert res.epochs_run == 1 and res.resumed_from_epoch is None
+    assert math.isfinite(res.metrics["loss"]) and res.metrics["lr"] == cfg.train.finetune.lr
+    assert res.metrics["steps"] == 4  # 64 rows / global batch 16, whatever the worker count
+    policy = QPOPolicy.load(res.policy_dir)  # strict load: the ZeRO-3 export holds full tensors
+    assert sum(p.numel() for p in policy.parameters()) == sum(
+        p.numel() for p in QPOPolicy.load(base.policy_dir).parameters())

@@ -110,7 +110,7 @@ class TargetConfig(_Section):
     num_gpus_per_replica: float = Field(0.0, ge=0)
     max_batch_size: int = Field(16, ge=1)  # @serve.batch
     batch_wait_timeout_s: float = Field(0.05, ge=0)
-    max_in_flight: int = Field(8, ge=1)  # client-side bound on outstanding requests
+    max_in_flight: int = Field(32, ge=1)  # client-side bound on outstanding requests (≥ replicas × max_batch_size)
     request_retries: int = Field(3, ge=0)  # client retries of a request whose replica died
 
 

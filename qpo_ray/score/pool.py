@@ -1,0 +1,246 @@
+"""The scoring pool: a Ray Serve deployment of target-engine replicas and the driver-side client.
+
+``ScoringPool`` deploys one Serve application per run (``serve.run(..., name=<app>, route_prefix=None)``:
+reachable only through its handle, never over HTTP), fans requests out through the DeploymentHandle with
+at most ``target.max_in_flight`` outstanding, and re-sends a request whose replica died. Replicas group
+concurrent requests with ``@serve.batch`` so the engine sees batches. Results come back in input order.
+
+A request is counted (calls, tokens) only when its result is returned, so a request retried after a
+replica died is still counted once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from typing import Any
+
+from ray import serve
+from ray.exceptions import RayActorError, RayTaskError, WorkerCrashedError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
+
+from qpo_ray.config import TargetConfig
+from qpo_ray.errors import QPOError, TargetError
+from qpo_ray.score.engines import Components, ScoreRequest, TargetEngine, make_engine
+from qpo_ray.score.pairs import score_pairs  # noqa: F401  (re-exported: the driver imports it from here)
+from qpo_ray.tasks import Task
+
+log = logging.getLogger(__name__)
+
+# The replica (or its process) is gone or not reachable yet: sending the request again is safe.
+RETRYABLE = (RayActorError, WorkerCrashedError, ReplicaUnavailableError, DeploymentUnavailableError,
+             BackPressureError)
+BACKOFF_S = 0.5
+DEPLOYMENT = "TargetReplica"
+EngineFactory = Callable[[TargetConfig, list[Task]], TargetEngine]
+
+
+def serve_running() -> bool:
+    """Whether Serve's controller runs on the connected cluster (without starting it)."""
+    from ray.util import list_named_actors
+
+    return any(a["namespace"] == "serve" and a["name"] == "SERVE_CONTROLLER_ACTOR"
+               for a in list_named_actors(all_namespaces=True))
+
+
+@serve.deployment(name=DEPLOYMENT)
+class TargetReplica:
+    """One copy of the target engine; concurrent requests are grouped into engine batches."""
+
+    def __init__(self, cfg: dict[str, Any], tasks: list[Task], engine_factory: EngineFactory | None = None):
+        target = TargetConfig.model_validate(cfg)
+        self.engine = (engine_factory or make_engine)(target, tasks)
+        self.score_batch.set_max_batch_size(target.max_batch_size)
+        self.score_batch.set_batch_wait_timeout_s(target.batch_wait_timeout_s)
+
+    def _score(self, reqs: list[ScoreRequest]) -> list[Components | QPOError]:
+        try:
+            return self.engine.score(reqs)
+        except QPOError as e:
+            if len(reqs) == 1:
+                return [e]
+        # One bad request (e.g. oversized) must not fail the others that share its batch.
+        out: list[Components | QPOError] = []
+        for r in reqs:
+            try:
+                out.extend(self.engine.score([r]))
+            except QPOError as e:
+                out.append(e)
+        return out
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.05)
+    async def score_batch(self, reqs: list[ScoreRequest]) -> list[Components | QPOError]:
+        # In a thread, so the replica keeps accepting requests (and forming the next batch) meanwhile.
+        return await asyncio.to_thread(self._score, reqs)
+
+    async def __call__(self, req: ScoreRequest) -> Components:
+        out = await self.score_batch(req)
+        if isinstance(out, Exception):
+            raise out
+        return out
+
+
+def build_app(cfg: TargetConfig, tasks: Sequence[Task], engine_factory: EngineFactory | None = None):
+    """The Serve application: replicas and resources from ``cfg``."""
+    opts: dict[str, Any] = {
+        "ray_actor_options": {"num_cpus": cfg.num_cpus_per_replica, "num_gpus": cfg.num_gpus_per_replica},
+        # Room for a full batch being scored plus the next one forming.
+        "max_ongoing_requests": 2 * cfg.max_batch_size,
+    }
+    if cfg.autoscaling:
+        opts["autoscaling_config"] = cfg.autoscaling
+    else:
+        opts["num_replicas"] = cfg.num_replicas
+    return TargetReplica.options(**opts).bind(cfg.model_dump(mode="json"), list(tasks), engine_factory)
+
+
+def _root_cause(text: str) -> str:
+    """The most specific error line of a Serve deployment failure (the replica's own exception)."""
+    lines = [ln.strip() for ln in text.splitlines() if re.match(r"^\s*[\w.]*(Error|Exception): ", ln)]
+    ours = [ln for ln in lines if re.match(r"^[\w.]*(ModelSource|Target|Config|Data|QPO)Error: ", ln)]
+    return (ours or lines or [ln for ln in text.splitlines() if ln.strip()][-1:] or ["unknown error"])[-1]
+
+
+class _Progress:
+    """A line on stderr every ``every`` of the way (and at the end)."""
+
+    def __init__(self, total: int, every: float, enabled: bool):
+        self.total, self.every, self.enabled = total, every, enabled and total > 0
+        self.t0 = time.time()
+        self.next = every
+
+    def update(self, done: int, retries: int) -> None:
+        if not self.enabled or (done / self.total < self.next and done < self.total):
+            return
+        while self.next <= done / self.total:
+            self.next += self.every
+        rate = done / max(time.time() - self.t0, 1e-9)
+        print(f"[qpo-ray] target: {done}/{self.total} requests ({100 * done // self.total}%), {rate:.1f}/s, "
+              f"{retries} retried", file=sys.stderr, flush=True)
+
+
+class ScoringPool:
+    """Context manager around a per-run Serve application of target replicas."""
+
+    def __init__(self, cfg: TargetConfig, tasks: Task | Iterable[Task], *, app_name: str | None = None,
+                 run_id: str | None = None, engine_factory: EngineFactory | None = None,
+                 progress_every: float = 0.1):
+        self.cfg = cfg
+        self.tasks = [tasks] if isinstance(tasks, Task) else list(tasks)
+        self.target = cfg.model
+        self.app_name = app_name or f"qpo-target-{run_id or uuid.uuid4().hex[:8]}"
+        self.engine_factory = engine_factory
+        self.progress_every = progress_every
+        self.handle = None
+        self._started_serve = False
+        self.stats: dict[str, float] = {"requests": 0, "calls": 0, "tokens": 0, "retries": 0, "seconds": 0.0}
+        self._lock = threading.Lock()
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+    def __enter__(self) -> ScoringPool:
+        import ray
+
+        if not ray.is_initialized():
+            ray.init()
+        # Handle-only traffic: start Serve without HTTP proxies unless something already started it.
+        self._started_serve = not serve_running()
+        serve.start(proxy_location="Disabled")
+        t0 = time.time()
+        app = build_app(self.cfg, self.tasks, self.engine_factory)
+        try:
+            self.handle = serve.run(app, name=self.app_name, route_prefix=None)
+        except Exception as e:  # e.g. the model cannot be loaded: one clear line, not a replica traceback
+            reason = _root_cause(self._deployment_message() or str(e))
+            self.handle = object()  # so that __exit__ cleans up
+            self.__exit__(None, None, None)
+            raise TargetError(f"scoring pool '{self.app_name}' did not start ({self.cfg.engine}, "
+                              f"{self.cfg.model}): {reason}") from e
+        log.info("scoring pool '%s' ready in %.1fs (%s, %s)", self.app_name, time.time() - t0, self.cfg.engine,
+                 self.cfg.model)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.handle is not None:
+            self.handle = None
+            try:
+                serve.delete(self.app_name)
+                # Leave the cluster as found: stop Serve if this pool started it and nothing else runs there.
+                if self._started_serve and not serve.status().applications:
+                    serve.shutdown()
+            except Exception as e:  # the cluster may already be gone at interpreter exit
+                log.warning("could not delete Serve app '%s': %s", self.app_name, e)
+
+    def _deployment_message(self) -> str:
+        try:
+            return serve.status().applications[self.app_name].deployments[DEPLOYMENT].message
+        except Exception:
+            return ""
+
+    def replica_actor_names(self) -> list[str]:
+        """Names of this pool's live replica actors (namespace ``serve``), e.g. for ``ray.kill`` in drills.
+
+        Read from the GCS's named-actor table, which needs no dashboard (unlike ``ray.util.state``).
+        """
+        from ray.util import list_named_actors
+
+        prefix = f"SERVE_REPLICA::{self.app_name}#{DEPLOYMENT}#"
+        return sorted(a["name"] for a in list_named_actors(all_namespaces=True)
+                      if a["namespace"] == "serve" and a["name"].startswith(prefix))
+
+    # -- scoring ------------------------------------------------------------------------------------
+    def _one(self, req: ScoreRequest) -> Components:
+        attempt = 0
+        while True:
+            try:
+                return self.handle.remote(req).result()
+            except Exception as e:  # sorted below: retryable, the user's error, or anything else
+                # Ray may hand an actor death over bare or wrapped in a RayTaskError.
+                cause = e.cause if isinstance(e, RayTaskError) and isinstance(e.cause, Exception) else e
+                if isinstance(cause, QPOError):
+                    raise type(cause)(str(cause)) from None
+                if not isinstance(cause, RETRYABLE):
+                    raise TargetError(f"scoring pool '{self.app_name}': the replica raised "
+                                      f"{type(cause).__name__}: {cause}") from None
+                if attempt >= self.cfg.request_retries:
+                    raise TargetError(f"scoring pool '{self.app_name}': request failed after {attempt + 1} "
+                                      f"attempt(s), the replica kept failing: {type(cause).__name__}") from None
+                with self._lock:
+                    self.stats["retries"] += 1
+                log.warning("replica failed (%s); re-sending the request", type(cause).__name__)
+                time.sleep(BACKOFF_S * 2**attempt)
+                attempt += 1
+
+    def score(self, requests: Sequence[ScoreRequest], progress: bool = True) -> list[Components]:
+        """Components of every request, in input order."""
+        if self.handle is None:
+            raise TargetError("ScoringPool.score called outside its context (use `with ScoringPool(...)`)")
+        t0 = time.time()
+        results: list[Components | None] = [None] * len(requests)
+        bar = _Progress(len(requests), self.progress_every, progress)
+        with ThreadPoolExecutor(max_workers=self.cfg.max_in_flight, thread_name_prefix="qpo-pool") as ex:
+            pending = {ex.submit(self._one, r): i for i, r in enumerate(requests)}
+            done_n = 0
+            try:
+                while pending:
+                    done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                    for fut in done:
+                        i = pending.pop(fut)
+                        results[i] = comp = fut.result()
+                        done_n += 1
+                        self.stats["calls"] += comp.calls
+                        self.stats["tokens"] += comp.tokens
+                    bar.update(done_n, int(self.stats["retries"]))
+            except BaseException:
+                for fut in pending:
+                    fut.cancel()
+                raise
+        self.stats["requests"] += len(requests)
+        self.stats["seconds"] += time.time() - t0
+        return results  # type: ignore[return-value]

@@ -53,6 +53,7 @@ class TrainConfig(_Section):
 
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)  # Ray sets a worker's torch threads to its CPU count
     zero_stage: Literal[0, 1, 2, 3] = 0
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     batch_size: int = Field(128, ge=1)  # global batch (all workers, after gradient accumulation)
@@ -83,6 +84,7 @@ class CollectConfig(_Section):
     top_p: float = Field(0.9, gt=0, le=1)
     temperature: float = Field(1.0, gt=0)
     num_actors: int = Field(1, ge=1)  # policy copies in the Ray Data actor pool
+    num_cpus_per_actor: float = Field(1.0, gt=0)
     num_gpus_per_actor: float = Field(0.0, ge=0)
 
 

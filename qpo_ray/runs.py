@@ -26,6 +26,7 @@ def fault_point(name: str) -> None:
     Nothing else in the code knows about faults; the kill is as abrupt as a node loss.
     """
     if os.environ.get(FAULT_ENV) == name:
+        print(f"[qpo-ray] fault injection: SIGKILL at '{name}'", flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
 
 

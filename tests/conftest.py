@@ -17,3 +17,14 @@ def ray_local():
     yield ray
     if started:
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory):
+    """One uninterrupted 2-loop tiny run (the real CLI in a subprocess), shared by the end-to-end and
+    fault-injection tests as the expected outcome for the same config and seed."""
+    from tests.e2e import qpo
+
+    run_dir = tmp_path_factory.mktemp("ref") / "run"
+    qpo("run", "--config", "tiny", "--set", f"run_dir={run_dir}")
+    return run_dir

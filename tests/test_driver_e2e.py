@@ -17,13 +17,6 @@ from tests.e2e import dataset_rows, qpo, scored_keys
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def reference_run(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("ref") / "run"
-    qpo("run", "--config", "tiny", "--set", f"run_dir={run_dir}")
-    return run_dir
-
-
 def test_versions_grow_by_exactly_the_merged_rows(reference_run):
     store = DatasetStore(reference_run)
     assert store.versions() == [0, 1, 2]

@@ -65,7 +65,7 @@ def sample_prompts(policy_dir: str | Path, queries: Sequence[tuple[str, str]], c
         batch_format="numpy",
         concurrency=ccfg.num_actors,
         num_gpus=ccfg.num_gpus_per_actor or None,
-        num_cpus=1,
+        num_cpus=ccfg.num_cpus_per_actor,
     )
     out = sorted(ds.take_all(), key=lambda r: int(r["row"]))
     return [{"query": str(r["query"]), "label": str(r["label"]), "prompt": str(r["prompt"])} for r in out]

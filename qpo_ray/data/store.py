@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 
 from qpo_ray.data.schema import COLUMNS, SCHEMA, check_table
 from qpo_ray.errors import DataError
+from qpo_ray.runs import fault_point
 
 log = logging.getLogger(__name__)
 
@@ -279,6 +280,7 @@ class DatasetStore:
                 f.flush()
                 os.fsync(f.fileno())
             _fsync_dir(tmp)
+            fault_point("store.commit.before-rename")
             os.rename(tmp, self.path(version))  # the commit point
             _fsync_dir(self.root)
             return m

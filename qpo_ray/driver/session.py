@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 from qpo_ray.config import RunConfig
 from qpo_ray.data.schema import SCHEMA, content_id, pair_key, rows_to_table
 from qpo_ray.data.store import DatasetStore
-from qpo_ray.runs import RunDir, atomic_write_table
+from qpo_ray.runs import RunDir, atomic_write_table, fault_point
 from qpo_ray.tracking import Tracker
 
 log = logging.getLogger("qpo_ray")
@@ -121,6 +121,7 @@ class Session:
             for r in table.to_pylist():
                 cache[r["key"]] = r
                 known[r["key"]] = r
+            fault_point(f"score.{tag}.chunk")
         # A reused row is labelled with the step that asked for it; rows already in the dataset are
         # dropped by the merge rule, so a label never changes a stored row.
         return [dict(known[k], source=source, loop=loop) for k in keys]

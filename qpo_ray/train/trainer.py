@@ -33,6 +33,7 @@ import numpy as np
 
 from qpo_ray.config import RunConfig, TrainConfig
 from qpo_ray.data.store import DatasetStore
+from qpo_ray.runs import FAULT_ENV, fault_point
 
 log = logging.getLogger(__name__)
 
@@ -252,7 +253,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             log.info("qpo-ray train: resumed from epoch %d (%s)", start_epoch, ckpt.path)
 
     shard = ray.train.get_dataset_shard("train")
+    if config.get("fault"):  # fault-injection drills reach the workers through their config
+        os.environ[FAULT_ENV] = config["fault"]
     for epoch in range(start_epoch, epochs):
+        fault_point(f"train.epoch-{epoch + 1}.start")
         lr = step_lr(base_lr, epoch, tcfg.lr_step_epochs, tcfg.lr_gamma)
         for group in optimizer.param_groups:  # the ZeRO wrappers share these group dicts
             group["lr"] = lr
@@ -260,7 +264,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         metrics = _run_epoch(engine, shard, epoch=epoch, tcfg=tcfg, gas=gas, rank=rank)
         # Read back from the engine: proves the ZeRO optimizer wrapper saw the new value.
         metrics.update(epoch=epoch + 1, lr=float(engine.get_lr()[0]), call_id=config["call_id"],
-                       schedule=schedule)
+                       schedule=schedule, resumed_from_epoch=start_epoch)
         history.append(metrics)
         last = epoch + 1 == epochs
         if rank == 0:
@@ -356,8 +360,10 @@ def train_policy(cfg: RunConfig, *, store: DatasetStore, version: int, out_dir: 
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg, "schedule": schedule, "lr": sched.lr, "epochs": sched.epochs,
-                           "init_policy": init, "call_id": call_id, "version": version},
-        scaling_config=ray.train.ScalingConfig(num_workers=tcfg.num_workers, use_gpu=tcfg.use_gpu),
+                           "init_policy": init, "call_id": call_id, "version": version,
+                           "fault": os.environ.get(FAULT_ENV)},
+        scaling_config=ray.train.ScalingConfig(num_workers=tcfg.num_workers, use_gpu=tcfg.use_gpu,
+                                               resources_per_worker={"CPU": tcfg.cpus_per_worker}),
         run_config=ray.train.RunConfig(
             name=run_name,
             storage_path=storage_path(cfg),

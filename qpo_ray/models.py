@@ -167,6 +167,17 @@ def load_causal_lm(spec: str, *, dtype: torch.dtype = torch.float32, tiny: dict 
         raise ModelSourceError(f"cannot load model '{spec}': {str(e).splitlines()[0]}") from None
 
 
+def check_model_spec(spec: str, what: str) -> None:
+    """Fail fast on a model spec that names a local path which does not exist (before any work is spent).
+
+    Hub ids cannot be checked offline; they are tried when loaded.
+    """
+    if spec in TINY or spec == SMOLLM2 or Path(spec).expanduser().exists():
+        return
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1 or "\\" in spec:
+        raise ModelSourceError(f"{what} '{spec}': no such folder")
+
+
 def model_config(spec: str):
     """The model's transformers config without loading weights (tiny specs excluded)."""
     return AutoConfig.from_pretrained(resolve_path(spec))

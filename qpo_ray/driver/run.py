@@ -13,6 +13,7 @@ from qpo_ray.config import RunConfig, dump_config, load_config
 from qpo_ray.driver import steps
 from qpo_ray.driver.session import Session, StepTimer, init_ray
 from qpo_ray.errors import QPOError
+from qpo_ray.models import check_model_spec
 from qpo_ray.evaluate.report import summary_table, write_report
 from qpo_ray.runs import RunDir, fault_point
 
@@ -61,6 +62,7 @@ def _prepare(cfg: RunConfig | None, resume: str | Path | None) -> tuple[RunConfi
         return cfg, rd
     if cfg is None:
         cfg = load_config("tiny")
+    _preflight(cfg)
     rd = RunDir(cfg.run_dir)
     if (rd.path / "config.yaml").exists():
         raise QPOError(f"run directory {rd.path} already holds a run: use --resume {rd.path} or another run_dir")
@@ -68,6 +70,13 @@ def _prepare(cfg: RunConfig | None, resume: str | Path | None) -> tuple[RunConfi
     cfg = cfg.model_copy(update={"run_dir": str(rd.path)})
     dump_config(cfg, rd.path / "config.yaml")
     return cfg, rd
+
+
+def _preflight(cfg: RunConfig) -> None:
+    """Errors that would otherwise surface only after minutes of work."""
+    check_model_spec(cfg.policy.model, "policy.model")
+    if cfg.target.engine in ("transformers", "vllm"):
+        check_model_spec(cfg.target.model, "target.model")
 
 
 def report(s: Session) -> Path:

@@ -7,7 +7,6 @@ TFRecord reader over tensorboardX's own protobufs, checking every record's CRCs.
 from __future__ import annotations
 
 import struct
-import time
 from collections import Counter
 from pathlib import Path
 

@@ -13,8 +13,8 @@ from qpo_ray.config import RunConfig, dump_config, load_config
 from qpo_ray.driver import steps
 from qpo_ray.driver.session import Session, StepTimer, init_ray
 from qpo_ray.errors import QPOError
-from qpo_ray.models import check_model_spec
 from qpo_ray.evaluate.report import summary_table, write_report
+from qpo_ray.models import check_model_spec
 from qpo_ray.runs import RunDir, fault_point
 
 log = logging.getLogger("qpo_ray")

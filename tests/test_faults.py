@@ -85,11 +85,12 @@ def test_training_worker_killed_resumes_from_its_checkpoint(ray_local, tmp_path,
             for i in range(32)]
     store.commit([rows_to_table(rows)])
     cfg = load_config("tiny", [f"run_dir={tmp_path}", "train.scratch.epochs=3", "train.max_failures=1"])
-    monkeypatch.setenv("QPO_RAY_FAULT", "train.epoch-2.start")  # the worker SIGKILLs itself once
+    # The worker SIGKILLs itself after training epoch 2, before reporting it; the restarted worker group
+    # loads epoch 1's checkpoint and trains epochs 2 and 3.
+    monkeypatch.setenv("QPO_RAY_FAULT", "train.epoch-2.end")
     res = train_policy(cfg, store=store, version=0, out_dir=tmp_path / "policy", schedule="scratch",
                        run_name="worker-drill")
     assert [m["epoch"] for m in res.history] == [1, 2, 3]
-    # epochs 2 and 3 ran in a restarted worker group that loaded epoch 1's checkpoint
     assert res.history[0]["resumed_from_epoch"] == 0
     assert res.history[-1]["resumed_from_epoch"] == 1
     assert (tmp_path / "policy" / "model.safetensors").is_file()

@@ -256,12 +256,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if config.get("fault"):  # fault-injection drills reach the workers through their config
         os.environ[FAULT_ENV] = config["fault"]
     for epoch in range(start_epoch, epochs):
-        fault_point(f"train.epoch-{epoch + 1}.start")
         lr = step_lr(base_lr, epoch, tcfg.lr_step_epochs, tcfg.lr_gamma)
         for group in optimizer.param_groups:  # the ZeRO wrappers share these group dicts
             group["lr"] = lr
         engine.train()
         metrics = _run_epoch(engine, shard, epoch=epoch, tcfg=tcfg, gas=gas, rank=rank)
+        if epoch > start_epoch:  # a drill kills a worker that has trained on since its last restart
+            fault_point(f"train.epoch-{epoch + 1}.end")
         # Read back from the engine: proves the ZeRO optimizer wrapper saw the new value.
         metrics.update(epoch=epoch + 1, lr=float(engine.get_lr()[0]), call_id=config["call_id"],
                        schedule=schedule, resumed_from_epoch=start_epoch)

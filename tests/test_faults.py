@@ -1,5 +1,5 @@
-"""Reliability drills (issue 8): kill the driver at every kind of step, kill a training worker; the
-dataset must come out exactly as an uninterrupted run's, with no pair scored twice."""
+"""Reliability drill (issue 8): kill the driver at every kind of step; the dataset must come out as an
+uninterrupted run's, with no pair scored twice."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from qpo_ray.config import load_config
 from qpo_ray.data.store import DatasetStore
 from tests.e2e import REPO, dataset_rows, qpo, same_rows, scored_keys
 
@@ -73,24 +72,3 @@ def test_driver_killed_anywhere_loses_and_duplicates_nothing(reference_run, tmp_
     assert not list((run_dir / "data").glob(".tmp-*"))
     assert max(Counter(scored_keys(run_dir)).values()) == 1
     assert (run_dir / "report.md").is_file()
-
-
-def test_training_worker_killed_resumes_from_its_checkpoint(ray_local, tmp_path, monkeypatch):
-    from qpo_ray.data.schema import rows_to_table
-    from qpo_ray.train import train_policy
-
-    store = DatasetStore(tmp_path)
-    rows = [{"task": "t", "setting": "zero_shot", "target": "m", "query": f"query number {i}", "label": "a",
-             "prompt": f"prompt {i % 4}", "reward": float(i % 7), "source": "offline:x", "loop": 0}
-            for i in range(32)]
-    store.commit([rows_to_table(rows)])
-    cfg = load_config("tiny", [f"run_dir={tmp_path}", "train.scratch.epochs=3", "train.max_failures=1"])
-    # The worker SIGKILLs itself after training epoch 2, before reporting it; the restarted worker group
-    # loads epoch 1's checkpoint and trains epochs 2 and 3.
-    monkeypatch.setenv("QPO_RAY_FAULT", "train.epoch-2.end")
-    res = train_policy(cfg, store=store, version=0, out_dir=tmp_path / "policy", schedule="scratch",
-                       run_name="worker-drill")
-    assert [m["epoch"] for m in res.history] == [1, 2, 3]
-    assert res.history[0]["resumed_from_epoch"] == 0
-    assert res.history[-1]["resumed_from_epoch"] == 1
-    assert (tmp_path / "policy" / "model.safetensors").is_file()

@@ -64,6 +64,20 @@ class TaskBook:
             raise TargetError(f"the engine has no task '{req.task}' (has: {sorted(self.tasks) or 'none'})") from None
 
 
+def encode(tok, text: str, special: bool = True) -> list[int]:
+    """Token ids of ``text`` with a Hugging Face tokenizer (special tokens only when asked)."""
+    return tok(text, add_special_tokens=special)["input_ids"]
+
+
+def chat_ids(tok, text: str) -> list[int]:
+    """A user turn through the tokenizer's chat template when it has one, else the raw text."""
+    if getattr(tok, "chat_template", None):
+        rendered = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                           add_generation_prompt=True)
+        return encode(tok, rendered, special=False)
+    return encode(tok, text)
+
+
 def request_text(task: Task, req: ScoreRequest) -> str:
     """The text the target reads (before any chat template)."""
     return task.render(req.prompt, req.query, req.demos)

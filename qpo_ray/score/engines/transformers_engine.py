@@ -24,8 +24,10 @@ from qpo_ray.score.engines.base import (
     Components,
     ScoreRequest,
     TaskBook,
+    chat_ids,
     check_label,
     classify,
+    encode,
     grade_math,
     mean_nll,
     oversized,
@@ -68,15 +70,10 @@ class TransformersEngine:
 
     # -- tokenisation -------------------------------------------------------------------------------
     def encode(self, text: str, special: bool = True) -> list[int]:
-        return self.tok(text, add_special_tokens=special)["input_ids"]
+        return encode(self.tok, text, special)
 
     def chat_ids(self, text: str) -> list[int]:
-        """A user turn through the tokenizer's chat template when it has one, else the raw text."""
-        if getattr(self.tok, "chat_template", None):
-            rendered = self.tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                                    add_generation_prompt=True)
-            return self.encode(rendered, special=False)
-        return self.encode(text)
+        return chat_ids(self.tok, text)
 
     def verbalizer_ids(self, task: Task) -> list[list[int]]:
         if task.name not in self._verbalizers:

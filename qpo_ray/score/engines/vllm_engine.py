@@ -18,8 +18,10 @@ from qpo_ray.score.engines.base import (
     Components,
     ScoreRequest,
     TaskBook,
+    chat_ids,
     check_label,
     classify,
+    encode,
     grade_math,
     mean_nll,
     oversized,
@@ -47,16 +49,6 @@ class VLLMEngine:
         self.llm = LLM(model=resolve_path(cfg.model), max_model_len=cfg.max_length, seed=0, **llm_kwargs)
         self.tok = self.llm.get_tokenizer()
 
-    def _encode(self, text: str, special: bool = True) -> list[int]:
-        return self.tok(text, add_special_tokens=special)["input_ids"]
-
-    def _chat_ids(self, text: str) -> list[int]:
-        if getattr(self.tok, "chat_template", None):
-            text = self.tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                                add_generation_prompt=True)
-            return self._encode(text, special=False)
-        return self._encode(text)
-
     def score(self, requests: list[ScoreRequest]) -> list[Components]:
         out: list[Components | None] = [None] * len(requests)
         cls = [i for i, r in enumerate(requests) if self.book.task(r).type == "classification"]
@@ -75,9 +67,9 @@ class VLLMEngine:
         for n, r in zip(where, reqs, strict=True):
             task = self.book.task(r)
             check_label(task, r)
-            ctx = self._encode(request_text(task, r))
+            ctx = encode(self.tok, request_text(task, r))
             for lab in task.labels:
-                v = self._encode(task.verbalizers[lab], special=False)
+                v = encode(self.tok, task.verbalizers[lab], special=False)
                 if len(ctx) + len(v) > self.cfg.max_length:
                     raise oversized(n, len(ctx) + len(v), self.cfg.max_length, "text + label")
                 prompts.append({"prompt_token_ids": ctx + v})
@@ -99,7 +91,7 @@ class VLLMEngine:
         new = self.cfg.max_new_tokens
         prompts = []
         for n, r in zip(where, reqs, strict=True):
-            ids = self._chat_ids(request_text(self.book.task(r), r))
+            ids = chat_ids(self.tok, request_text(self.book.task(r), r))
             if len(ids) + new > self.cfg.max_length:
                 raise oversized(n, len(ids) + new, self.cfg.max_length, f"prompt + max_new_tokens={new}")
             prompts.append({"prompt_token_ids": ids})

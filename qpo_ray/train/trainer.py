@@ -21,6 +21,7 @@ import logging
 import os
 import random
 import shutil
+import sys
 import tempfile
 import time
 import uuid
@@ -104,6 +105,12 @@ def _seed_everything(seed: int) -> None:
 def _use_cpu_accelerator() -> None:
     """DeepSpeed picks its accelerator at first use; pin it to CPU before anything asks for it."""
     os.environ["DS_ACCELERATOR"] = "cpu"
+    # DeepSpeed JIT-compiles its CPU shm op with whichever `ninja` is first on PATH. Two ninja versions
+    # (this environment's and the system's) hash build commands differently, so alternating between them
+    # recompiled the op (1–4 CPU-minutes) on every training start. Always use this environment's.
+    env_bin = os.path.dirname(sys.executable)
+    if os.path.isfile(os.path.join(env_bin, "ninja")) and not os.environ.get("PATH", "").startswith(env_bin + os.pathsep):
+        os.environ["PATH"] = env_bin + os.pathsep + os.environ.get("PATH", "")
     from deepspeed.accelerator import get_accelerator, set_accelerator
     from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
 

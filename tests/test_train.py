@@ -172,3 +172,24 @@ def test_other_zero_stages_train_one_epoch(stage, workers, zero2, run_dir):
     policy = QPOPolicy.load(res.policy_dir)  # strict load: the ZeRO-3 export holds full tensors
     assert sum(p.numel() for p in policy.parameters()) == sum(
         p.numel() for p in QPOPolicy.load(base.policy_dir).parameters())
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_killed_worker_restarts_from_its_last_checkpoint(run_dir, ray_quiet, monkeypatch):
+    """A training worker dies (SIGKILL, as on a node loss) after training epoch 2 and before reporting it.
+    Ray Train's FailureConfig restarts the worker group, which loads epoch 1's checkpoint and trains epoch 2
+    again: the run finishes, and its history shows the resume, not a restart from scratch."""
+    cfg = _cfg(run_dir, "train.scratch.epochs=2", "train.max_failures=1")
+    # train_policy passes the variable to its workers in their config (the raylet's environment was fixed
+    # when Ray started). The point only fires past a worker's start epoch, so the restarted one passes it.
+    monkeypatch.setenv("QPO_RAY_FAULT", "train.epoch-2.end")
+    res = train_policy(cfg, store=DatasetStore(run_dir), version=0, out_dir=run_dir / "policy-drill",
+                       schedule="scratch", run_name="worker-drill")
+    assert [h["epoch"] for h in res.history] == [1, 2]
+    # epoch 1 by the first worker group (fresh start), epoch 2 by the restarted one from epoch 1's checkpoint
+    assert [h["resumed_from_epoch"] for h in res.history] == [0, 1]
+    assert res.epochs_run == 2 and res.resumed_from_epoch is None  # one call: nothing was there before it
+    state = json.loads((Path(res.checkpoint_path) / EPOCH_FILE).read_text())
+    assert state["epoch"] == 2 and state["final"]
+    assert (run_dir / "policy-drill" / "model.safetensors").is_file()

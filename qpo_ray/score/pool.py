@@ -23,7 +23,7 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from typing import Any
 
 from ray import serve
-from ray.exceptions import RayActorError, RayTaskError, WorkerCrashedError
+from ray.exceptions import ActorAlreadyExistsError, RayActorError, RayTaskError, WorkerCrashedError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 
 from qpo_ray.config import TargetConfig
@@ -48,6 +48,29 @@ def serve_running() -> bool:
 
     return any(a["namespace"] == "serve" and a["name"] == "SERVE_CONTROLLER_ACTOR"
                for a in list_named_actors(all_namespaces=True))
+
+
+def _start_serve() -> bool:
+    """Start Serve without HTTP proxies, or connect to the running one; True when this call started it."""
+    if serve_running():
+        serve.start(proxy_location="Disabled")
+        return False
+    try:
+        serve.start(proxy_location="Disabled")
+        return True
+    except ActorAlreadyExistsError:
+        # Another driver on the cluster (a second run starting at the same moment) created Serve's controller
+        # between our check and our start: connect to that one.
+        serve.start(proxy_location="Disabled")
+        return False
+
+
+def _ray_started_here() -> bool:
+    """Whether this process started the Ray instance it uses (embedded Ray), not joined a shared cluster."""
+    import ray
+
+    node = ray._private.worker._global_node  # no public API tells the two apart
+    return node is not None and node.is_head()
 
 
 @serve.deployment(name=DEPLOYMENT)
@@ -150,8 +173,7 @@ class ScoringPool:
         if not ray.is_initialized():
             ray.init()
         # Handle-only traffic: start Serve without HTTP proxies unless something already started it.
-        self._started_serve = not serve_running()
-        serve.start(proxy_location="Disabled")
+        self._started_serve = _start_serve()
         t0 = time.time()
         app = build_app(self.cfg, self.tasks, self.engine_factory)
         try:
@@ -172,7 +194,10 @@ class ScoringPool:
             try:
                 serve.delete(self.app_name)
                 # Leave the cluster as found: stop Serve if this pool started it and nothing else runs there.
-                if self._started_serve and not serve.status().applications:
+                # Only on a Ray instance this process started: on a shared cluster another run may be between
+                # its serve.start and serve.run (no app listed yet), and serve.shutdown() deletes every app.
+                # An idle controller without proxies holds no CPU.
+                if self._started_serve and _ray_started_here() and not serve.status().applications:
                     serve.shutdown()
             except Exception as e:  # the cluster may already be gone at interpreter exit
                 log.warning("could not delete Serve app '%s': %s", self.app_name, e)

@@ -144,6 +144,27 @@ def cmd_serve(args) -> int:
     return 0
 
 
+EVAL_TARGETS = ("replay",)
+
+
+def cmd_eval(args) -> int:
+    from qpo_ray.evaluate.offline import evaluate_offline, summary_table
+
+    if args.target not in EVAL_TARGETS:
+        raise QPOError(f"--target {args.target}: only 'replay' (offline evaluation on recorded logs) is supported "
+                       "here; to evaluate a run against a live target use python -m qpo_ray.jobs.evaluate --run-dir RUN_DIR")
+    cfg = _cfg(args)
+    res = evaluate_offline(cfg, args.data, args.out, version=args.version, test_fraction=args.test_fraction,
+                           seed=args.seed)
+    s, tr = res["split"], res["training"]
+    print(f"offline eval of {res['data']['run_dir']} v{res['data']['version']:03d}: train {s['train_queries']} "
+          f"queries ({s['train_rows']} rows), test {s['test_queries']} queries ({s['test_rows']} rows); "
+          f"training {tr['wall_s']:.1f} s{' (reused)' if tr.get('reused') else ''}", flush=True)
+    print(summary_table(res), flush=True)
+    print(f"report: {Path(args.out) / 'offline_report.md'}", flush=True)
+    return 0
+
+
 def cmd_import(args) -> int:
     from qpo_ray.data.importers import run_import
 
@@ -210,6 +231,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", help="bind address [serve.host]")
     p.add_argument("--port", type=int, help="HTTP port [serve.port]")
     p.set_defaults(fn=cmd_serve)
+
+    p = sub.add_parser("eval", help="offline evaluation on recorded logs: split, train, generate, replay vs baselines")
+    _config_args(p, default="offline")
+    p.add_argument("--target", required=True,
+                   help="'replay' (answer generated prompts from the recorded logs; the only choice here — a live "
+                        "target is python -m qpo_ray.jobs.evaluate)")
+    p.add_argument("--data", required=True, help="run directory of an import made with --split all (or RUN_DIR/data/vNNN)")
+    p.add_argument("--version", type=int, help="dataset version to evaluate on [the latest]")
+    p.add_argument("--out", required=True,
+                   help="run directory for the train split, the policy and the report (a rerun reuses its policy)")
+    p.add_argument("--test-fraction", type=float, default=0.2, help="share of unique queries held out [0.2]")
+    p.add_argument("--seed", type=int, default=0, help="seed of the query-text hash split [0]")
+    p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("data", help="dataset tools")
     dsub = p.add_subparsers(dest="data_cmd", required=True)

@@ -1,6 +1,6 @@
 """One typed, validated configuration for every qpo_ray command.
 
-Loaded from a named profile shipped in ``qpo_ray/profiles`` (``tiny``, ``demo``, ``paper``) or a YAML
+Loaded from a named profile shipped in ``qpo_ray/profiles`` (``tiny``, ``demo``, ``paper``, ``offline``) or a YAML
 file, then dotted overrides (``--set train.lr=1e-4``). Unknown keys are errors that name the key.
 """
 
@@ -126,7 +126,8 @@ class TaskConfig(_Section):
     demo_sets_test: int = Field(10, ge=1)
     threshold: float | None = None  # merge keeps rows with raw reward > threshold; None = the task's own
     # Bootstrap budget: use only the first N train queries / pool prompts (None = all). The target cost of
-    # D0 is their product.
+    # D0 is their product. `qpo-ray eval --target replay` trains on a seeded sample of max_train_queries
+    # unique train queries of the logs.
     max_train_queries: int | None = Field(None, ge=1)
     max_prompts: int | None = Field(None, ge=1)
 
@@ -177,7 +178,7 @@ class RunConfig(_Section):
         return self
 
 
-PROFILES = ("tiny", "demo", "paper")
+PROFILES = ("tiny", "demo", "paper", "offline")
 
 
 def profile_path(name: str) -> Path:

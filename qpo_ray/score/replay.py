@@ -34,17 +34,13 @@ from typing import Any, Literal
 
 import pyarrow.parquet as pq
 
+from qpo_ray.data.importers import normalize_text  # the same identity the import split uses
 from qpo_ray.errors import DataError
 
 MIN_SIMILARITY = 0.5
 MatchKind = Literal["exact", "approx", "none"]
 KINDS: tuple[MatchKind, ...] = ("exact", "approx", "none")
 _WORD = re.compile(r"\w+")
-
-
-def normalize_text(text: str) -> str:
-    """Whitespace collapsed and case folded (the identity used for exact matches)."""
-    return " ".join(text.split()).casefold()
 
 
 def tokens(text: str) -> frozenset[str]:

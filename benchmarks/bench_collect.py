@@ -42,7 +42,8 @@ def policy_config(model: str):
     if model == "auto":
         model = "smollm2" if smollm2_available() else "tiny-gpt2"
     if model == "smollm2":
-        return load_config("demo").policy, "smollm2 (demo profile: keep_layers=4)"
+        pcfg = load_config("demo").policy
+        return pcfg, f"smollm2 (demo profile: keep_layers={pcfg.keep_layers})"
     if model == "tiny-gpt2-small":  # --quick only
         pcfg = load_config("tiny").policy
         return pcfg, "tiny-gpt2 (tiny profile: hidden 64, 2 layers)"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import re
 import sys
 from pathlib import Path
 
@@ -26,11 +25,12 @@ def _cfg(args):
 
 
 def _version_dir(path: str) -> tuple[Path, int]:
-    p = Path(path).resolve()
-    m = re.fullmatch(r"v(\d+)", p.name)
-    if not m or p.parent.name != "data":
+    from qpo_ray.data.store import parse_version_path
+
+    found = parse_version_path(path)
+    if found is None:
         raise QPOError(f"--data {path}: expected RUN_DIR/data/vNNN")
-    return p.parent.parent, int(m.group(1))
+    return found
 
 
 def cmd_run(args) -> int:

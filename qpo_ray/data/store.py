@@ -75,6 +75,15 @@ def normalize_reward(r: float, lo: float, hi: float) -> float:
     return 100.0 * (r - lo) / (hi - lo) if hi > lo else 50.0
 
 
+def parse_version_path(path: str | Path) -> tuple[Path, int] | None:
+    """``(run_dir, version)`` when ``path`` names a dataset version folder ``RUN_DIR/data/vNNN``, else None."""
+    p = Path(path).resolve()
+    m = re.fullmatch(r"v(\d+)", p.name)
+    if m is None or p.parent.name != "data":
+        return None
+    return p.parent.parent, int(m.group(1))
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

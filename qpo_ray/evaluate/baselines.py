@@ -9,19 +9,20 @@ from __future__ import annotations
 import random
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import pyarrow.compute as pc
 
 from qpo_ray.data.store import DatasetStore
 
 Pairs = list[dict[str, str]]
+Q = TypeVar("Q")  # a query: (text, label) in a live run, the text alone offline
 ScoreFn = Callable[[Pairs, str], list[dict[str, Any]]]
 
 METHODS = ("qpo", "no_instruction", "best_offline", "random_offline", "oracle")
 
 
-def test_queries(queries: Sequence[tuple[str, str]], limit: int | None, seed: int) -> list[tuple[str, str]]:
+def test_queries(queries: Sequence[Q], limit: int | None, seed: int) -> list[Q]:
     """The evaluation queries: all of the test split, or a seeded sample of ``limit`` of them."""
     qs = list(queries)
     if limit is not None and limit < len(qs):

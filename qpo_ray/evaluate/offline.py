@@ -51,8 +51,9 @@ import pyarrow.compute as pc
 from qpo_ray.config import RunConfig, dump_config
 from qpo_ray.data.importers import normalize_text, split_of
 from qpo_ray.data.schema import SCHEMA
-from qpo_ray.data.store import DatasetStore
+from qpo_ray.data.store import DatasetStore, parse_version_path
 from qpo_ray.errors import ConfigError, DataError
+from qpo_ray.evaluate.baselines import test_queries
 from qpo_ray.runs import atomic_write_bytes, atomic_write_json
 from qpo_ray.score.replay import KINDS, MIN_SIMILARITY, ReplayTable
 
@@ -192,11 +193,11 @@ def _resolve_data(data_run_dir: str | Path, version: int | None) -> tuple[Datase
     if not p.is_dir():
         raise DataError(f"--data {data_run_dir}: not a directory")
     p = p.resolve()
-    if p.parent.name == "data" and p.name.startswith("v") and p.name[1:].isdigit():
-        v = int(p.name[1:])
+    if (found := parse_version_path(p)) is not None:
+        p, v = found
         if version is not None and version != v:
             raise ConfigError(f"--data {data_run_dir} names v{v:03d} but --version is {version}")
-        p, version = p.parent.parent, v
+        version = v
     store = DatasetStore(p)
     have = store.versions()
     if not have:
@@ -429,7 +430,7 @@ def evaluate_offline(cfg: RunConfig, data_run_dir: str | Path, out_dir: str | Pa
 
     queries = split.test_queries
     if cfg.eval.max_test_queries is not None and cfg.eval.max_test_queries < len(queries):
-        queries = sorted(random.Random(f"{seed}:test").sample(queries, cfg.eval.max_test_queries))
+        queries = sorted(test_queries(queries, cfg.eval.max_test_queries, seed))
     test_acc = {normalize_text(q): split.test_acc[normalize_text(q)] for q in queries}
     log.info("offline eval: generating one greedy prompt per test query (%d, r = %g)", len(queries),
              cfg.eval.target_reward)

@@ -326,23 +326,13 @@ def main(name: str, add_args: Callable[[argparse.ArgumentParser], None], quick: 
 def workdir(args: argparse.Namespace, tag: str):
     """A scratch folder: ``--workdir/tag`` (kept) or a temp dir removed at exit."""
     import tempfile
+    from contextlib import nullcontext
 
     if args.workdir is not None:
         d = Path(args.workdir) / tag
         d.mkdir(parents=True, exist_ok=True)
-        return _Keep(d)
+        return nullcontext(str(d))
     return tempfile.TemporaryDirectory(prefix=f"qpo-bench-{tag}-")
-
-
-class _Keep:
-    def __init__(self, d: Path):
-        self.d = d
-
-    def __enter__(self) -> str:
-        return str(self.d)
-
-    def __exit__(self, *exc) -> None:
-        return None
 
 
 def emotion_pairs(n: int, seed: int = 0) -> list[dict[str, Any]]:

@@ -131,6 +131,7 @@ class RssSampler:
         self.pss_sum_peak = 0
         self.max_procs = 0
         self.samples = 0
+        self.at_peak: list[tuple[str, int]] = []  # (process, PSS) at the sample of the peak Σ PSS
         self.phase = "start"
         self.phases: dict[str, dict[str, int]] = {}
         self._lock = threading.Lock()
@@ -176,6 +177,7 @@ class RssSampler:
             procs = []
         driver, driver_pss, driver_uss = self._mem(self.me)
         rss_sum, pss_sum = driver, driver_pss
+        each = [("driver", driver_pss)]
         self.driver_peak = max(self.driver_peak, driver)
         self.driver_uss_peak = max(self.driver_uss_peak, driver_uss)
         for p in procs:
@@ -186,6 +188,7 @@ class RssSampler:
             self.worker_uss_peak = max(self.worker_uss_peak, uss)
             rss_sum += rss
             pss_sum += pss
+            each.append((self._name(p), pss))
             if rss > self.worker_peak:
                 self.worker_peak, self.worker_peak_name = rss, self._name(p)
             if self.watch and p.pid not in self.watched and self.watch in (name := self._name(p)):
@@ -194,7 +197,8 @@ class RssSampler:
                 except ps.Error:
                     pass
         self.rss_sum_peak = max(self.rss_sum_peak, rss_sum)
-        self.pss_sum_peak = max(self.pss_sum_peak, pss_sum)
+        if pss_sum > self.pss_sum_peak:
+            self.pss_sum_peak, self.at_peak = pss_sum, sorted(each, key=lambda x: -x[1])
         self.max_procs = max(self.max_procs, len(procs) + 1)
         self.samples += 1
         ph = self.phases.setdefault(self.phase, {"driver_rss": 0, "sum_pss": 0, "sum_rss": 0, "processes": 0})
@@ -231,6 +235,8 @@ class RssSampler:
                 "worker_peak_mib": r(self.worker_peak), "worker_peak_process": self.worker_peak_name,
                 "worker_uss_peak_mib": r(self.worker_uss_peak), "sum_pss_peak_mib": r(self.pss_sum_peak),
                 "sum_rss_peak_mib": r(self.rss_sum_peak), "max_processes": self.max_procs, "samples": self.samples,
+                # Where the peak Σ PSS sits: the biggest processes at that sample (PSS, MiB).
+                "pss_at_peak_mib": [[name, r(v)] for name, v in self.at_peak[:8]],
                 "phases_mib": {k: {kk: (vv if kk == "processes" else r(vv)) for kk, vv in v.items()}
                                for k, v in self.phases.items()}}
 

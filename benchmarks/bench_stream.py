@@ -4,7 +4,7 @@ Each size runs in its own fresh process (its own Ray session, nothing left over 
 
 1. ``DatasetStore.commit`` of N synthetic rows, generated chunk by chunk (emotion-like text: 10–30-word
    queries, 5–40-word prompts, random rewards), validated and de-duplicated by the store;
-2. ``qpo_ray.train.loader.training_dataset`` on that version (parquet read + ``TokenizeBatch`` on Ray Data)
+2. ``qpo_ray.train.loader.training_dataset`` on that version (parquet read + ``tokenize_batch`` tasks on Ray Data)
    iterated into training micro-batches exactly as a Train worker does (``iter_torch_batches``, drop_last,
    local shuffle buffer); rows are counted, nothing is trained.
 
@@ -44,8 +44,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk", type=int, default=50_000, help="rows per chunk handed to DatasetStore.commit")
     p.add_argument("--micro-batch", type=int, default=128,
                    help="training micro-batch size (the paper profile's, the one with datasets this big)")
-    p.add_argument("--tokenize-actors", type=int, default=1,
-                   help="tokeniser actors (train_policy uses train.num_workers, 1 by default)")
+    p.add_argument("--tokenize-tasks", type=int, default=1,
+                   help="concurrent tokenise tasks (train_policy uses train.num_workers, 1 by default)")
     p.add_argument("--tokenizer", default="auto", help="'auto' (the demo policy's: smollm2 when installed, else gpt2)")
     p.add_argument("--interval", type=float, default=0.5, help="memory sampling period, seconds")
     p.add_argument("--child-timeout", type=int, default=900)
@@ -118,7 +118,7 @@ def run_one(args: argparse.Namespace, n: int, root: Path) -> dict:
         try:
             import ray  # noqa: F401  (started above)
 
-            from qpo_ray.train.loader import training_dataset
+            from qpo_ray.train.loader import torch_dtypes, training_dataset
 
             mon.mark("commit")
             store = DatasetStore(root / "run")
@@ -127,12 +127,12 @@ def run_one(args: argparse.Namespace, n: int, root: Path) -> dict:
             m = store.commit(chunks(n, args.chunk, 0, gen), source="synthetic", note="bench stream")
             t_commit = time.perf_counter() - t0 - gen[0]
             mon.mark("tokenise+iterate")
-            ds = training_dataset(store, m.version, pcfg, seed=0, tokenize_actors=args.tokenize_actors)
+            ds = training_dataset(store, m.version, pcfg, seed=0, tokenize_tasks=args.tokenize_tasks)
             rows = batches = 0
             t1 = time.perf_counter()
             first = None
             for b in ds.iter_torch_batches(batch_size=mb, drop_last=True, local_shuffle_buffer_size=max(16 * mb, 2048),
-                                           local_shuffle_seed=0):
+                                           local_shuffle_seed=0, dtypes=torch_dtypes()):
                 if first is None:
                     first = time.perf_counter() - t1
                 rows += int(b["reward"].shape[0])
@@ -177,7 +177,7 @@ def run(args: argparse.Namespace) -> dict:
             path = Path(tmp) / f"{n}.json"
             cmd = [sys.executable, "-m", "benchmarks.bench_stream", "--single", str(n), "--out", str(path),
                    "--threads", str(args.threads), "--chunk", str(args.chunk), "--micro-batch", str(args.micro_batch),
-                   "--tokenize-actors", str(args.tokenize_actors), "--tokenizer", args.tokenizer,
+                   "--tokenize-tasks", str(args.tokenize_tasks), "--tokenizer", args.tokenizer,
                    "--interval", str(args.interval)]
             if args.workdir is not None:
                 cmd += ["--workdir", str(args.workdir)]

@@ -113,6 +113,8 @@ class TargetConfig(_Section):
     max_batch_size: int = Field(16, ge=1)  # @serve.batch
     batch_wait_timeout_s: float = Field(0.05, ge=0)
     max_in_flight: int = Field(32, ge=1)  # client-side bound on outstanding requests (≥ replicas × max_batch_size)
+    # transformers engine: run a prompt's shared token prefix once per batch (KV cache), then only the tails
+    share_prefix: bool = True
     request_retries: int = Field(3, ge=0)  # client retries of a request whose replica died
 
 

@@ -82,6 +82,37 @@ def test_verbalizer_scoring_matches_naive(engine, tasks, task_index):
             assert c.tokens == (n_ctx if single_token else len(task.labels) * n_ctx + n_verb)
 
 
+def test_prefix_groups_share_the_longest_common_prefix():
+    from qpo_ray.score.engines.transformers_engine import prefix_groups
+
+    seqs = [[1, 2, 3, 4, 5, 9], [7, 7], [1, 2, 3, 4, 5, 6, 8], [1, 2, 3, 4, 5, 6, 7], [1, 2, 3, 4]]
+    groups = {tuple(rows): p for p, rows in prefix_groups(seqs)}
+    # [1,2,3,4] shares 4 tokens but must keep its last one: 3 < MIN_SHARED_TOKENS, so it stands alone.
+    assert groups == {(4,): 3, (3, 2, 0): 5, (1,): 1}
+
+
+def test_shared_prompt_prefix_runs_once_and_changes_nothing(tasks):
+    task = tasks[0]
+    eng = TransformersEngine(TargetConfig(**TINY), tasks)  # batches of 4
+    prompt = "Read the text carefully, think about how its writer feels, and name the one emotion it expresses."
+    reqs = [ScoreRequest(task.name, "zero_shot", q, prompt, lab) for q, lab in task.queries()[:8]]
+    shapes = []
+    hook = eng.model.register_forward_pre_hook(lambda m, a, kw: shapes.append(tuple(kw["input_ids"].shape)),
+                                               with_kwargs=True)
+    try:
+        shared = eng.score(reqs)
+        eng.cfg = eng.cfg.model_copy(update={"share_prefix": False})
+        n_shared = len(shapes)
+        plain = eng.score(reqs)
+    finally:
+        hook.remove()
+    # Per batch of 4: the prompt's prefix once (1 row), then the 4 tails; without sharing, one pass of 4 rows.
+    assert [r for r, _ in shapes[:n_shared]] == [1, 4, 1, 4] and [r for r, _ in shapes[n_shared:]] == [4, 4]
+    assert sum(r * n for r, n in shapes[:n_shared]) < 0.8 * sum(r * n for r, n in shapes[n_shared:])
+    for a, b in zip(shared, plain, strict=True):
+        assert a.nll == pytest.approx(b.nll, abs=1e-4) and a.pred == b.pred and a.tokens == b.tokens
+
+
 def test_batched_generation_matches_one_by_one(engine, tasks):
     math = tasks[1]
     reqs = [ScoreRequest("math_demo", "zero_shot", q, p, lab)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -56,7 +57,7 @@ def test_commit_and_child_version(tmp_path):
     assert (m1.version, m1.rows, m1.new_rows, m1.duplicates_dropped) == (1, 11, 1, 1)
     assert (m1.reward_min, m1.reward_max) == (0.0, 9.0)
     assert store.versions() == [0, 1]
-    assert store.keys(1) == store.keys(0) | {rows_to_table(new[:1]).column("key")[0].as_py()}
+    assert set(store.keys(1)) == set(store.keys(0)) | {rows_to_table(new[:1]).column("key")[0].as_py()}
     store.verify(0)
     store.verify(1)
     # versions are immutable
@@ -110,3 +111,13 @@ def test_normalize_reward():
     assert normalize_reward(5, 0, 10) == 50.0
     assert normalize_reward(15, 0, 10) == 150.0  # not clipped: better than anything offline
     assert not math.isnan(normalize_reward(3, 3, 3))
+
+
+def test_keyset_keeps_first_occurrences_and_answers_membership():
+    from qpo_ray.data.store import KeySet
+
+    ks = KeySet()
+    np.testing.assert_array_equal(ks.add_new(["b", "a", "b", "é"]), [True, True, False, True])
+    np.testing.assert_array_equal(ks.add_new(np.array(["é", "c", "a", "c"], dtype=object)), [False, True, False, False])
+    assert len(ks) == 4 and "c" in ks and "é" in ks and "z" not in ks
+    assert sorted(ks) == ["a", "b", "c", "é"]

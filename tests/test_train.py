@@ -90,21 +90,45 @@ def test_deepspeed_config_batch_arithmetic_and_precision():
     assert deepspeed_config(cfg.train, 2)["bf16"]["enabled"]
 
 
+@pytest.mark.parametrize("spec", ["gpt2", "smollm2"])
+def test_fast_tokenizer_gives_the_transformers_ids(spec):
+    from qpo_ray.models import load_tokenizer
+    from qpo_ray.policy.tokenize import encode_rows
+    from qpo_ray.tasks import load_task
+    from qpo_ray.train.loader import _tokenizer, tokenizer_source
+
+    hf = load_tokenizer(spec, spec)
+    source = tokenizer_source(spec, spec)
+    assert source[0] == "fast"
+    fast = _tokenizer(source)
+    task = load_task("emotion")
+    queries = [q for q, _ in task.queries()][:20] + ["  spaces  and ünïcödé — “quotes” 🙂", ""]
+    prompts = ([t for _, t in task.prompts] * 10)[:len(queries)]
+    a = encode_rows(hf, queries, prompts, None, 24, 16)  # short limits: truncation on both sides
+    b = encode_rows(fast, queries, prompts, None, 24, 16)
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+
+
 def test_tokenize_batch_normalises_rewards():
-    from qpo_ray.train.loader import TRAIN_COLUMNS, TokenizeBatch
+    from qpo_ray.train.loader import TRAIN_COLUMNS, tokenize_batch, tokenizer_source
 
     pcfg = load_config("tiny").policy
-    tb = TokenizeBatch(pcfg.tokenizer, pcfg.model, pcfg.max_query_tokens, pcfg.max_prompt_tokens, -5.0, 15.0)
-    out = tb({"query": np.array(["a query", "another one"], dtype=object),
-              "prompt": np.array(["Be brief.", ""], dtype=object), "reward": np.array([-5.0, 15.0])})
+    kw = dict(source=tokenizer_source(pcfg.tokenizer, pcfg.model), max_query_tokens=pcfg.max_query_tokens,
+              max_prompt_tokens=pcfg.max_prompt_tokens, reward_min=-5.0, reward_max=15.0)
+    out = tokenize_batch({"query": np.array(["a query", "another one"], dtype=object),
+                          "prompt": np.array(["Be brief.", ""], dtype=object), "reward": np.array([-5.0, 15.0])}, **kw)
     assert set(out) == set(TRAIN_COLUMNS)
+    assert out["query_ids"].dtype == np.int32 and out["prompt_mask"].dtype == np.uint8  # compact on the wire
     assert out["query_ids"].shape == (2, pcfg.max_query_tokens)
     assert out["prompt_ids"].shape == (2, pcfg.max_prompt_tokens + 1)
     np.testing.assert_allclose(out["reward"], [0.0, 100.0])
-    flat = TokenizeBatch(pcfg.tokenizer, pcfg.model, 8, 8, 3.0, 3.0)  # degenerate range → 50 for all
-    out = flat({"query": np.array(["q"], dtype=object), "prompt": np.array(["p"], dtype=object),
-                "reward": np.array([3.0])})
+    kw.update(max_query_tokens=8, max_prompt_tokens=8, reward_min=3.0, reward_max=3.0)
+    out = tokenize_batch({"query": np.array(["q"], dtype=object), "prompt": np.array(["p"], dtype=object),
+                          "reward": np.array([3.0])}, **kw)  # degenerate range → 50 for all
     np.testing.assert_allclose(out["reward"], [50.0])
+    assert out["query_ids"].shape == (1, 8)  # the cached tokenizer is shared; the lengths are per call
 
 
 def test_train_policy_checks_arguments(tmp_path):

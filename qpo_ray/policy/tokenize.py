@@ -6,9 +6,42 @@ Pure numpy + tokenizer, so it runs inside a Ray Data ``map_batches`` as well as 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from transformers import PreTrainedTokenizerBase
+
+if TYPE_CHECKING:  # transformers imports torch: keep both out of the data workers
+    from transformers import PreTrainedTokenizerBase
+
+
+class FastTokenizer:
+    """The Rust tokenizer inside a Hugging Face *fast* tokenizer, usable without transformers.
+
+    It offers what this module needs of a tokenizer (``__call__(texts, add_special_tokens)``,
+    ``pad_token_id``, ``eos_token_id``) and gives the same ids. Ray Data's tokenise tasks use it so their
+    worker processes load neither transformers nor torch (about 250 MiB each).
+    """
+
+    def __init__(self, spec: str, pad_token_id: int | None, eos_token_id: int | None):
+        from tokenizers import Tokenizer
+
+        self.backend = Tokenizer.from_str(spec)
+        # transformers sets these per call; a tokenizer.json may carry its own defaults.
+        self.backend.no_padding()
+        self.backend.no_truncation()
+        self.pad_token_id, self.eos_token_id = pad_token_id, eos_token_id
+
+    @staticmethod
+    def state(tokenizer: PreTrainedTokenizerBase) -> dict[str, Any] | None:
+        """Constructor arguments for ``tokenizer``'s Rust core, or None when it is not a fast tokenizer."""
+        if not getattr(tokenizer, "is_fast", False):
+            return None
+        return {"spec": tokenizer.backend_tokenizer.to_str(), "pad_token_id": tokenizer.pad_token_id,
+                "eos_token_id": tokenizer.eos_token_id}
+
+    def __call__(self, texts: Sequence[str], add_special_tokens: bool = True) -> dict[str, list[list[int]]]:
+        enc = self.backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)
+        return {"input_ids": [e.ids for e in enc]}
 
 
 def _ids(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> list[list[int]]:

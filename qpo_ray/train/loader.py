@@ -7,50 +7,79 @@ same number of ``drop_last`` micro-batches — a DDP/ZeRO collective can never w
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 import numpy as np
+import pyarrow as pa
 import ray.data
 from ray.data import FileShuffleConfig
 
 from qpo_ray.config import PolicyConfig
 from qpo_ray.data.store import DatasetStore, normalize_reward
+from qpo_ray.policy.tokenize import FastTokenizer, encode_rows
 
 READ_COLUMNS = ["query", "prompt", "reward"]
 # What a training batch holds (names and shapes are the policy package's encode_rows contract).
 TRAIN_COLUMNS = ("query_ids", "query_mask", "prompt_ids", "prompt_mask", "reward")
+BLOCK_BYTES = 8 << 20  # Ray Data target block size of the training pipeline (Ray's default: 128 MiB)
+# Through the object store token ids travel as int32 and masks as uint8, a third of int64's bytes;
+# torch_dtypes() widens them again as the batches reach the model.
+WIRE_DTYPES = {"query_ids": np.int32, "query_mask": np.uint8, "prompt_ids": np.int32, "prompt_mask": np.uint8,
+               "reward": np.float32}
 
 
-class TokenizeBatch:
-    """Ray Data callable class: raw (query, prompt, reward) rows → fixed-shape token arrays.
+def torch_dtypes() -> dict[str, Any]:
+    """``iter_torch_batches(dtypes=...)`` for training batches: the dtypes the policy and the loss take."""
+    import torch
 
-    A class (not a function) so each actor of the pool loads the tokenizer once, not once per batch.
-    """
+    return {k: torch.float32 if k == "reward" else torch.long for k in TRAIN_COLUMNS}
 
-    def __init__(self, tokenizer: str | None, model: str, max_query_tokens: int, max_prompt_tokens: int,
-                 reward_min: float, reward_max: float):
-        from qpo_ray.models import load_tokenizer
 
-        self.tokenizer = load_tokenizer(tokenizer, model)
-        self.max_query_tokens = max_query_tokens
-        self.max_prompt_tokens = max_prompt_tokens
-        self.reward_min = reward_min
-        self.reward_max = reward_max
+@functools.lru_cache(maxsize=4)
+def _tokenizer(source: tuple) -> Any:
+    # Ray reuses its task worker processes, so each process builds a tokenizer once, not once per batch or
+    # per epoch (an actor pool would be torn down and rebuilt, tokenizer and all, on every execution).
+    if source[0] == "fast":
+        return FastTokenizer(*source[1:])
+    from qpo_ray.models import load_tokenizer
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from qpo_ray.policy.tokenize import encode_rows
+    return load_tokenizer(*source[1:])
 
-        raw = np.asarray(batch["reward"], dtype=np.float64)
-        # normalize_reward is plain arithmetic, so it maps the whole array; a degenerate range gives a scalar.
-        norm = np.broadcast_to(normalize_reward(raw, self.reward_min, self.reward_max), raw.shape)
-        return encode_rows(self.tokenizer, batch["query"], batch["prompt"], norm.astype(np.float32),
-                           self.max_query_tokens, self.max_prompt_tokens)
+
+def tokenizer_source(tokenizer: str | None, model: str) -> tuple:
+    """What a tokenise task needs to rebuild the policy tokenizer: its Rust core when it is a fast tokenizer
+    (``("fast", spec, pad_id, eos_id)``: no transformers or torch in the worker), else its name."""
+    from qpo_ray.models import load_tokenizer
+
+    state = FastTokenizer.state(load_tokenizer(tokenizer, model))
+    if state is None:
+        return ("hf", tokenizer, model)
+    return ("fast", state["spec"], state["pad_token_id"], state["eos_token_id"])
+
+
+def tokenize_batch(batch: dict[str, np.ndarray], *, source: tuple, max_query_tokens: int, max_prompt_tokens: int,
+                   reward_min: float, reward_max: float) -> dict[str, np.ndarray]:
+    """Raw (query, prompt, reward) rows → fixed-shape token arrays with rewards normalised to [0, 100]."""
+    raw = np.asarray(batch["reward"], dtype=np.float64)
+    # normalize_reward is plain arithmetic, so it maps the whole array; a degenerate range gives a scalar.
+    norm = np.broadcast_to(normalize_reward(raw, reward_min, reward_max), raw.shape)
+    out = encode_rows(_tokenizer(source), batch["query"], batch["prompt"], norm.astype(np.float32),
+                      max_query_tokens, max_prompt_tokens)
+    out = {k: v.astype(WIRE_DTYPES[k], copy=False) for k, v in out.items()}
+    # Arrow's allocator keeps freed parquet buffers for reuse; hand them back so a worker that sits idle
+    # between epochs (or never gets the next task) does not hold a reader's peak.
+    pa.default_memory_pool().release_unused()
+    return out
 
 
 def training_dataset(store: DatasetStore, version: int, pcfg: PolicyConfig, *, tokenizer: str | None = None,
-                     seed: int = 0, tokenize_actors: int = 1, tokenize_batch_size: int = 256) -> ray.data.Dataset:
+                     seed: int = 0, tokenize_tasks: int = 1) -> ray.data.Dataset:
     """A lazy, streaming Ray Dataset of tokenised training rows for one dataset version.
 
     ``tokenizer`` overrides ``pcfg.tokenizer`` (e.g. the folder of a policy being fine-tuned). Rewards are
-    normalised to [0, 100] with the version's manifest range (fixed by v000, DESIGN §2).
+    normalised to [0, 100] with the version's manifest range (fixed by v000, DESIGN §2). At most
+    ``tokenize_tasks`` read+tokenise tasks run at once.
 
     Shuffling stays streaming: the file order is shuffled at read time with a seed that advances on every
     execution (a different, reproducible order per epoch), and the trainer mixes rows with a seeded local
@@ -58,21 +87,41 @@ def training_dataset(store: DatasetStore, version: int, pcfg: PolicyConfig, *, t
     version into the object store before the first batch.
     """
     manifest = store.manifest(version)
-    ds = ray.data.read_parquet(store.files(version),
-                               shuffle=FileShuffleConfig(seed=seed, reseed_after_execution=True))
-    ds = ds.select_columns(READ_COLUMNS)  # pushed down into the parquet read: other columns are never read
+    files = store.files(version)
+    tasks = max(1, tokenize_tasks)
+    ctx = ray.data.DataContext.get_current()
+    saved = ctx.use_datasource_v2, ctx.target_max_block_size, ctx.decoding_size_estimation
+    # The dataset keeps a copy of the context as it is at read time, so these settings are its own.
+    # - The V2 parquet reader starts a pool of 32 FooterReader actors (32 new worker processes) on every
+    #   execution, i.e. every epoch, to read footers the store already knows. On 2 cores that cost ~20 s
+    #   per epoch. V1 reads the few files' metadata here, once.
+    # - Small blocks: the reader yields a file a few thousand rows at a time, so memory is bounded by the
+    #   block size, not by the file or dataset size.
+    # - No decoding-size sampling: it reads samples of several files in extra worker processes (one more
+    #   ~180 MiB process once a version has several files); Ray's fixed estimate errs on small batches.
+    ctx.use_datasource_v2, ctx.target_max_block_size, ctx.decoding_size_estimation = False, BLOCK_BYTES, False
+    try:
+        # batch_readahead=1: Ray's default of 8 decoded batches read ahead cost ~100 MiB a reader.
+        ds = ray.data.read_parquet(files, columns=READ_COLUMNS, concurrency=tasks, override_num_blocks=len(files),
+                                   shuffle=FileShuffleConfig(seed=seed, reseed_after_execution=True),
+                                   batch_readahead=1)
+    finally:
+        ctx.use_datasource_v2, ctx.target_max_block_size, ctx.decoding_size_estimation = saved
+    # Whole blocks (batch_size=None), one read task per file (no output split) and the same task cap on both
+    # sides: Ray Data fuses read and tokenisation into one task, so no raw text waits in the object store
+    # for a slower tokeniser (an unfused read ran ahead and buffered every file's text: memory grew with
+    # the dataset).
     return ds.map_batches(
-        TokenizeBatch,
-        fn_constructor_kwargs=dict(
-            tokenizer=tokenizer if tokenizer is not None else pcfg.tokenizer,
-            model=pcfg.model,
+        tokenize_batch,
+        fn_kwargs=dict(
+            source=tokenizer_source(tokenizer if tokenizer is not None else pcfg.tokenizer, pcfg.model),
             max_query_tokens=pcfg.max_query_tokens,
             max_prompt_tokens=pcfg.max_prompt_tokens,
             reward_min=manifest.reward_min,
             reward_max=manifest.reward_max,
         ),
-        batch_size=tokenize_batch_size,
+        batch_size=None,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, tokenize_actors)),
+        concurrency=tasks,
         udf_modifying_row_count=False,
     )

@@ -175,6 +175,7 @@ def _run_epoch(engine, shard, *, epoch: int, tcfg: TrainConfig, gas: int, rank: 
     step sees a full accumulation window; a trailing partial window is dropped (identically on every rank,
     since the shards are equal) instead of leaking its gradients into the next epoch."""
     from qpo_ray.policy.loss import qpo_loss
+    from qpo_ray.train.loader import torch_dtypes
 
     sums = {"loss": 0.0, "ce": 0.0, "mse": 0.0, "lambda": 0.0}
     micro, tokens, pending = 0, 0.0, []
@@ -184,6 +185,7 @@ def _run_epoch(engine, shard, *, epoch: int, tcfg: TrainConfig, gas: int, rank: 
         drop_last=True,
         local_shuffle_buffer_size=max(16 * tcfg.micro_batch_size, 2048),
         local_shuffle_seed=tcfg.seed * 1_000_003 + epoch * 1009 + rank,
+        dtypes=torch_dtypes(),
     )
     for batch in batches:
         pending.append(batch)
@@ -361,7 +363,7 @@ def train_policy(cfg: RunConfig, *, store: DatasetStore, version: int, out_dir: 
     # A fine-tuned policy keeps the tokenizer it was saved with.
     tok = init if init is not None and (Path(init) / "tokenizer_config.json").exists() else None
     ds = training_dataset(store, version, cfg.policy, tokenizer=tok, seed=tcfg.seed,
-                          tokenize_actors=tcfg.num_workers)
+                          tokenize_tasks=tcfg.num_workers)
     call_id = uuid.uuid4().hex
     log.info("training %s on v%03d (%d rows, %d steps/epoch, %d epochs, ZeRO-%d, %d worker(s)), run '%s'",
              schedule, version, rows, steps, sched.epochs, tcfg.zero_stage, tcfg.num_workers, run_name)

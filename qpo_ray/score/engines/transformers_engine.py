@@ -12,10 +12,12 @@ through the LM head (``logits_to_keep``), which keeps memory at rows × kept pos
 
 from __future__ import annotations
 
+import inspect
 import threading
 from collections.abc import Iterable
 
 import torch
+from transformers import DynamicCache
 
 from qpo_ray.config import TargetConfig
 from qpo_ray.errors import TargetError
@@ -37,6 +39,36 @@ from qpo_ray.tasks import Task
 
 # At most this many float32 log-probabilities (rows × kept positions × vocabulary) live at once: ~512 MiB.
 LOGIT_BUDGET = 1 << 27
+
+
+# Share prefixes only when that runs fewer than this fraction of the plain pass's (padded) tokens: the
+# split costs a second, smaller forward and a cache copy.
+SHARE_IF_BELOW = 0.8
+MIN_SHARED_TOKENS = 4
+
+
+def prefix_groups(seqs: list[list[int]]) -> list[tuple[int, list[int]]]:
+    """Sequences grouped by a shared token prefix: ``(prefix length, row indices)``.
+
+    Neighbours in sorted order share the longest prefixes. A group's prefix is its members' common prefix,
+    at least ``MIN_SHARED_TOKENS`` long and always leaving each member one token of its own (the position
+    whose next-token distribution is read). A sequence sharing nothing is a group of one.
+    """
+    groups: list[tuple[int, list[int]]] = []
+    for i in sorted(range(len(seqs)), key=lambda j: seqs[j]):
+        s = seqs[i]
+        if groups:
+            p, rows = groups[-1]
+            first = seqs[rows[0]]
+            n = 0
+            limit = min(p, len(s) - 1)
+            while n < limit and first[n] == s[n]:
+                n += 1
+            if n >= MIN_SHARED_TOKENS:
+                groups[-1] = (n, rows + [i])
+                continue
+        groups.append((len(s) - 1, [i]))
+    return groups
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -67,6 +99,8 @@ class TransformersEngine:
         self.vocab = self.model.get_output_embeddings().weight.shape[0]
         self._lock = threading.Lock()  # one model call at a time (the server runs two batchers)
         self._verbalizers: dict[str, list[list[int]]] = {}
+        # transformers 5.24 renamed `past_key_values` to `cache` (the old name goes in 5.40); we allow >=5.0.
+        self._cache_kwarg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
 
     # -- tokenisation -------------------------------------------------------------------------------
     def encode(self, text: str, special: bool = True) -> list[int]:
@@ -132,12 +166,46 @@ class TransformersEngine:
                 res[i] = got[r, k - tails[i]:].tolist()
         return res
 
+    def _last_logprobs(self, seqs: list[list[int]]) -> torch.Tensor:
+        """Log-softmax at the last position of each sequence: [rows, vocab].
+
+        Requests that share a prompt share a token prefix (instruction, few-shot demonstrations). When
+        that saves enough tokens, the shared prefixes run once (one batched pass that returns their KV
+        cache), the cache rows are copied to their requests, and only the differing tails run again.
+        """
+        groups = prefix_groups(seqs)
+        longest_prefix = max(p for p, _ in groups)
+        longest_tail = max(len(seqs[i]) - p for p, rows in groups for i in rows)
+        plain_tokens = len(seqs) * max(len(s) for s in seqs)
+        shared_tokens = len(groups) * longest_prefix + len(seqs) * longest_tail
+        if not self.cfg.share_prefix or shared_tokens > SHARE_IF_BELOW * plain_tokens:
+            return self._logprobs(seqs, 1)[:, -1, :]
+        owner = [0] * len(seqs)
+        tails: list[list[int]] = [[] for _ in seqs]
+        for g, (p, rows) in enumerate(groups):
+            for i in rows:
+                owner[i], tails[i] = g, seqs[i][p:]
+        pre_ids, pre_mask = self._padded([seqs[rows[0]][:p] for p, rows in groups])
+        tail_ids, tail_mask = self._padded(tails)
+        idx = torch.tensor(owner, dtype=torch.long, device=self.device)
+        # Tails continue the positions of their own prefix; pads (left of the prefix and between prefix and
+        # tail) are masked, so every row sees exactly the tokens of its own unshared sequence.
+        tail_pos = (tail_mask.cumsum(-1) - 1).clamp(min=0) + pre_mask.sum(-1)[idx][:, None]
+        cache = DynamicCache(config=self.model.config)  # filled in place by the prefix pass
+        with self._lock, torch.inference_mode():
+            self.model(input_ids=pre_ids, attention_mask=pre_mask, position_ids=(pre_mask.cumsum(-1) - 1).clamp(min=0),
+                       use_cache=True, logits_to_keep=1, **{self._cache_kwarg: cache})
+            cache.reorder_cache(idx)
+            out = self.model(input_ids=tail_ids, attention_mask=torch.cat([pre_mask[idx], tail_mask], dim=1),
+                             position_ids=tail_pos, use_cache=True, logits_to_keep=1, **{self._cache_kwarg: cache})
+        return out.logits[:, -1, :].float().log_softmax(-1)
+
     def next_logprobs(self, seqs: list[list[int]], candidates: list[int]) -> list[list[float]]:
         """log p(candidate | sequence) for each candidate token after each sequence (one pass each)."""
         res: list[list[float]] = [[] for _ in seqs]
         cand = torch.tensor(candidates, dtype=torch.long, device=self.device)
         for batch in self._batches([len(s) for s in seqs], [1] * len(seqs)):
-            lp = self._logprobs([seqs[i] for i in batch], 1)[:, -1, :]
+            lp = self._last_logprobs([seqs[i] for i in batch])
             got = lp.index_select(-1, cand).cpu()
             for r, i in enumerate(batch):
                 res[i] = got[r].tolist()

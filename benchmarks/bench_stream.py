@@ -4,7 +4,7 @@ Each size runs in its own fresh process (its own Ray session, nothing left over 
 
 1. ``DatasetStore.commit`` of N synthetic rows, generated chunk by chunk (emotion-like text: 10–30-word
    queries, 5–40-word prompts, random rewards), validated and de-duplicated by the store;
-2. ``qpo_ray.train.loader.training_dataset`` on that version (parquet read + ``tokenize_batch`` tasks on Ray Data)
+2. ``qpo_ray.train.loader.training_dataset`` on that version (parquet read fused with ``tokenize_batch`` tasks)
    iterated into training micro-batches exactly as a Train worker does (``iter_torch_batches``, drop_last,
    local shuffle buffer); rows are counted, nothing is trained.
 
@@ -17,7 +17,7 @@ really occupies) and as RSS (an upper bound that counts shared pages once per pr
 ratio = peak Σ PSS at N rows / the same at the small size (goal ≤ 1.2), and that peak must stay under
 2 GiB. Default sizes: 500,000 and 100,000 rows (``--rows``, ``--rows-small``): two full parquet files
 (DatasetStore writes 250,000 rows per file) against one. 1,000,000 rows (``--rows 1000000``) takes about
-6 minutes on an idle 2-core machine, too long for the 10-minute budget of ``make bench``.
+5 minutes on an idle 2-core machine (~4,400 rows/s tokenised), too long for the 10-minute budget of ``make bench``.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ LIMIT_MIB = 2048
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rows", type=int, default=500_000,
-                   help="rows of the big run (1,000,000 takes ~6 min on an idle 2-core machine)")
+                   help="rows of the big run (1,000,000 takes ~5 min on an idle 2-core machine)")
     p.add_argument("--rows-small", type=int, default=100_000, help="rows of the reference run")
     p.add_argument("--chunk", type=int, default=50_000, help="rows per chunk handed to DatasetStore.commit")
     p.add_argument("--micro-batch", type=int, default=128,

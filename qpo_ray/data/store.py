@@ -36,6 +36,14 @@ from qpo_ray.runs import fault_point
 log = logging.getLogger(__name__)
 
 
+_VERSION_RE = re.compile(r"^v(\d{3,})$")
+MANIFEST = "manifest.json"
+ROWS_PER_FILE = 250_000
+# Readers decode a row group at a time (Ray Data reads ahead several): small groups keep a reader's
+# memory small whatever the size of the chunks handed to commit.
+ROW_GROUP_ROWS = 8192
+
+
 class KeySet:
     """A set of pair keys held as one sorted bytes array: ~32 bytes a key where a ``set[str]`` takes ~120, so
     deduplicating a million-row version costs tens of MiB, not hundreds."""
@@ -74,13 +82,6 @@ class KeySet:
 def _utf8(keys) -> np.ndarray:
     arr = np.asarray(keys)
     return np.char.encode(arr.astype(np.str_), "utf-8") if arr.dtype.kind in "UO" else arr.astype(np.bytes_)
-
-_VERSION_RE = re.compile(r"^v(\d{3,})$")
-MANIFEST = "manifest.json"
-ROWS_PER_FILE = 250_000
-# Readers decode a row group at a time (Ray Data reads ahead several): small groups keep a reader's
-# memory small whatever the size of the chunks handed to commit.
-ROW_GROUP_ROWS = 8192
 
 
 @dataclass

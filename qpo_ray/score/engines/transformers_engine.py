@@ -178,7 +178,8 @@ class TransformersEngine:
         longest_tail = max(len(seqs[i]) - p for p, rows in groups for i in rows)
         plain_tokens = len(seqs) * max(len(s) for s in seqs)
         shared_tokens = len(groups) * longest_prefix + len(seqs) * longest_tail
-        if not self.cfg.share_prefix or shared_tokens > SHARE_IF_BELOW * plain_tokens:
+        # A one-token sequence has no prefix to share: its prefix row would be all padding.
+        if not self.cfg.share_prefix or shared_tokens > SHARE_IF_BELOW * plain_tokens or min(p for p, _ in groups) == 0:
             return self._logprobs(seqs, 1)[:, -1, :]
         owner = [0] * len(seqs)
         tails: list[list[int]] = [[] for _ in seqs]

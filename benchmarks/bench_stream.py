@@ -5,8 +5,8 @@ Each size runs in its own fresh process (its own Ray session, nothing left over 
 1. ``DatasetStore.commit`` of N synthetic rows, generated chunk by chunk (emotion-like text: 10–30-word
    queries, 5–40-word prompts, random rewards), validated and de-duplicated by the store;
 2. ``qpo_ray.train.loader.training_dataset`` on that version (parquet read fused with ``tokenize_batch`` tasks)
-   iterated into training micro-batches exactly as a Train worker does (``iter_torch_batches``, drop_last,
-   local shuffle buffer); rows are counted, nothing is trained.
+   iterated into training micro-batches exactly as a Train worker does (``loader.train_batches``: drop_last,
+   local shuffle buffer, model dtypes); rows are counted, nothing is trained.
 
 A background thread samples the memory of the driver and of every process of its Ray session (GCS,
 raylet, workers, actors) with psutil every ``--interval`` s. Reported: rows/s of each phase and end to end,
@@ -118,7 +118,7 @@ def run_one(args: argparse.Namespace, n: int, root: Path) -> dict:
         try:
             import ray  # noqa: F401  (started above)
 
-            from qpo_ray.train.loader import torch_dtypes, training_dataset
+            from qpo_ray.train.loader import train_batches, training_dataset
 
             mon.mark("commit")
             store = DatasetStore(root / "run")
@@ -131,8 +131,7 @@ def run_one(args: argparse.Namespace, n: int, root: Path) -> dict:
             rows = batches = 0
             t1 = time.perf_counter()
             first = None
-            for b in ds.iter_torch_batches(batch_size=mb, drop_last=True, local_shuffle_buffer_size=max(16 * mb, 2048),
-                                           local_shuffle_seed=0, dtypes=torch_dtypes()):
+            for b in train_batches(ds, mb, shuffle_seed=0):
                 if first is None:
                     first = time.perf_counter() - t1
                 rows += int(b["reward"].shape[0])

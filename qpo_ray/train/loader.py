@@ -24,16 +24,23 @@ READ_COLUMNS = ["query", "prompt", "reward"]
 TRAIN_COLUMNS = ("query_ids", "query_mask", "prompt_ids", "prompt_mask", "reward")
 BLOCK_BYTES = 8 << 20  # Ray Data target block size of the training pipeline (Ray's default: 128 MiB)
 # Through the object store token ids travel as int32 and masks as uint8, a third of int64's bytes;
-# torch_dtypes() widens them again as the batches reach the model.
+# train_batches() widens them again as the batches reach the model.
 WIRE_DTYPES = {"query_ids": np.int32, "query_mask": np.uint8, "prompt_ids": np.int32, "prompt_mask": np.uint8,
                "reward": np.float32}
 
 
-def torch_dtypes() -> dict[str, Any]:
-    """``iter_torch_batches(dtypes=...)`` for training batches: the dtypes the policy and the loss take."""
+def train_batches(data, micro_batch_size: int, shuffle_seed: int):
+    """Training micro-batches from a Ray Dataset or a Train worker's shard: torch tensors in the dtypes the
+    policy and the loss take, mixed by a seeded local shuffle buffer, the last partial batch dropped."""
     import torch
 
-    return {k: torch.float32 if k == "reward" else torch.long for k in TRAIN_COLUMNS}
+    return data.iter_torch_batches(
+        batch_size=micro_batch_size,
+        drop_last=True,
+        local_shuffle_buffer_size=max(16 * micro_batch_size, 2048),
+        local_shuffle_seed=shuffle_seed,
+        dtypes={k: torch.float32 if k == "reward" else torch.long for k in TRAIN_COLUMNS},
+    )
 
 
 @functools.lru_cache(maxsize=4)

@@ -175,18 +175,12 @@ def _run_epoch(engine, shard, *, epoch: int, tcfg: TrainConfig, gas: int, rank: 
     step sees a full accumulation window; a trailing partial window is dropped (identically on every rank,
     since the shards are equal) instead of leaking its gradients into the next epoch."""
     from qpo_ray.policy.loss import qpo_loss
-    from qpo_ray.train.loader import torch_dtypes
+    from qpo_ray.train.loader import train_batches
 
     sums = {"loss": 0.0, "ce": 0.0, "mse": 0.0, "lambda": 0.0}
     micro, tokens, pending = 0, 0.0, []
     start = time.perf_counter()
-    batches = shard.iter_torch_batches(
-        batch_size=tcfg.micro_batch_size,
-        drop_last=True,
-        local_shuffle_buffer_size=max(16 * tcfg.micro_batch_size, 2048),
-        local_shuffle_seed=tcfg.seed * 1_000_003 + epoch * 1009 + rank,
-        dtypes=torch_dtypes(),
-    )
+    batches = train_batches(shard, tcfg.micro_batch_size, tcfg.seed * 1_000_003 + epoch * 1009 + rank)
     for batch in batches:
         pending.append(batch)
         if len(pending) < gas:

@@ -52,17 +52,15 @@ def serve_running() -> bool:
 
 def _start_serve() -> bool:
     """Start Serve without HTTP proxies, or connect to the running one; True when this call started it."""
-    if serve_running():
-        serve.start(proxy_location="Disabled")
-        return False
+    started = not serve_running()
     try:
         serve.start(proxy_location="Disabled")
-        return True
     except ActorAlreadyExistsError:
         # Another driver on the cluster (a second run starting at the same moment) created Serve's controller
         # between our check and our start: connect to that one.
         serve.start(proxy_location="Disabled")
-        return False
+        started = False
+    return started
 
 
 def _ray_started_here() -> bool:

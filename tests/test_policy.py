@@ -11,10 +11,11 @@ from qpo_ray.errors import ConfigError
 from qpo_ray.policy import QPOPolicy, generate_prompts, qpo_loss
 from qpo_ray.policy.generate import (
     best_of_n,
-    filter_logits,
+    candidates,
     generate_candidates,
     generate_ids,
     rank_by_reward_head,
+    sample_next,
 )
 from qpo_ray.policy.tokenize import encode_queries, encode_rows
 
@@ -206,13 +207,28 @@ def test_sampling_is_seeded(policy):
     assert policy.training is False
 
 
-def test_filter_logits():
-    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    keep = lambda x: torch.isfinite(x)[0].tolist()  # noqa: E731
-    assert keep(filter_logits(logits, top_k=2)) == [True, True, False, False]
-    assert keep(filter_logits(logits, top_p=0.75)) == [True, True, False, False]
-    assert keep(filter_logits(logits, top_p=0.1)) == [True, False, False, False]
-    assert keep(filter_logits(logits, top_k=3, top_p=0.99)) == [True, True, True, False]
+def test_candidates_top_k_then_top_p():
+    logits = torch.log(torch.tensor([[0.05, 0.5, 0.15, 0.3]]))
+
+    def kept(**kw):
+        vals, ids = candidates(logits, **kw)
+        return sorted(ids[0][torch.isfinite(vals[0])].tolist())
+
+    assert kept(top_k=2) == [1, 3]
+    assert kept(top_p=0.75) == [1, 3]
+    assert kept(top_p=0.1) == [1]
+    assert kept(top_k=3, top_p=0.99) == [1, 2, 3]
+    assert kept() == [0, 1, 2, 3]
+
+
+def test_sample_next_draws_from_the_nucleus_with_its_probabilities():
+    logits = torch.log(torch.tensor([[0.05, 0.5, 0.15, 0.3]])).expand(20000, 4)
+    gen = torch.Generator().manual_seed(0)
+    drawn = sample_next(logits, top_k=3, top_p=0.7, generator=gen)
+    assert set(drawn.tolist()) == {1, 3}  # 0.5 + 0.3 reaches 0.7: token 2 is outside the nucleus
+    assert abs((drawn == 1).float().mean().item() - 0.5 / 0.8) < 0.02
+    cold = sample_next(logits, temperature=1e-4, generator=gen)
+    assert set(cold.tolist()) == {1}
 
 
 # -- persistence and layer knobs ---------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """score — pairs/s of the Ray Serve scoring pool vs one ``model.generate`` call per pair.
 
 Ours: ``score_pairs`` over a ``ScoringPool`` (transformers engine, the ``demo`` profile's target settings:
-replicas, @serve.batch size, client in-flight bound). For single-token verbalizers the engine reads every
+replicas, engine batch size, client in-flight bound). For single-token verbalizers the engine reads every
 label from one forward pass per request, batched across requests.
 
 Baseline: the naive client: for each (query, prompt), render the same text, ``model.generate`` greedily a

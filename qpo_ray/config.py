@@ -110,8 +110,8 @@ class TargetConfig(_Section):
     autoscaling: dict[str, Any] | None = None  # passed as Serve's autoscaling_config when set
     num_cpus_per_replica: float = Field(1.0, gt=0)
     num_gpus_per_replica: float = Field(0.0, ge=0)
-    max_batch_size: int = Field(16, ge=1)  # @serve.batch
-    batch_wait_timeout_s: float = Field(0.05, ge=0)
+    max_batch_size: int = Field(16, ge=1)  # requests per engine batch in a replica (score.batcher)
+    batch_wait_timeout_s: float = Field(0.05, ge=0)  # how long an idle engine waits for its batch to fill
     max_in_flight: int = Field(32, ge=1)  # client-side bound on outstanding requests (≥ replicas × max_batch_size)
     # transformers engine: run a prompt's shared token prefix once per batch (KV cache), then only the tails
     share_prefix: bool = True

@@ -3,7 +3,8 @@
 ``ScoringPool`` deploys one Serve application per run (``serve.run(..., name=<app>, route_prefix=None)``:
 reachable only through its handle, never over HTTP), fans requests out through the DeploymentHandle with
 at most ``target.max_in_flight`` outstanding, and re-sends a request whose replica died. Replicas group
-concurrent requests with ``@serve.batch`` so the engine sees batches. Results come back in input order.
+concurrent requests into engine batches, formed when the engine is free (``score.batcher``, not
+``@serve.batch``: see there why). Results come back in input order.
 
 A request is counted (calls, tokens) only when its result is returned, so a request retried after a
 replica died is still counted once.
@@ -28,6 +29,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 
 from qpo_ray.config import TargetConfig
 from qpo_ray.errors import QPOError, TargetError
+from qpo_ray.score.batcher import EngineBatcher
 from qpo_ray.score.engines import Components, ScoreRequest, TargetEngine, make_engine
 from qpo_ray.score.pairs import score_pairs  # noqa: F401  (re-exported: the driver imports it from here)
 from qpo_ray.tasks import Task
@@ -78,8 +80,7 @@ class TargetReplica:
     def __init__(self, cfg: dict[str, Any], tasks: list[Task], engine_factory: EngineFactory | None = None):
         target = TargetConfig.model_validate(cfg)
         self.engine = (engine_factory or make_engine)(target, tasks)
-        self.score_batch.set_max_batch_size(target.max_batch_size)
-        self.score_batch.set_batch_wait_timeout_s(target.batch_wait_timeout_s)
+        self.batcher = EngineBatcher(self._score, target.max_batch_size, target.batch_wait_timeout_s)
 
     def _score(self, reqs: list[ScoreRequest]) -> list[Components | QPOError]:
         try:
@@ -96,13 +97,8 @@ class TargetReplica:
                 out.append(e)
         return out
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.05)
-    async def score_batch(self, reqs: list[ScoreRequest]) -> list[Components | QPOError]:
-        # In a thread, so the replica keeps accepting requests (and forming the next batch) meanwhile.
-        return await asyncio.to_thread(self._score, reqs)
-
     async def __call__(self, req: ScoreRequest) -> Components:
-        out = await self.score_batch(req)
+        out = await self.batcher.submit(req)
         if isinstance(out, Exception):
             raise out
         return out

@@ -1,0 +1,71 @@
+"""Engine-paced batching for a Serve replica: the next batch is formed when the engine is free.
+
+``@serve.batch`` forms the next batch as soon as the previous one is dispatched, while the engine is still
+busy with it, and takes whatever has arrived by then. With a steady stream of 32 requests in flight and
+batches of 16 it formed batches of 16, 11, 5, 16, 11, 5 (benchmarks/bench_score.py). A compute-bound engine
+does the most work per second with full batches, and the transformers engine shares a prompt's prefix only
+within a batch. Here the requests queue while the engine works, and the next batch takes up to
+``max_batch_size`` of them once it is done. When the engine was idle, the batch waits up to ``wait_s``
+for more requests to arrive, as ``@serve.batch`` does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any
+
+
+class EngineBatcher:
+    """Groups concurrent ``submit`` calls of one replica into calls of ``fn(items) -> results``, in a thread."""
+
+    def __init__(self, fn: Callable[[list[Any]], Sequence[Any]], max_batch_size: int, wait_s: float):
+        self.fn, self.max_batch_size, self.wait_s = fn, max_batch_size, wait_s
+        self._pending: deque[tuple[Any, asyncio.Future]] = deque()
+        self._arrived: asyncio.Event | None = None
+        self._worker: asyncio.Task | None = None
+
+    async def submit(self, item: Any) -> Any:
+        """The result of ``item`` (or its exception), once its batch has run."""
+        loop = asyncio.get_running_loop()
+        if self._worker is None:  # created here: the replica's event loop runs only once requests come
+            self._arrived = asyncio.Event()
+            self._worker = loop.create_task(self._run())
+        fut = loop.create_future()
+        self._pending.append((item, fut))
+        self._arrived.set()
+        return await fut
+
+    async def _next_batch(self) -> list[tuple[Any, asyncio.Future]]:
+        loop = asyncio.get_running_loop()
+        while not self._pending:
+            self._arrived.clear()
+            await self._arrived.wait()
+        deadline = loop.time() + self.wait_s
+        while len(self._pending) < self.max_batch_size and (left := deadline - loop.time()) > 0:
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), left)
+            except TimeoutError:
+                break
+        n = min(self.max_batch_size, len(self._pending))
+        return [self._pending.popleft() for _ in range(n)]
+
+    async def _run(self) -> None:
+        while True:
+            batch = [(item, fut) for item, fut in await self._next_batch() if not fut.done()]  # done = cancelled
+            if not batch:
+                continue
+            try:
+                results = await asyncio.to_thread(self.fn, [item for item, _ in batch])
+                if len(results) != len(batch):
+                    raise RuntimeError(f"batch function returned {len(results)} results for {len(batch)} items")
+            except Exception as e:  # every caller of this batch gets the error; the worker goes on
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(e)
+                continue
+            for (_, fut), res in zip(batch, results, strict=True):
+                if not fut.done():
+                    fut.set_result(res)

@@ -1,0 +1,101 @@
+"""EngineBatcher: batches formed when the engine is free, results to the right caller, errors to each caller."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from qpo_ray.score.batcher import EngineBatcher
+
+
+def _engine(sizes: list[int], seconds: float = 0.0, fail_on: object = None):
+    def fn(items):
+        sizes.append(len(items))
+        time.sleep(seconds)
+        if fail_on in items:
+            raise ValueError(f"bad item {fail_on}")
+        return [2 * x for x in items]
+
+    return fn
+
+
+def test_requests_that_arrive_while_the_engine_works_fill_the_next_batch():
+    sizes: list[int] = []
+    b = EngineBatcher(_engine(sizes, seconds=0.4), max_batch_size=16, wait_s=0.01)
+
+    async def main():
+        first = [asyncio.create_task(b.submit(i)) for i in range(16)]
+        await asyncio.sleep(0.1)  # the engine is busy with the first 16
+        second = [asyncio.create_task(b.submit(i)) for i in range(16, 27)]
+        await asyncio.sleep(0.1)
+        third = [asyncio.create_task(b.submit(i)) for i in range(27, 32)]
+        return await asyncio.gather(*first, *second, *third)
+
+    assert asyncio.run(main()) == [2 * i for i in range(32)]
+    # @serve.batch would have formed 16, 11, 5: its next batch is taken while the engine still runs.
+    assert sizes == [16, 16]
+
+
+def test_an_idle_engine_waits_for_its_batch_to_fill_then_runs_a_partial_one():
+    sizes: list[int] = []
+    b = EngineBatcher(_engine(sizes), max_batch_size=4, wait_s=0.2)
+
+    async def main():
+        tasks = [asyncio.create_task(b.submit(0))]
+        await asyncio.sleep(0.05)  # within wait_s: joins the first batch
+        tasks += [asyncio.create_task(b.submit(i)) for i in (1, 2)]
+        out = await asyncio.gather(*tasks)
+        out.append(await b.submit(3))  # alone: runs after wait_s without a full batch
+        return out
+
+    assert asyncio.run(main()) == [0, 2, 4, 6]
+    assert sizes == [3, 1]
+
+
+def test_an_error_reaches_every_caller_of_its_batch_and_the_next_batch_runs():
+    sizes: list[int] = []
+    b = EngineBatcher(_engine(sizes, fail_on=1), max_batch_size=8, wait_s=0.05)
+
+    async def main():
+        bad = await asyncio.gather(*(b.submit(i) for i in range(3)), return_exceptions=True)
+        good = await asyncio.gather(*(b.submit(i) for i in (5, 6)))
+        return bad, good
+
+    bad, good = asyncio.run(main())
+    assert all(isinstance(e, ValueError) and "bad item 1" in str(e) for e in bad)
+    assert good == [10, 12] and sizes == [3, 2]
+
+
+def test_a_cancelled_request_is_not_sent_to_the_engine():
+    seen: list[list[int]] = []
+
+    def fn(items):
+        seen.append(list(items))
+        time.sleep(0.2)
+        return items
+
+    b = EngineBatcher(fn, max_batch_size=8, wait_s=0.0)
+
+    async def main():
+        running = asyncio.create_task(b.submit(0))
+        await asyncio.sleep(0.05)  # the engine runs [0]; the next two wait in the queue
+        gone = asyncio.create_task(b.submit(1))
+        kept = asyncio.create_task(b.submit(2))
+        await asyncio.sleep(0.01)
+        gone.cancel()
+        return await running, await kept
+
+    assert asyncio.run(main()) == (0, 2)
+    assert seen == [[0], [2]]
+
+
+def test_a_wrong_number_of_results_is_an_error_not_a_misrouted_answer():
+    b = EngineBatcher(lambda items: items[:-1], max_batch_size=4, wait_s=0.05)
+
+    async def main():
+        return await asyncio.gather(*(b.submit(i) for i in range(3)), return_exceptions=True)
+
+    with pytest.raises(RuntimeError, match="2 results for 3 items"):
+        raise next(e for e in asyncio.run(main()) if isinstance(e, Exception))

@@ -22,7 +22,7 @@ GOAL = 4.0
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--queries", type=int, default=64, help="queries sampled on each side")
+    p.add_argument("--queries", type=int, default=32, help="queries sampled on each side")
     p.add_argument("--batch-size", type=int, default=32, help="B of the batched side (demo: collect.batch_size)")
     p.add_argument("--model", default="auto", help="policy base: 'auto' (smollm2 if installed), smollm2, tiny-gpt2")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: the policy's max_prompt_tokens")

@@ -34,7 +34,7 @@ GOAL = 0.85
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--rows", type=int, default=128, help="dataset rows (a multiple of micro-batch × accumulation)")
+    p.add_argument("--rows", type=int, default=64, help="dataset rows (a multiple of micro-batch × accumulation)")
     p.add_argument("--epochs", type=int, default=2, help="epochs per side; epochs 2..N are compared")
     p.add_argument("--micro-batch", type=int, default=16)
     p.add_argument("--grad-accum", type=int, default=2, help="gradient accumulation steps on 1 worker")

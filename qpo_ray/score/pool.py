@@ -12,7 +12,6 @@ replica died is still counted once.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 import sys

@@ -1,5 +1,8 @@
 """Engine-paced batching for a Serve replica: the next batch is formed when the engine is free.
 
+Used by every replica that batches model work: the scoring pool's target replicas, the OpenAI-compatible
+target server and the policy service.
+
 ``@serve.batch`` forms the next batch as soon as the previous one is dispatched, while the engine is still
 busy with it, and takes whatever has arrived by then. With a steady stream of 32 requests in flight and
 batches of 16 it formed batches of 16, 11, 5, 16, 11, 5 (benchmarks/bench_score.py). A compute-bound engine

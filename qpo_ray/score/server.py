@@ -11,8 +11,8 @@ Endpoints (greedy decoding only):
 
 Request bodies are bounded: a body over ``max_body_bytes`` or with more than ``max_prompts`` prompts is
 413; a prompt whose tokens plus ``max_tokens`` exceed ``target.max_length`` is 422; a temperature above 0
-is 422 (this server only decodes greedily). Concurrent requests are batched per prompt with
-``@serve.batch``: one batcher for log-probabilities, one for generation.
+is 422 (this server only decodes greedily). Concurrent requests are batched per prompt
+(``score.batcher``): one batcher for log-probabilities, one for generation.
 """
 
 import asyncio
@@ -27,6 +27,7 @@ from ray import serve
 
 from qpo_ray.config import RunConfig, TargetConfig
 from qpo_ray.errors import TargetError
+from qpo_ray.score.batcher import EngineBatcher
 
 APP_NAME = "qpo-target-server"
 MAX_PROMPTS = 64
@@ -93,20 +94,17 @@ class TargetServer:
         self.engine = TransformersEngine(self.cfg)
         self.tok = self.engine.tok
         self.max_prompts, self.max_body = max_prompts, max_body_bytes
-        for batcher in (self._logprobs, self._generate):
-            batcher.set_max_batch_size(self.cfg.max_batch_size)
-            batcher.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
+        size, wait = self.cfg.max_batch_size, self.cfg.batch_wait_timeout_s
+        self.logprobs_batcher = EngineBatcher(self._logprobs, size, wait)
+        self.generate_batcher = EngineBatcher(self._generate, size, wait)
 
     # -- batched model work -------------------------------------------------------------------------
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def _logprobs(self, seqs: list[list[int]]) -> list[list[float]]:
-        return await asyncio.to_thread(self.engine.token_logprobs, seqs, [len(s) - 1 for s in seqs])
+    def _logprobs(self, seqs: list[list[int]]) -> list[list[float]]:
+        return self.engine.token_logprobs(seqs, [len(s) - 1 for s in seqs])
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def _generate(self, items: list[tuple[list[int], int]]) -> list[tuple[list[int], bool]]:
+    def _generate(self, items: list[tuple[list[int], int]]) -> list[tuple[list[int], bool]]:
         # Greedy continuations are prefixes of longer ones, so one run to the longest budget serves all.
-        gens, stopped = await asyncio.to_thread(self.engine.generate, [s for s, _ in items],
-                                                max(n for _, n in items))
+        gens, stopped = self.engine.generate([s for s, _ in items], max(n for _, n in items))
         return [(g[:n], stop and len(g) < n) for (_, n), g, stop in zip(items, gens, stopped, strict=True)]
 
     # -- helpers ------------------------------------------------------------------------------------
@@ -143,13 +141,13 @@ class TargetServer:
     async def _complete_one(self, text: str, body: CompletionBody, i: int) -> dict[str, Any]:
         ids, pieces, offsets = self._prompt_pieces(text)
         self._check_len(ids, body.max_tokens, i)
-        gen, stopped = (await self._generate((ids, body.max_tokens))) if body.max_tokens > 0 else ([], False)
+        gen, stopped = (await self.generate_batcher.submit((ids, body.max_tokens))) if body.max_tokens > 0 else ([], False)
         gen_pieces = self._gen_pieces(gen)
         completion = "".join(gen_pieces)
         choice: dict[str, Any] = {"index": i, "text": (text if body.echo else "") + completion, "logprobs": None,
                                   "finish_reason": "stop" if stopped or body.max_tokens == 0 else "length"}
         if body.logprobs is not None:
-            lps = await self._logprobs(ids + gen) if len(ids) + len(gen) > 1 else []
+            lps = await self.logprobs_batcher.submit(ids + gen) if len(ids) + len(gen) > 1 else []
             gen_offsets, pos = [], len(text)
             for p in gen_pieces:
                 gen_offsets.append(pos)
@@ -197,11 +195,11 @@ class TargetServer:
             ids = self.engine.encode("\n".join(m["content"] for m in messages))
         new = body.max_completion_tokens or body.max_tokens or self.cfg.max_new_tokens
         self._check_len(ids, new)
-        gen, stopped = await self._generate((ids, new))
+        gen, stopped = await self.generate_batcher.submit((ids, new))
         pieces = self._gen_pieces(gen)
         logprobs = None
         if body.logprobs and gen:
-            lps = (await self._logprobs(ids + gen))[len(ids) - 1:]
+            lps = (await self.logprobs_batcher.submit(ids + gen))[len(ids) - 1:]
             logprobs = {"content": [{"token": p, "logprob": lp, "bytes": list(p.encode()), "top_logprobs": []}
                                     for p, lp in zip(pieces, lps, strict=True)]}
         elif body.logprobs:

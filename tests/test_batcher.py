@@ -54,6 +54,21 @@ def test_an_idle_engine_waits_for_its_batch_to_fill_then_runs_a_partial_one():
     assert sizes == [3, 1]
 
 
+def test_a_burst_that_arrives_slower_than_the_wait_still_fills_one_batch():
+    sizes: list[int] = []
+    b = EngineBatcher(_engine(sizes), max_batch_size=8, wait_s=0.1)
+
+    async def main():
+        tasks = []
+        for i in range(5):  # 0.24 s from first to last: longer than wait_s, but no gap reaches it
+            tasks.append(asyncio.create_task(b.submit(i)))
+            await asyncio.sleep(0.06)
+        return await asyncio.gather(*tasks)
+
+    assert asyncio.run(main()) == [0, 2, 4, 6, 8]
+    assert sizes == [5]
+
+
 def test_an_error_reaches_every_caller_of_its_batch_and_the_next_batch_runs():
     sizes: list[int] = []
     b = EngineBatcher(_engine(sizes, fail_on=1), max_batch_size=8, wait_s=0.05)

@@ -29,14 +29,13 @@ class EngineBatcher:
     def __init__(self, fn: Callable[[list[Any]], Sequence[Any]], max_batch_size: int, wait_s: float):
         self.fn, self.max_batch_size, self.wait_s = fn, max_batch_size, wait_s
         self._pending: deque[tuple[Any, asyncio.Future]] = deque()
-        self._arrived: asyncio.Event | None = None
+        self._arrived = asyncio.Event()  # binds to the replica's event loop on first use (Python >= 3.10)
         self._worker: asyncio.Task | None = None
 
     async def submit(self, item: Any) -> Any:
         """The result of ``item`` (or its exception), once its batch has run."""
         loop = asyncio.get_running_loop()
-        if self._worker is None:  # created here: the replica's event loop runs only once requests come
-            self._arrived = asyncio.Event()
+        if self._worker is None:  # started here: the replica's event loop runs only once requests come
             self._worker = loop.create_task(self._run())
         fut = loop.create_future()
         self._pending.append((item, fut))

@@ -17,9 +17,11 @@ from qpo_ray.config import load_config
 from qpo_ray.data.schema import rows_to_table
 from qpo_ray.data.store import DatasetStore
 from qpo_ray.train.trainer import (
+    COMPLETE_DIR,
     EPOCH_FILE,
     deepspeed_config,
     grad_accum_steps,
+    newest_complete_checkpoint,
     step_lr,
     storage_path,
     train_policy,
@@ -141,6 +143,24 @@ def test_train_policy_checks_arguments(tmp_path):
         train_policy(cfg, store=store, version=0, out_dir=tmp_path / "p", schedule="finetune", run_name="x")
 
 
+def test_newest_complete_checkpoint_needs_a_marker_and_the_folder(tmp_path):
+    run = tmp_path / "run"
+    assert newest_complete_checkpoint(str(tmp_path), "run") is None  # nothing there yet
+    for n in (1, 2, 3, 10):
+        (run / f"epoch-{n:04d}").mkdir(parents=True)
+        (run / f"epoch-{n:04d}" / EPOCH_FILE).write_text("{}")
+    (run / COMPLETE_DIR).mkdir()
+    for n in (1, 2, 3):
+        (run / COMPLETE_DIR / f"epoch-{n:04d}").touch()
+    # epoch 10 has no marker (a rank was still uploading); epoch 3's folder lost its epoch.json (deleted by
+    # Ray Train's num_to_keep while the marker stayed): epoch 2 is the newest complete one.
+    (run / "epoch-0003" / EPOCH_FILE).unlink()
+    found = newest_complete_checkpoint(str(tmp_path), "run")
+    assert found is not None and Path(found.path).name == "epoch-0002"
+    (run / COMPLETE_DIR / "epoch-0010").touch()  # numeric order, not text order
+    assert Path(newest_complete_checkpoint(str(tmp_path), "run").path).name == "epoch-0010"
+
+
 # -- slow: real Ray Train + DeepSpeed ---------------------------------------------------------------------
 @pytest.mark.slow
 def test_zero2_two_workers_lowers_the_loss(zero2):
@@ -203,7 +223,11 @@ def test_other_zero_stages_train_one_epoch(stage, workers, zero2, run_dir):
 def test_killed_worker_restarts_from_its_last_checkpoint(run_dir, ray_quiet, monkeypatch):
     """A training worker dies (SIGKILL, as on a node loss) after training epoch 2 and before reporting it.
     Ray Train's FailureConfig restarts the worker group, which loads epoch 1's checkpoint and trains epoch 2
-    again: the run finishes, and its history shows the resume, not a restart from scratch."""
+    again: the run finishes, and its history shows the resume, not a restart from scratch.
+
+    With epochs of a second the worker often dies before Ray Train's controller has registered epoch 1's
+    report, so ``get_checkpoint()`` returns nothing; the restarted worker must find epoch 1 in storage by its
+    completion marker. Either way the outcome is the same, on a fast machine or a loaded one."""
     cfg = _cfg(run_dir, "train.scratch.epochs=2", "train.max_failures=1")
     # train_policy passes the variable to its workers in their config (the raylet's environment was fixed
     # when Ray started). The point only fires past a worker's start epoch, so the restarted one passes it.

@@ -41,6 +41,11 @@ log = logging.getLogger(__name__)
 Schedule = Literal["scratch", "finetune"]
 EPOCH_FILE = "epoch.json"
 POLICY_DIR = "policy"
+# ``<storage>/<run>/.complete/epoch-NNNN``: written by rank 0 once every rank has uploaded that checkpoint.
+# A worker that dies soon after reporting can die before Ray Train's controller has registered the report;
+# the restarted worker group then gets no (or an older) checkpoint from ``get_checkpoint()``. The markers
+# let it find the newest complete checkpoint in storage itself.
+COMPLETE_DIR = ".complete"
 DS_TAG = "state"  # one DeepSpeed tag per checkpoint folder: each epoch gets its own folder anyway
 
 
@@ -210,6 +215,49 @@ def _run_epoch(engine, shard, *, epoch: int, tcfg: TrainConfig, gas: int, rank: 
             "epoch_time_s": elapsed}
 
 
+def _checkpoint_epoch(path: str) -> int:
+    name = path.rstrip("/").rsplit("/", 1)[-1]
+    return int(name.split("-", 1)[1]) if name.startswith("epoch-") and name[6:].isdigit() else -1
+
+
+def newest_complete_checkpoint(storage: str, run_name: str):
+    """The newest checkpoint of run ``run_name`` that every rank finished uploading (its marker exists and
+    its folder still holds ``epoch.json``), as a ``ray.train.Checkpoint``; None when there is none."""
+    import pyarrow.fs as pafs
+    import ray.train
+
+    fs, root = pafs.FileSystem.from_uri(storage)
+    run = f"{root.rstrip('/')}/{run_name}"
+    markers = fs.get_file_info(pafs.FileSelector(f"{run}/{COMPLETE_DIR}", allow_not_found=True))
+    for name in sorted((m.base_name for m in markers), key=_checkpoint_epoch, reverse=True):
+        if _checkpoint_epoch(name) > 0 and fs.get_file_info(f"{run}/{name}/{EPOCH_FILE}").type == pafs.FileType.File:
+            return ray.train.Checkpoint(path=f"{run}/{name}", filesystem=fs)
+    return None
+
+
+def _mark_complete(storage: str, run_name: str, dir_name: str) -> None:
+    import pyarrow.fs as pafs
+
+    fs, root = pafs.FileSystem.from_uri(storage)
+    folder = f"{root.rstrip('/')}/{run_name}/{COMPLETE_DIR}"
+    fs.create_dir(folder, recursive=True)
+    with fs.open_output_stream(f"{folder}/{dir_name}") as f:
+        f.write(b"")
+
+
+def _resume_point(config: dict[str, Any]):
+    """The checkpoint to resume from: Ray Train's latest registered one, or a newer complete one in storage."""
+    import ray.train
+
+    registered = ray.train.get_checkpoint()
+    found = newest_complete_checkpoint(config["storage"], config["run_name"])
+    if found is None or (registered is not None and _checkpoint_epoch(registered.path) >= _checkpoint_epoch(found.path)):
+        return registered
+    log.info("qpo-ray train: resuming from %s, newer than Ray Train's latest registered checkpoint (%s)",
+             found.path, registered.path if registered is not None else "none")
+    return found
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """The Ray Train worker function (one per rank)."""
     cfg: RunConfig = config["cfg"]
@@ -239,7 +287,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     _seed_everything(tcfg.seed + 7919 * (rank + 1))  # dropout differs per rank, as in plain DDP
 
     start_epoch, history = 0, []
-    ckpt = ray.train.get_checkpoint()
+    ckpt = _resume_point(config)
     if ckpt is not None:
         with ckpt.as_directory() as d:
             state = json.loads((Path(d) / EPOCH_FILE).read_text(encoding="utf-8"))
@@ -284,8 +332,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 state = {"epoch": epoch + 1, "epochs": epochs, "schedule": schedule,
                          "version": config["version"], "history": history, "final": last}
                 (Path(tmp) / EPOCH_FILE).write_text(json.dumps(state, indent=1), encoding="utf-8")
+            dir_name = f"epoch-{epoch + 1:04d}"
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                             checkpoint_dir_name=f"epoch-{epoch + 1:04d}")
+                             checkpoint_dir_name=dir_name)
+        # report() returns once this rank's files are uploaded; after the barrier every rank's are.
+        if world > 1:
+            torch.distributed.barrier()
+        if rank == 0:
+            _mark_complete(config["storage"], config["run_name"], dir_name)
 
 
 # -- driver side ----------------------------------------------------------------------------------------
@@ -359,18 +413,19 @@ def train_policy(cfg: RunConfig, *, store: DatasetStore, version: int, out_dir: 
     ds = training_dataset(store, version, cfg.policy, tokenizer=tok, seed=tcfg.seed,
                           tokenize_tasks=tcfg.num_workers)
     call_id = uuid.uuid4().hex
+    storage = storage_path(cfg)
     log.info("training %s on v%03d (%d rows, %d steps/epoch, %d epochs, ZeRO-%d, %d worker(s)), run '%s'",
              schedule, version, rows, steps, sched.epochs, tcfg.zero_stage, tcfg.num_workers, run_name)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg, "schedule": schedule, "lr": sched.lr, "epochs": sched.epochs,
                            "init_policy": init, "call_id": call_id, "version": version,
-                           "fault": os.environ.get(FAULT_ENV)},
+                           "storage": storage, "run_name": run_name, "fault": os.environ.get(FAULT_ENV)},
         scaling_config=ray.train.ScalingConfig(num_workers=tcfg.num_workers, use_gpu=tcfg.use_gpu,
                                                resources_per_worker={"CPU": tcfg.cpus_per_worker}),
         run_config=ray.train.RunConfig(
             name=run_name,
-            storage_path=storage_path(cfg),
+            storage_path=storage,
             failure_config=ray.train.FailureConfig(max_failures=tcfg.max_failures),
             # Keep the last two: the latest to resume/export from, one more in case it is half-written.
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),

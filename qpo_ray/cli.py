@@ -70,14 +70,15 @@ def cmd_bootstrap(args) -> int:
 
 def cmd_train(args) -> int:
     from qpo_ray.data.store import DatasetStore
-    from qpo_ray.driver.session import init_ray
+    from qpo_ray.driver.resources import ensure_cluster, train_need
     from qpo_ray.train import train_policy
+    from qpo_ray.train.trainer import check_trainable
 
     cfg = _cfg(args)
     run_dir, version = _version_dir(args.data)
     store = DatasetStore(run_dir)
-    store.verify(version)
-    init_ray()
+    check_trainable(cfg, store, version)  # before Ray starts: bad or too little data is one line, not a traceback
+    ensure_cluster(cfg, [[train_need(cfg.train)]])
     out = Path(args.out).resolve()
     res = train_policy(cfg, store=store, version=version, out_dir=out, schedule=args.schedule,
                        init_policy=Path(args.init) if args.init else None,
@@ -122,11 +123,12 @@ def cmd_generate(args) -> int:
 
 
 def cmd_score(args) -> int:
-    from qpo_ray.driver.session import init_ray
+    from qpo_ray.driver.resources import ensure_cluster, target_need
     from qpo_ray.score.cli_score import score_file
 
-    init_ray()
-    score_file(_cfg(args), args.inp, args.out)
+    cfg = _cfg(args)
+    ensure_cluster(cfg, [[target_need(cfg.target)]])
+    score_file(cfg, args.inp, args.out)
     return 0
 
 
@@ -166,7 +168,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_import(args) -> int:
-    from qpo_ray.data.importers import run_import
+    from qpo_ray.cli_import import run_import
 
     return run_import(args)
 
@@ -248,12 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("data", help="dataset tools")
     dsub = p.add_subparsers(dest="data_cmd", required=True)
     pi = dsub.add_parser("import", help="import benchmark logs (jsonl/csv/parquet/Prompt-OIRL) as D0")
-    try:
-        from qpo_ray.data.importers import add_import_args
+    from qpo_ray.cli_import import add_import_args
 
-        add_import_args(pi)
-    except ImportError:
-        pass
+    add_import_args(pi)
     pi.set_defaults(fn=cmd_import)
     return ap
 

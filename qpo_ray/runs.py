@@ -3,6 +3,11 @@
 A step's output is written atomically (temp file + rename), then ``steps/<name>.json`` records that it
 finished and what it produced. ``qpo-ray run --resume`` skips steps that have a marker; a step without
 one is redone from scratch, so a crash can only cost the unfinished step.
+
+A run directory can be moved or copied between steps: nothing in it depends on its absolute path. The config's
+``run_dir`` is re-derived from where the run is opened, checkpoints live under it (``train.storage_path`` is
+relative to it), and ``run_id`` (which names the Ray Train runs) is stored in the directory, not derived from
+its path each time.
 """
 
 from __future__ import annotations
@@ -11,13 +16,17 @@ import json
 import os
 import signal
 import uuid
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from qpo_ray.data.schema import content_id
+
 FAULT_ENV = "QPO_RAY_FAULT"
+RUN_ID_FILE = "run_id"
 
 
 def fault_point(name: str) -> None:
@@ -72,6 +81,18 @@ class RunDir:
 
     def policy_dir(self, loop: int) -> Path:
         return self.path / "policy" / f"loop-{loop}"
+
+    @cached_property
+    def run_id(self) -> str:
+        """The run's short id, fixed when first asked for and kept in ``RUN_DIR/run_id``: a moved run keeps
+        its Ray Train run names, so training resumes from its checkpoints instead of starting again."""
+        p = self.path / RUN_ID_FILE
+        if p.is_file():
+            return p.read_text(encoding="utf-8").strip()
+        # What it was before it was stored (a hash of the path), so runs started earlier keep their names.
+        value = content_id(str(self.path), n=8)
+        atomic_write_bytes(p, value.encode("utf-8"))
+        return value
 
     def done(self, step: str) -> dict[str, Any] | None:
         p = self.steps / f"{step}.json"

@@ -1,4 +1,5 @@
-"""EngineBatcher: batches formed when the engine is free, results to the right caller, errors to each caller."""
+"""EngineBatcher: batches formed when the engine is free, results to the right caller, an error only to the
+request that causes it."""
 
 from __future__ import annotations
 
@@ -69,18 +70,55 @@ def test_a_burst_that_arrives_slower_than_the_wait_still_fills_one_batch():
     assert sizes == [5]
 
 
-def test_an_error_reaches_every_caller_of_its_batch_and_the_next_batch_runs():
+def test_a_poison_item_fails_alone_and_its_batch_mates_get_their_results():
     sizes: list[int] = []
     b = EngineBatcher(_engine(sizes, fail_on=1), max_batch_size=8, wait_s=0.05)
 
     async def main():
-        bad = await asyncio.gather(*(b.submit(i) for i in range(3)), return_exceptions=True)
-        good = await asyncio.gather(*(b.submit(i) for i in (5, 6)))
-        return bad, good
+        first = await asyncio.gather(*(b.submit(i) for i in range(4)), return_exceptions=True)
+        after = await asyncio.gather(*(b.submit(i) for i in (5, 6)))
+        return first, after
 
-    bad, good = asyncio.run(main())
-    assert all(isinstance(e, ValueError) and "bad item 1" in str(e) for e in bad)
-    assert good == [10, 12] and sizes == [3, 2]
+    first, after = asyncio.run(main())
+    assert [x for i, x in enumerate(first) if i != 1] == [0, 4, 6]
+    assert isinstance(first[1], ValueError) and "bad item 1" in str(first[1])
+    # The batch of 4 failed, then ran item by item; the next batch is whole again.
+    assert after == [10, 12] and sizes == [4, 1, 1, 1, 1, 2]
+
+
+def test_many_poison_items_among_many_valid_ones_under_concurrency():
+    bad = {3, 17, 18, 40}
+
+    def fn(items):
+        time.sleep(0.01)
+        if bad & set(items):
+            raise ValueError(f"bad items {sorted(bad & set(items))}")
+        return [-x for x in items]
+
+    b = EngineBatcher(fn, max_batch_size=8, wait_s=0.005)
+
+    async def main():
+        async def client(i):
+            await asyncio.sleep(0.001 * (i % 7))  # arrivals spread over several batches
+            return await b.submit(i)
+
+        return await asyncio.gather(*(client(i) for i in range(48)), return_exceptions=True)
+
+    out = asyncio.run(main())
+    assert all(isinstance(out[i], ValueError) for i in bad)
+    assert all(out[i] == -i for i in range(48) if i not in bad)
+
+
+def test_an_engine_that_fails_everything_gives_every_caller_its_error():
+    def fn(items):
+        raise OSError("engine gone")
+
+    b = EngineBatcher(fn, max_batch_size=4, wait_s=0.05)
+
+    async def main():
+        return await asyncio.gather(*(b.submit(i) for i in range(3)), return_exceptions=True)
+
+    assert all(isinstance(e, OSError) and "engine gone" in str(e) for e in asyncio.run(main()))
 
 
 def test_a_cancelled_request_is_not_sent_to_the_engine():

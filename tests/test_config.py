@@ -41,6 +41,14 @@ def test_overrides_are_typed():
         ("train.zero_stage=5", "'train.zero_stage'"),
         ("train.batch_size=12", "must be a multiple"),
         ("nodot", "must look like section.key=value"),
+        # every float of every section is finite; sizes have upper bounds (issue 18)
+        ("train.scratch.lr=inf", "'train.scratch.lr': Input should be a finite number"),
+        ("train.grad_clip=.nan", "'train.grad_clip': Input should be a finite number"),
+        ("task.threshold=-.inf", "'task.threshold': Input should be a finite number"),
+        ("policy.max_query_tokens=100000", "'policy.max_query_tokens': Input should be less than or equal to 4096"),
+        ("train.micro_batch_size=2000000", "'train.micro_batch_size': Input should be less than or equal"),
+        ("collect.target_reward=101", "'collect.target_reward': Input should be less than or equal to 100"),
+        ("resource_wait_s=-1", "'resource_wait_s': Input should be greater than or equal to 0"),
     ],
 )
 def test_bad_config_names_the_key(override, message):
@@ -60,3 +68,10 @@ def test_yaml_with_base_profile_and_roundtrip(tmp_path):
 def test_missing_config_file():
     with pytest.raises(ConfigError, match="neither a profile"):
         load_config("no/such/file.yaml")
+
+
+def test_config_that_is_a_directory(tmp_path):
+    with pytest.raises(ConfigError, match="is a directory, not a YAML file"):
+        load_config(tmp_path)
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_config(str(tmp_path) + "/")

@@ -8,12 +8,14 @@ import logging
 import os
 import random
 import time
+from itertools import chain
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from qpo_ray.cli_import import add_import_args, run_import
 from qpo_ray.data import importers as imp
 from qpo_ray.data.importers import (
     ImportOptions,
@@ -21,16 +23,14 @@ from qpo_ray.data.importers import (
     fill_numbers,
     import_to_store,
     load_queries,
-    normalize_text,
     parse_corr_line,
     parse_mapping,
     read_csv,
     read_jsonl,
     read_oirl,
     read_parquet,
-    split_of,
 )
-from qpo_ray.data.schema import SCHEMA
+from qpo_ray.data.schema import SCHEMA, normalize_text, split_of
 from qpo_ray.data.store import DatasetStore
 from qpo_ray.errors import ConfigError, DataError
 
@@ -38,6 +38,8 @@ FIX = Path(__file__).parent / "fixtures" / "oirl"
 LOGS, QUERIES, PROMPTS = FIX / "logs" / "toy", FIX / "queries", FIX / "prompts.json"
 REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "prompt_oirl"
 OIRL_CONST = {"target": "llama-2-7b-chat", "task": "toy"}
+# The toy logs are partial on purpose (CoT has 10 lines, gpt4_0 2, for 8 query rows).
+TOY = {"constants": OIRL_CONST, "allow_partial_logs": True}
 
 
 def _rows(tables) -> list[dict]:
@@ -46,7 +48,7 @@ def _rows(tables) -> list[dict]:
 
 def _oirl(**kw) -> tuple[list[dict], ImportReport]:
     report = ImportReport()
-    opts = ImportOptions(constants=dict(OIRL_CONST), **kw)
+    opts = ImportOptions(constants=dict(OIRL_CONST), allow_partial_logs=True, **kw)
     return _rows(read_oirl(LOGS, QUERIES, PROMPTS, opts, report)), report
 
 
@@ -102,6 +104,11 @@ def test_oirl_rows_and_bad_lines(caplog):
                  "toy_corr_extra.txt: alias 'extra' is not in the prompts file"):
         assert frag in ex
     assert any("ghost" in m for m in report.files_missing)
+    assert report.warnings == [  # nan has 8 lines for 8 rows: no warning; 'extra' was never joined
+        f"{LOGS}/toy_corr_CoT.txt: 10 log line(s) for 8 query row(s) (--allow-partial-logs): 6 log line(s) "
+        "matched no query row, 4 query row(s) have no line in this log",
+        f"{LOGS}/toy_corr_gpt4_0.txt: 2 log line(s) for 8 query row(s) (--allow-partial-logs): 0 log line(s) "
+        "matched no query row, 6 query row(s) have no line in this log"]
     r0 = by_src["offline:nan"][0]
     assert r0["task"] == "toy" and r0["target"] == "llama-2-7b-chat" and r0["setting"] == "zero_shot"
     assert r0["prompt"] == "The answer is:" and r0["label"] == "7" and r0["loop"] == 0
@@ -121,18 +128,25 @@ def test_oirl_repeats_mean():
     assert len(tom) == 1 and tom[0]["reward"] == tom[0]["correct"] == 0.5  # (0, True) and (4, False)
 
 
+def test_oirl_partial_logs_are_an_error_by_default():
+    with pytest.raises(DataError, match=r"toy_corr_CoT.txt: 10 log line\(s\) but 8 query row\(s\) in .*queries "
+                                        r"\(2 of 3 logs differ\).*--allow-partial-logs"):
+        read_oirl(LOGS, QUERIES, PROMPTS, ImportOptions(constants=dict(OIRL_CONST)))
+
+
 def test_oirl_import_to_store(tmp_path):
     report = import_to_store(tmp_path / "run", "oirl", logs=LOGS, queries=QUERIES, prompts=PROMPTS,
-                             opts=ImportOptions(constants=dict(OIRL_CONST)))
+                             opts=ImportOptions(**TOY))
     assert report.version == 0
     assert report.rows_written == 12 and report.duplicates_dropped == 1  # nan: rows 0 and 4 share a key
     store = DatasetStore(tmp_path / "run")
     m = store.verify(0)
     assert m.rows == 12 and (m.reward_min, m.reward_max) == (0.0, 1.0)
-    # A second import becomes a child version; all its keys are already there.
+    # A second import adds nothing: every key is already in v000, so no version is committed.
     again = import_to_store(tmp_path / "run", "oirl", logs=LOGS, queries=QUERIES, prompts=PROMPTS,
-                            opts=ImportOptions(constants=dict(OIRL_CONST)))
-    assert again.version == 1 and again.rows_written == 0 and store.manifest(1).rows == 12
+                            opts=ImportOptions(**TOY))
+    assert (again.version, again.parent, again.rows_written, again.rows_already_present) == (None, 0, 0, 13)
+    assert store.versions() == [0]
 
 
 def test_oirl_jsonl_query_source(tmp_path):
@@ -156,13 +170,13 @@ def test_oirl_jsonl_query_source(tmp_path):
         ({"queries": FIX / "queries_missing"}, r"fold1/train.csv: missing"),
         ({"queries": FIX / "nope.csv"}, "query source not found"),
         ({"prompts": FIX / "nope.json"}, "prompts file not found"),
-        ({"logs": FIX / "queries"}, "no \\*_corr_<alias>.txt"),
+        ({"logs": FIX / "queries"}, r"no log file matches --log-pattern '\*_corr_\{alias\}.txt'"),
     ],
 )
 def test_oirl_missing_inputs_are_clear_errors(kw, msg):
     args = {"logs": LOGS, "queries": QUERIES, "prompts": PROMPTS, **kw}
     with pytest.raises(DataError, match=msg):
-        read_oirl(args["logs"], args["queries"], args["prompts"], ImportOptions(constants=dict(OIRL_CONST)))
+        read_oirl(args["logs"], args["queries"], args["prompts"], ImportOptions(**TOY))
 
 
 def test_oirl_needs_target():
@@ -220,7 +234,7 @@ def test_split_by_unique_query_has_zero_overlap(tmp_path):
 
 
 def test_readers_stream_chunks_no_larger_than_chunk_size(tmp_path):
-    tables = list(read_oirl(LOGS, QUERIES, PROMPTS, ImportOptions(constants=dict(OIRL_CONST), chunk_size=3)))
+    tables = list(read_oirl(LOGS, QUERIES, PROMPTS, ImportOptions(**TOY, chunk_size=3)))
     assert len(tables) == 5 and all(0 < t.num_rows <= 3 for t in tables)
     assert all(t.schema == SCHEMA for t in tables)
     src = _repeated_jsonl(tmp_path / "log.jsonl", n_queries=40)
@@ -243,7 +257,7 @@ def test_import_to_store_streams_into_commit(tmp_path, monkeypatch):
 
     monkeypatch.setattr(DatasetStore, "commit", spy)
     import_to_store(tmp_path, "oirl", logs=LOGS, queries=QUERIES, prompts=PROMPTS,
-                    opts=ImportOptions(constants=dict(OIRL_CONST), chunk_size=4))
+                    opts=ImportOptions(**TOY, chunk_size=4))
     assert seen == [4, 4, 4, 1]
 
 
@@ -286,20 +300,23 @@ def test_generic_csv_correctness_column():
 
 def test_generic_parquet_and_same_named_columns(tmp_path):
     path = tmp_path / "in.parquet"
-    pq.write_table(pa.table({"query": ["a", None, "c"], "prompt": ["p", "p", "q"], "reward": [1.0, 2.0, 3.0],
-                             "label": ["x", "y", "z"], "task": ["t", "t", "t"]}), path)
+    pq.write_table(pa.table({"query": ["a", None, "c", "d"], "prompt": ["p", "p", "q", "q"],
+                             "reward": ["1", "2", "3", "lots"], "label": ["x", "y", "z", "w"],
+                             "task": ["t", "t", "t", "t"]}), path)
     report = ImportReport()
     rows = _rows(read_parquet(path, ImportOptions(constants={"target": "m"}), report))
     assert [(r["query"], r["reward"], r["task"]) for r in rows] == [("a", 1.0, "t"), ("c", 3.0, "t")]
-    assert report.skipped == 1 and "row 1, column 'query': missing" in report.skipped_examples[0]
+    # Rows are numbered from 1 and called rows, whichever check finds the fault.
+    assert report.skipped_examples == [f"{path}: row 2, column 'query': missing",
+                                       f"{path} row 4: column 'reward': 'lots' is not a number"]
     with pytest.raises(DataError, match="not a readable parquet"):
         read_parquet(FIX / "generic.csv")
 
 
-def test_missing_label_defaults_to_empty_which_the_schema_rejects(tmp_path):
+def test_a_row_without_a_label_is_rejected(tmp_path):
     opts = ImportOptions(mapping=parse_mapping("query=question,prompt=instruction,reward=score"),
                          constants={"task": "qa", "target": "m"})
-    with pytest.raises(DataError, match=r"no rows to import.*column 'label': empty"):
+    with pytest.raises(DataError, match=r"no rows to import.*row 1, column 'label': missing"):
         import_to_store(tmp_path, "jsonl", path=FIX / "generic.jsonl", opts=opts)
     opts.constants["label"] = "n/a"
     assert import_to_store(tmp_path, "jsonl", path=FIX / "generic.jsonl", opts=opts).rows_written == 3
@@ -322,18 +339,19 @@ def test_generic_missing_file_and_bad_mapping(tmp_path):
 
 def test_cli_args_and_run_import(tmp_path, capsys):
     parser = argparse.ArgumentParser()
-    imp.add_import_args(parser)
-    args = parser.parse_args(["--format", "oirl", "--run-dir", str(tmp_path), "--logs", str(LOGS),
+    add_import_args(parser)
+    args = parser.parse_args(["--format", "oirl", "--run-dir", str(tmp_path), "--logs", str(LOGS), "--allow-partial-logs",
                               "--queries", str(QUERIES), "--prompts", str(PROMPTS), "--target", "llama-2-7b-chat",
                               "--task", "toy", "--split", "train", "--test-fraction", "0.4", "--seed", "2",
                               "--test-queries-out", str(tmp_path / "tq.jsonl"), "--chunk-size", "5"])
-    assert imp.run_import(args) == 0
+    assert run_import(args) == 0
     out = capsys.readouterr().out
     assert "written to dataset v000" in out and "skipped 9 bad line(s)" in out
+    assert "warning: " in out and "toy_corr_gpt4_0.txt: 2 log line(s) for 8 query row(s)" in out
     assert (tmp_path / "tq.jsonl").exists() and not (tmp_path / "tq.jsonl.tmp").exists()
     args.strict = True
     with pytest.raises(DataError, match="line 3"):
-        imp.run_import(args)
+        run_import(args)
     assert DatasetStore(tmp_path).versions() == [0]  # the failed strict import left nothing behind
 
 
@@ -348,18 +366,23 @@ def test_real_mawps_reproduces_reference_accuracy(tmp_path):
     for alias in ("nan", "gpt4_8"):  # a slice of the folder: two of its 16 logs
         os.symlink(REAL / "logs" / "mawps" / f"llama_mawps_corr_{alias}.txt", logs / f"llama_mawps_corr_{alias}.txt")
     t0 = time.time()
-    report = ImportReport()
-    opts = ImportOptions(constants={"target": "llama-2-7b-chat"})
-    tables = read_oirl(logs, REAL / "queries" / "cv_mawps", REAL / "prompts.json", opts, report)
-    correct = {"nan": [], "gpt4_8": []}
-    for t in tables:
-        for src, c in zip(t["source"].to_pylist(), t["correct"].to_pylist(), strict=True):
-            correct[src.split(":", 1)[1]].append(c)
-    assert report.skipped == 0  # so row order = log index
-    assert len(correct["nan"]) == 7685 and len(correct["gpt4_8"]) == 1685
-    nan = correct["nan"]
+    queries, prompts, const = REAL / "queries" / "cv_mawps", REAL / "prompts.json", {"target": "llama-2-7b-chat"}
+    # gpt4_* logs hold rows 6000..7684, indexed from 0: joined with rows 0..1684 they would all be mislabelled.
+    with pytest.raises(DataError, match=r"gpt4_8.txt: 1685 log line\(s\) but 7685 query row\(s\)"):
+        read_oirl(logs, queries, prompts, ImportOptions(constants=const))
+    report, test_report = ImportReport(), ImportReport()
+    got = {"nan": [], "gpt4_8": []}
+    for t in chain(read_oirl(logs, queries, prompts, ImportOptions(constants=const, aliases=("nan",)), report),
+                   read_oirl(logs, queries, prompts, ImportOptions(constants=const, aliases=("gpt4_*",),
+                                                                   query_rows=(6000, None)), test_report)):
+        for src, q, c in zip(t["source"].to_pylist(), t["query"].to_pylist(), t["correct"].to_pylist(), strict=True):
+            got[src.split(":", 1)[1]].append((q, c))
+    assert report.skipped == test_report.skipped == 0 and not report.warnings + test_report.warnings
+    assert len(got["nan"]) == 7685 and len(got["gpt4_8"]) == 1685
+    assert [q for q, _ in got["gpt4_8"]] == [q for q, _ in got["nan"][6000:]]  # each on its own question
+    nan = [c for _, c in got["nan"]]
     assert sum(nan[:6000]) / 6000 == pytest.approx(0.644, abs=0.01)
     assert sum(nan[6000:]) / 1685 == pytest.approx(0.646, abs=0.01)
-    assert sum(correct["gpt4_8"]) / 1685 == pytest.approx(0.587, abs=0.01)
+    assert sum(c for _, c in got["gpt4_8"]) / 1685 == pytest.approx(0.587, abs=0.01)
     assert report.duplicate_queries == 7685 - 1744  # README: 1744 unique mawps questions
     assert time.time() - t0 < 20

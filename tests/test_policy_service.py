@@ -6,6 +6,9 @@ without a target checks the 503. Both live under their own route prefixes and ar
 
 from __future__ import annotations
 
+import asyncio
+import json
+import random
 import socket
 import threading
 import time
@@ -25,6 +28,21 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 MAX_Q, MAX_CHARS = 4, 200
 QUERIES = ["I finally got the job I wanted!", "My dog died last night.", "Someone keyed my car again.",
            "There is a noise downstairs and I am home alone.", "We won the final!", "ok"]
+# Raw bodies (a JSON encoder would refuse most of them), each the client's fault: 422 with a JSON body.
+POISON = [
+    b'{"query": "bad \\ud800"}',
+    b'{"queries": ["fine", "bad \\udfff"]}',
+    b'{"query": "a", "target_reward": 1e308}',
+    b'{"query": "a", "target_reward": NaN}',
+    b'{"query": "a", "target_reward": 1e400}',
+    b'{"query": "a", "target_reward": -Infinity}',
+    b'{"query": "a", "target_reward": -1e6}',
+    b'{"query": "a", "target_reward": 100.5}',
+    b'{"query": ""}',
+    b'{"queries": ["ok", "  \\t\\n "]}',
+    b'{"query": "a", "task": "x\\ud800"}',
+    b'{"query": "a", "bad\\ud800key": 1}',
+]
 
 
 def _free_port() -> int:
@@ -109,6 +127,18 @@ def _post(url: str, body, headers=AUTH, **kw) -> httpx.Response:
     return httpx.post(url, json=body, headers=headers, timeout=60, **kw)
 
 
+def _post_raw(url: str, body: bytes) -> httpx.Response:
+    return httpx.post(url, content=body, headers={**AUTH, "content-type": "application/json"}, timeout=60)
+
+
+def _strict_json(text: str):
+    """The body parsed as standard JSON: Python's parser would also take NaN and Infinity."""
+    def refuse(token):
+        raise ValueError(f"not JSON: {token}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
 def test_one_and_many_queries(service, policy_dir):
     url = service["url"] + "/v1/prompts"
     r = _post(url, {"query": QUERIES[0]})
@@ -151,6 +181,57 @@ def test_concurrent_requests_are_batched(service, policy_dir):
 def test_malformed_input_is_422(service, body):
     r = _post(service["url"] + "/v1/prompts", body)
     assert r.status_code == 422, (body, r.text)
+
+
+@pytest.mark.parametrize("body", POISON, ids=lambda b: b.decode())
+def test_poison_input_is_422_with_a_json_body(service, body):
+    r = _post_raw(service["url"] + "/v1/prompts", body)
+    assert r.status_code == 422, (body, r.status_code, r.text)
+    detail = _strict_json(r.text)["detail"]
+    assert detail, r.text
+
+
+def test_poison_requests_never_fail_valid_ones(service, policy_dir):
+    """30 valid requests and the poison ones, interleaved and concurrent, for three rounds: every valid request
+    gets 200 and its own prompt, every poison one 422."""
+    url = service["url"] + "/v1/prompts"
+    valid = [f"{QUERIES[i % len(QUERIES)]} (case {i})" for i in range(30)]
+    expected = dict(zip(valid, generate_prompts(QPOPolicy.load(policy_dir), valid), strict=True))
+    jobs = [("valid", q) for q in valid] + [("poison", b) for b in POISON]
+    rng = random.Random(0)
+    for _ in range(3):
+        rng.shuffle(jobs)
+        with ThreadPoolExecutor(16) as pool:
+            responses = list(pool.map(
+                lambda job: _post(url, {"query": job[1]}) if job[0] == "valid" else _post_raw(url, job[1]), jobs))
+        for (kind, what), r in zip(jobs, responses, strict=True):
+            if kind == "valid":
+                assert r.status_code == 200, (what, r.text)
+                assert r.json()["prompts"] == [{"query": what, "prompt": expected[what]}]
+            else:
+                assert r.status_code == 422 and _strict_json(r.text)["detail"], (what, r.status_code, r.text)
+    health = httpx.get(service["url"] + "/healthz", timeout=30).json()
+    assert health["max_batch_seen"] > 1, health
+
+
+def test_a_request_that_fails_in_generation_fails_alone(policy_dir):
+    """Past the request checks, inside one batch: requests the policy cannot encode or compute get their own
+    error, their batch mates their prompts (the replica's batch function behind the replica's batcher)."""
+    from qpo_ray.score.batcher import EngineBatcher
+    from qpo_ray.serve.app import generate_batch
+
+    policy = QPOPolicy.load(policy_dir)
+    batcher = EngineBatcher(lambda items: generate_batch(policy, items), max_batch_size=16, wait_s=0.2)
+    items = [([QUERIES[0]], 100.0), (["bad \ud800"], 100.0), (QUERIES[1:3], 100.0), ([QUERIES[3]], 1e308),
+             ([QUERIES[4]], 100.0)]
+
+    async def main():
+        return await asyncio.gather(*(batcher.submit(it) for it in items), return_exceptions=True)
+
+    out = asyncio.run(main())
+    assert isinstance(out[1], Exception) and isinstance(out[3], Exception), out
+    local = generate_prompts(policy, [QUERIES[0], *QUERIES[1:3], QUERIES[4]])
+    assert [out[0], out[2], out[4]] == [local[:1], local[1:3], local[3:]]
 
 
 def test_not_json_is_422(service):

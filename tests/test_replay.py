@@ -115,7 +115,8 @@ def test_from_jsonl_and_parquet_with_filters(tmp_path):
 
 def test_from_store_replays_an_import(tmp_path):
     import_to_store(tmp_path, "oirl", logs=FIX / "logs" / "toy", queries=FIX / "queries",
-                    prompts=FIX / "prompts.json", opts=ImportOptions(constants={"target": "m", "task": "toy"}))
+                    prompts=FIX / "prompts.json",
+                    opts=ImportOptions(constants={"target": "m", "task": "toy"}, allow_partial_logs=True))
     t = ReplayTable.from_store(tmp_path)
     assert len(t) == 12
     tom = "Tom has 3.0 apples and gets 4.0 more . How many apples does he have ?"

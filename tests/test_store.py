@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -121,3 +122,118 @@ def test_keyset_keeps_first_occurrences_and_answers_membership():
     np.testing.assert_array_equal(ks.add_new(np.array(["é", "c", "a", "c"], dtype=object)), [False, True, False, False])
     assert len(ks) == 4 and "c" in ks and "é" in ks and "z" not in ks
     assert sorted(ks) == ["a", "b", "c", "é"]
+
+
+def _relist(store: DatasetStore, version: int, **entry) -> None:
+    """Rewrite the manifest's first file entry (name, rows, sha256) as an attacker or a bad tool would."""
+    import json
+
+    path = store.path(version) / "manifest.json"
+    m = json.loads(path.read_text())
+    m["files"][0].update(entry)
+    path.write_text(json.dumps(m))
+
+
+def _tamper(store: DatasetStore, version: int, data: bytes) -> None:
+    """Replace the version's first file and update its checksum (and row count, when still parquet) to match:
+    damage that a checksum check alone cannot see."""
+    from qpo_ray.data.store import _sha256
+
+    f = Path(store.files(version)[0])
+    f.write_bytes(data)
+    try:
+        rows = pq.ParquetFile(f).metadata.num_rows
+    except Exception:
+        rows = store.manifest(version).files[0].rows
+    _relist(store, version, sha256=_sha256(f), rows=rows)
+
+
+@pytest.mark.parametrize("name", ["../../../outside.parquet", "../v001/part-00000.parquet", "/tmp/x.parquet",
+                                  "sub/part-00000.parquet", "..", "", "link.parquet"])
+def test_manifest_file_names_cannot_leave_the_version_folder(tmp_path, name):
+    from qpo_ray.data.store import _sha256
+
+    run = tmp_path / "a" / "b" / "run"
+    store = DatasetStore(run)
+    store.commit([rows_to_table([row(i) for i in range(4)])])
+    part = Path(store.files(0)[0])
+    outside = tmp_path / "outside.parquet"  # right bytes, right checksum, right row count: only the place is wrong
+    outside.write_bytes(part.read_bytes())
+    if name == "link.parquet":
+        (part.parent / name).symlink_to(outside)
+    _relist(store, 0, name=name, sha256=_sha256(part))
+    with pytest.raises(DataError, match="is not a file of the version folder"):
+        store.verify(0)
+    with pytest.raises(DataError, match="is not a file of the version folder"):
+        store.files(0)
+    with pytest.raises(DataError, match="is not a file of the version folder"):
+        store.commit([rows_to_table([row(9)])], parent=0)
+    assert store.versions() == [0]
+
+
+def _file_with(**column) -> bytes:
+    """A 4-row file of SCHEMA with one column replaced (no row validation on the way)."""
+    (name, values), = column.items()
+    table = rows_to_table([row(i) for i in range(4)])
+    table = table.set_column(SCHEMA.get_field_index(name), name, pa.array(values))
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return sink.getvalue().to_pybytes()
+
+
+CORRUPT = {
+    "truncated": (lambda b: b[: len(b) // 2], r"not a readable parquet file"),
+    "not parquet": (lambda b: b"PAR1 this is not parquet PAR1", r"not a readable parquet file"),
+    "NaN reward": (lambda b: _file_with(reward=[1.0, float("nan"), 1.0, 1.0]),
+                   r"row 1, column 'reward': nan is not a finite number"),
+    "inf nll": (lambda b: _file_with(nll=[0.1, 0.2, float("inf"), None]), r"row 2, column 'nll': inf is not"),
+    "null query": (lambda b: _file_with(query=["a", None, "c", "d"]), r"row 1, column 'query': None is missing"),
+    "blank label": (lambda b: _file_with(label=["a", "b", "c", "  "]), r"row 3, column 'label': '  ' is empty"),
+    "bad setting": (lambda b: _file_with(setting=["zero_shot"] * 3 + ["9_shot"]), r"row 3, column 'setting'"),
+    "negative loop": (lambda b: _file_with(loop=pa.array([0, -1, 0, 0], pa.int32())), r"row 1, column 'loop'"),
+    "reward as text": (lambda b: _file_with(reward=["1", "2", "3", "4"]), r"column 'reward' has type string"),
+}
+
+
+@pytest.mark.parametrize("case", list(CORRUPT))
+def test_verify_reads_what_the_checksums_vouch_for(tmp_path, case):
+    damage, message = CORRUPT[case]
+    store = DatasetStore(tmp_path)
+    store.commit([rows_to_table([row(i) for i in range(4)])])
+    _tamper(store, 0, damage(Path(store.files(0)[0]).read_bytes()))
+    with pytest.raises(DataError, match=message):
+        store.verify(0)
+    # A child version would inherit the damage with the parent's checksums: it is refused.
+    with pytest.raises(DataError, match=message):
+        store.commit([rows_to_table([row(9)])], parent=0)
+    assert store.versions() == [0] and not list((tmp_path / "data").glob(".tmp-*"))
+
+
+def test_readers_that_skip_verify_still_get_a_data_error(tmp_path):
+    from qpo_ray.grow import merge_rows
+
+    store = DatasetStore(tmp_path)
+    store.commit([rows_to_table([row(i) for i in range(4)])])
+    _tamper(store, 0, Path(store.files(0)[0]).read_bytes()[:200])
+    with pytest.raises(DataError, match="part-00000.parquet: not a readable parquet file"):
+        store.keys(0)
+    with pytest.raises(DataError, match="not a readable parquet file"):  # the merge reads its parent's keys first
+        merge_rows(store, 0, 1, [rows_to_table([row(9, loop=1, source="loop-1")]).to_pylist()[0]], threshold=0.0)
+    assert store.versions() == [0]
+
+
+def test_verify_checks_the_manifest_itself(tmp_path):
+    import json
+
+    store = DatasetStore(tmp_path)
+    store.commit([rows_to_table([row(i, reward=i) for i in range(4)])])
+    path = store.path(0) / "manifest.json"
+    good = json.loads(path.read_text())
+    path.write_text(json.dumps({**good, "reward_max": float("nan")}))
+    with pytest.raises(DataError, match=r"reward range \[0.0, nan\] is not a finite range"):
+        store.verify(0)
+    path.write_text(json.dumps({**good, "files": good["files"] * 2, "rows": 8}))
+    with pytest.raises(DataError, match="listed twice"):
+        store.verify(0)
+    path.write_text(json.dumps(good))
+    assert store.verify(0).rows == 4

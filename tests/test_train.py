@@ -16,6 +16,7 @@ import pytest
 from qpo_ray.config import load_config
 from qpo_ray.data.schema import rows_to_table
 from qpo_ray.data.store import DatasetStore
+from qpo_ray.errors import DataError
 from qpo_ray.train.trainer import (
     COMPLETE_DIR,
     EPOCH_FILE,
@@ -137,7 +138,7 @@ def test_train_policy_checks_arguments(tmp_path):
     store = DatasetStore(tmp_path)
     store.commit([rows_to_table(_rows(8))])
     cfg = _cfg(tmp_path, "train.num_workers=2")
-    with pytest.raises(ValueError, match="too few"):
+    with pytest.raises(DataError, match="too few"):  # before Ray starts: a clear error line, not a traceback
         train_policy(cfg, store=store, version=0, out_dir=tmp_path / "p", schedule="scratch", run_name="x")
     with pytest.raises(ValueError, match="init_policy"):
         train_policy(cfg, store=store, version=0, out_dir=tmp_path / "p", schedule="finetune", run_name="x")

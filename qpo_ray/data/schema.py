@@ -1,11 +1,12 @@
-"""The one Arrow schema every dataset row follows (DESIGN §4), stable content ids, and row validation."""
+"""The one Arrow schema every dataset row follows (DESIGN §4), question identity, stable content ids, and row
+validation."""
 
 from __future__ import annotations
 
 import hashlib
 import math
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, Literal
 
 import pyarrow as pa
 
@@ -35,6 +36,18 @@ SCHEMA = pa.schema(
 COLUMNS = tuple(SCHEMA.names)
 REQUIRED_TEXT = ("task", "setting", "target", "query", "label", "source")
 OPTIONAL_FLOATS = ("correct", "nll", "prompt_acc")
+
+
+def normalize_text(text: str) -> str:
+    """Whitespace collapsed and case folded: the identity of a question for splitting and matching."""
+    return " ".join(text.split()).casefold()
+
+
+def split_of(query_text: str, test_fraction: float, seed: int = 0) -> Literal["train", "test"]:
+    """The split of a query, from a seeded hash of its normalised text (so repeats share a split)."""
+    h = hashlib.sha256(f"{seed}\0{normalize_text(query_text)}".encode()).digest()
+    u = int.from_bytes(h[:8], "big") / 2.0**64  # uniform in [0, 1)
+    return "test" if u < test_fraction else "train"
 
 
 def content_id(*parts: str, n: int = 16) -> str:

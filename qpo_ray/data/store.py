@@ -9,6 +9,11 @@ A version is written to ``data/.tmp-vNNN-*`` and renamed into place only when co
 the old set of versions or the new one, never half of one. A child version holds its parent's files
 (hard links, copied where links are unsupported) plus the new rows, so each version is self-contained.
 The reward range used for normalisation is fixed by v000 and inherited by every later version.
+
+A manifest's file names are bare names inside their version folder: a name that leads anywhere else is an
+error, however right its checksum. ``verify`` checks a version's files against the manifest and then reads
+them: parquet that cannot be read, another schema, or rows that break it (a NaN reward) are errors even
+when a checksum was updated to match the damage.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -27,9 +33,10 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from qpo_ray.data.schema import COLUMNS, SCHEMA, check_table
+from qpo_ray.data.schema import COLUMNS, OPTIONAL_FLOATS, SCHEMA, SETTINGS, check_table
 from qpo_ray.errors import DataError
 from qpo_ray.runs import fault_point
 
@@ -137,6 +144,49 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _check_rows(batch: pa.RecordBatch, where: Path, offset: int) -> None:
+    """The schema's row rules, vectorised (``check_table`` converts rows to Python: too slow for a version)."""
+    def fail(column: str, bad: pa.Array, why: str) -> None:
+        i = pc.index(bad, True).as_py()
+        if i >= 0:
+            value = batch.column(column)[i].as_py()
+            raise DataError(f"{where}: row {offset + i}, column '{column}': {value!r} {why}")
+
+    for f in SCHEMA:
+        if not f.nullable:
+            fail(f.name, pc.is_null(batch.column(f.name)), "is missing (null)")
+    for col in ("reward", *OPTIONAL_FLOATS):
+        fail(col, pc.invert(pc.fill_null(pc.is_finite(batch.column(col)), True)), "is not a finite number")
+    for col in ("task", "target", "query", "label", "source"):
+        fail(col, pc.equal(pc.utf8_trim_whitespace(batch.column(col)), ""), "is empty")
+    fail("setting", pc.invert(pc.is_in(batch.column("setting"), value_set=pa.array(SETTINGS))),
+         f"is not one of {SETTINGS}")
+    fail("loop", pc.less(batch.column("loop"), 0), "is negative")
+
+
+def _read_checked(path: Path, rows: int) -> None:
+    """Read a parquet file whole, batch by batch: readable, SCHEMA's columns and types, ``rows`` valid rows."""
+    try:
+        pf = pq.ParquetFile(path)
+        schema = pf.schema_arrow
+        for f in SCHEMA:
+            if f.name not in schema.names:
+                raise DataError(f"{path}: missing column '{f.name}'")
+            if schema.field(f.name).type != f.type:
+                raise DataError(f"{path}: column '{f.name}' has type {schema.field(f.name).type}, expected {f.type}")
+        n = pf.metadata.num_rows
+        if n != rows:
+            raise DataError(f"{path}: {n} rows, manifest says {rows}")
+        seen = 0
+        for batch in pf.iter_batches(batch_size=65536, columns=list(COLUMNS)):
+            _check_rows(batch, path, seen)
+            seen += batch.num_rows
+    except (pa.ArrowException, OSError) as e:  # truncated or not parquet at all
+        raise DataError(f"{path}: not a readable parquet file ({type(e).__name__}: {e})") from None
+    if seen != rows:
+        raise DataError(f"{path}: {seen} readable rows, manifest says {rows}")
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -180,14 +230,28 @@ class DatasetStore:
             raise DataError(f"dataset version v{version:03d} does not exist in {self.root}")
         return Manifest.read(path)
 
+    def file_path(self, version: int, entry: FileEntry) -> Path:
+        """Where a manifest entry's file lies: a bare file name inside the version folder, or a DataError."""
+        folder = self.path(version)
+        name = entry.name
+        bare = isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+        # resolve(): a symlink inside the folder that points out of it is refused too
+        if not bare or (folder / name).resolve().parent != folder.resolve():
+            raise DataError(f"{folder / MANIFEST}: file name {name!r} is not a file of the version folder {folder}")
+        return folder / name
+
     def files(self, version: int) -> list[str]:
         """Absolute paths of the version's parquet files (what Ray Data's read_parquet is given)."""
-        return [str(self.path(version) / f.name) for f in self.manifest(version).files]
+        return [str(self.file_path(version, f)) for f in self.manifest(version).files]
 
     def iter_batches(self, version: int, batch_size: int = 8192, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
-        """Stream a version batch by batch; never holds the whole dataset."""
+        """Stream a version batch by batch; never holds the whole dataset. A file that cannot be read is a
+        DataError here too, for readers that did not ``verify`` first."""
         for f in self.files(version):
-            yield from pq.ParquetFile(f).iter_batches(batch_size=batch_size, columns=columns)
+            try:
+                yield from pq.ParquetFile(f).iter_batches(batch_size=batch_size, columns=columns)
+            except (pa.ArrowException, OSError) as e:
+                raise DataError(f"{f}: not a readable parquet file ({type(e).__name__}: {e})") from None
 
     def read_table(self, version: int, columns: list[str] | None = None) -> pa.Table:
         """The whole version as one table. For small data and tests; training streams with Ray Data."""
@@ -203,19 +267,24 @@ class DatasetStore:
         return out
 
     def verify(self, version: int) -> Manifest:
-        """Check every file against the manifest's checksums and row counts."""
+        """Check a version before it is used: its files against the manifest (names, checksums, row counts),
+        then their content (readable parquet, SCHEMA, every row valid). Reads the whole version once."""
         m = self.manifest(version)
+        where = self.path(version) / MANIFEST
+        if not (math.isfinite(m.reward_min) and math.isfinite(m.reward_max) and m.reward_min <= m.reward_max):
+            raise DataError(f"{where}: reward range [{m.reward_min}, {m.reward_max}] is not a finite range")
+        names = [f.name for f in m.files]
+        if len(set(names)) != len(names):
+            raise DataError(f"{where}: a file is listed twice ({sorted(n for n in set(names) if names.count(n) > 1)})")
         total = 0
         for f in m.files:
-            p = self.path(version) / f.name
+            p = self.file_path(version, f)
             if not p.is_file():
                 raise DataError(f"{p}: listed in the manifest but missing")
             if _sha256(p) != f.sha256:
                 raise DataError(f"{p}: checksum mismatch (file changed or corrupt)")
-            n = pq.ParquetFile(p).metadata.num_rows
-            if n != f.rows:
-                raise DataError(f"{p}: {n} rows, manifest says {f.rows}")
-            total += n
+            _read_checked(p, f.rows)
+            total += f.rows
         if total != m.rows:
             raise DataError(f"v{version:03d}: files hold {total} rows, manifest says {m.rows}")
         return m
@@ -260,9 +329,10 @@ class DatasetStore:
             base_rows = 0
             pm = None
             if parent is not None:
-                pm = self.manifest(parent)
+                # The child takes the parent's files and checksums as they are: they must be sound.
+                pm = self.verify(parent)
                 for f in pm.files:
-                    src, dst = self.path(parent) / f.name, tmp / f.name
+                    src, dst = self.file_path(parent, f), tmp / f.name
                     try:
                         os.link(src, dst)
                     except OSError:

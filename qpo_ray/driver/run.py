@@ -9,13 +9,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from qpo_ray.config import RunConfig, dump_config, load_config
+import yaml
+
+from qpo_ray.config import RunConfig, load_config
 from qpo_ray.driver import steps
+from qpo_ray.driver.resources import ensure_cluster, run_phases
 from qpo_ray.driver.session import Session, StepTimer, init_ray
 from qpo_ray.errors import QPOError
 from qpo_ray.evaluate.report import summary_table, write_report
 from qpo_ray.models import check_model_spec
-from qpo_ray.runs import RunDir, fault_point
+from qpo_ray.runs import RunDir, atomic_write_bytes, fault_point
 
 log = logging.getLogger("qpo_ray")
 
@@ -51,13 +54,31 @@ def run(cfg: RunConfig | None = None, *, resume: str | Path | None = None) -> Pa
         s.close()
 
 
+def load_run_config(rd: RunDir, overrides: list[str] | None = None, *, what: str = "--resume") -> RunConfig:
+    """The run's saved config, with ``run_dir`` where the run is now: a moved or copied run works on itself,
+    never on its old location. The saved file is updated when the run has moved."""
+    saved = rd.path / "config.yaml"
+    if not saved.is_file():
+        raise QPOError(f"{what} {rd.path}: no config.yaml there — not a qpo-ray run directory")
+    cfg = load_config(saved, overrides)
+    if Path(cfg.run_dir) != rd.path:
+        log.info("run directory %s was created as %s: it works on %s", rd.path, cfg.run_dir, rd.path)
+        cfg = cfg.model_copy(update={"run_dir": str(rd.path)})
+        if not overrides:
+            _save_config(cfg, saved)
+    return cfg
+
+
+def _save_config(cfg: RunConfig, path: Path) -> None:
+    """The fully resolved config (every default spelled out) as YAML, replaced atomically."""
+    atomic_write_bytes(path, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).encode("utf-8"))
+
+
 def _prepare(cfg: RunConfig | None, resume: str | Path | None) -> tuple[RunConfig, RunDir]:
     if resume is not None:
         rd = RunDir(resume)
-        saved = rd.path / "config.yaml"
-        if not saved.is_file():
-            raise QPOError(f"--resume {resume}: no config.yaml there — not a qpo-ray run directory")
-        cfg = load_config(saved)
+        cfg = load_run_config(rd)
+        ensure_cluster(cfg, run_phases(cfg))
         log.info("resuming %s", rd.path)
         return cfg, rd
     if cfg is None:
@@ -66,14 +87,17 @@ def _prepare(cfg: RunConfig | None, resume: str | Path | None) -> tuple[RunConfi
     rd = RunDir(cfg.run_dir)
     if (rd.path / "config.yaml").exists():
         raise QPOError(f"run directory {rd.path} already holds a run: use --resume {rd.path} or another run_dir")
-    rd.path.mkdir(parents=True, exist_ok=True)
     cfg = cfg.model_copy(update={"run_dir": str(rd.path)})
-    dump_config(cfg, rd.path / "config.yaml")
+    # Before the run directory exists: a run the cluster cannot host leaves nothing to clean up.
+    ensure_cluster(cfg, run_phases(cfg))
+    rd.path.mkdir(parents=True, exist_ok=True)
+    _save_config(cfg, rd.path / "config.yaml")
+    _ = rd.run_id  # fixed now, while the run is where it was created
     return cfg, rd
 
 
 def _preflight(cfg: RunConfig) -> None:
-    """Errors that would otherwise surface only after minutes of work."""
+    """Errors that would otherwise surface only after minutes of work (the cluster's size: ``ensure_cluster``)."""
     check_model_spec(cfg.policy.model, "policy.model")
     if cfg.target.engine in ("transformers", "vllm"):
         check_model_spec(cfg.target.model, "target.model")

@@ -55,7 +55,7 @@ class Session:
         self.store.clean_tmp()
         self.task = load_task(cfg.task.name)
         self.target = cfg.target.model
-        self.run_id = content_id(str(run.path), n=8)
+        self.run_id = run.run_id  # names the Ray Train runs: stored in the run, so a moved run keeps it
         self.tracker = Tracker(run.path, cfg.tracking, cfg.model_dump(mode="json"))
         self._pool = None
         self._cache: dict[str, dict[str, Any]] | None = None
@@ -68,7 +68,9 @@ class Session:
         if self._pool is None:
             from qpo_ray.score.pool import ScoringPool
 
-            self._pool = ScoringPool(self.cfg.target, self.task, app_name=f"qpo-target-{self.run_id}")
+            # Named after where the run is: a copy of the run resumed beside it gets its own pool.
+            self._pool = ScoringPool(self.cfg.target, self.task,
+                                     app_name=f"qpo-target-{content_id(str(self.run.path), n=8)}")
             self._pool.__enter__()
         return self._pool
 

@@ -38,7 +38,8 @@ def bootstrap(s: Session) -> dict[str, Any]:
 
 
 def train(s: Session, loop: int) -> dict[str, Any]:
-    """Loop 1 trains from the pretrained LM ("scratch"); later loops fine-tune the previous policy."""
+    """Loop 1 trains from the pretrained LM ("scratch"); later loops fine-tune the previous policy. The version
+    is verified first (``train_policy``: files, content, size), also in a resumed run."""
     from qpo_ray.train import train_policy
 
     schedule = "scratch" if loop == 1 else "finetune"
@@ -75,6 +76,7 @@ def merge(s: Session, loop: int) -> dict[str, Any]:
     if loop in s.store.versions():  # committed before a crash, marker not yet written
         m = s.store.verify(loop)
         return {"rows": m.rows, "added": m.new_rows}
+    s.store.verify(loop - 1)  # its keys decide which rows are new: read them only from a sound version
     rows = read_rows(s.run.loop_dir(loop) / "scored.parquet")
     threshold = s.cfg.task.threshold if s.cfg.task.threshold is not None else s.task.threshold
     fault_point("merge.commit")

@@ -49,8 +49,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from qpo_ray.config import RunConfig, dump_config
-from qpo_ray.data.importers import normalize_text, split_of
-from qpo_ray.data.schema import SCHEMA
+from qpo_ray.data.schema import SCHEMA, normalize_text, split_of
 from qpo_ray.data.store import DatasetStore, parse_version_path
 from qpo_ray.errors import ConfigError, DataError
 from qpo_ray.evaluate.baselines import test_queries
@@ -204,7 +203,15 @@ def _resolve_data(data_run_dir: str | Path, version: int | None) -> tuple[Datase
         raise DataError(f"--data {data_run_dir}: no dataset versions in {store.root} (import logs first: "
                         "qpo-ray data import --format oirl --split all --run-dir RUN_DIR …)")
     if version is None:
-        version = have[-1]
+        m = store.manifest(have[-1])
+        while m.new_rows == 0 and m.parent is not None:  # a version that added nothing holds its parent's rows
+            m = store.manifest(m.parent)
+        if m.rows == 0:
+            raise DataError(f"--data {data_run_dir}: dataset v{m.version:03d} is empty (import logs first)")
+        if m.version != have[-1]:
+            log.warning("--data %s: the latest dataset v%03d added no rows; using v%03d, the newest that did",
+                        data_run_dir, have[-1], m.version)
+        version = m.version
     elif version not in have:
         raise DataError(f"--version {version}: no dataset v{version:03d} in {store.root} "
                         f"(have {', '.join(f'v{v:03d}' for v in have)})")

@@ -15,7 +15,6 @@ import logging
 import sys
 from pathlib import Path
 
-from qpo_ray.config import load_config
 from qpo_ray.errors import QPOError
 
 log = logging.getLogger("qpo_ray")
@@ -50,15 +49,12 @@ def evaluate_run(run_dir: str | Path, *, loops: str | None = None, redo: bool = 
                  overrides: list[str] | None = None) -> Path:
     """Evaluate the run's missing (or all, with ``redo``) loops; returns the report's path."""
     from qpo_ray.driver import steps
-    from qpo_ray.driver.run import report
+    from qpo_ray.driver.run import load_run_config, report
     from qpo_ray.driver.session import Session, init_ray
     from qpo_ray.runs import RunDir
 
     rd = RunDir(run_dir)
-    saved = rd.path / "config.yaml"
-    if not saved.is_file():
-        raise QPOError(f"--run-dir {run_dir}: no config.yaml there — not a qpo-ray run directory")
-    cfg = load_config(saved, overrides)
+    cfg = load_run_config(rd, overrides, what="--run-dir")
     if rd.done("bootstrap") is None:
         raise QPOError(f"{rd.path}: the run has no dataset yet (bootstrap not done); run or resume it first")
     todo = [t for t in _loops(rd, cfg, loops) if redo or not (rd.path / "eval" / f"loop-{t}.json").is_file()]

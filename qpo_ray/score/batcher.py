@@ -13,6 +13,11 @@ it is full or none has arrived for ``wait_s``. ``@serve.batch`` stops ``wait_s``
 the first batch of a burst short: the client's 32 requests took longer than 50 ms to arrive, and the pool ran
 8, 16, 16, 16, 8 instead of 4 × 16. A lone request still waits ``wait_s``; a steady trickle at most
 ``max_batch_size × wait_s``.
+
+A failed batch is run again one request at a time, so the error reaches only the request that causes it
+(a query the tokenizer cannot encode, a value that overflows): one poison request among 30 failed 1–3
+valid ones per round when the whole batch got its error. A batch whose every request fails alone costs
+``max_batch_size + 1`` calls instead of one, which only a broken engine pays.
 """
 
 from __future__ import annotations
@@ -60,15 +65,47 @@ class EngineBatcher:
             batch = [(item, fut) for item, fut in await self._next_batch() if not fut.done()]  # done = cancelled
             if not batch:
                 continue
+            outcomes = await asyncio.to_thread(self._isolated, [item for item, _ in batch])
+            for (_, fut), out in zip(batch, outcomes, strict=True):
+                if fut.done():
+                    continue
+                if isinstance(out, _Failed):
+                    fut.set_exception(out.error)
+                else:
+                    fut.set_result(out)
+
+    def _call(self, items: list[Any]) -> list[Any]:
+        results = list(self.fn(items))
+        if len(results) != len(items):
+            raise _WrongCount(f"batch function returned {len(results)} results for {len(items)} items")
+        return results
+
+    def _isolated(self, items: list[Any]) -> list[Any]:
+        """``fn(items)``, or when that raises, each item alone: its result or its ``_Failed`` error."""
+        try:
+            return self._call(items)
+        except _WrongCount as e:  # a bug in fn, not a bad item: running the items alone would hide it
+            return [_Failed(e)] * len(items)
+        except Exception as e:
+            if len(items) == 1:
+                return [_Failed(e)]
+        out: list[Any] = []
+        for item in items:
             try:
-                results = await asyncio.to_thread(self.fn, [item for item, _ in batch])
-                if len(results) != len(batch):
-                    raise RuntimeError(f"batch function returned {len(results)} results for {len(batch)} items")
-            except Exception as e:  # every caller of this batch gets the error; the worker goes on
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(e)
-                continue
-            for (_, fut), res in zip(batch, results, strict=True):
-                if not fut.done():
-                    fut.set_result(res)
+                out += self._call([item])
+            except Exception as e:  # this item's own error; the others keep their results
+                out.append(_Failed(e))
+        return out
+
+
+class _WrongCount(RuntimeError):
+    """The batch function returned another number of results than it was given items."""
+
+
+class _Failed:
+    """An item's exception, told apart from a result that happens to be an exception object."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException):
+        self.error = error

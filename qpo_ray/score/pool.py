@@ -79,28 +79,11 @@ class TargetReplica:
     def __init__(self, cfg: dict[str, Any], tasks: list[Task], engine_factory: EngineFactory | None = None):
         target = TargetConfig.model_validate(cfg)
         self.engine = (engine_factory or make_engine)(target, tasks)
-        self.batcher = EngineBatcher(self._score, target.max_batch_size, target.batch_wait_timeout_s)
-
-    def _score(self, reqs: list[ScoreRequest]) -> list[Components | QPOError]:
-        try:
-            return self.engine.score(reqs)
-        except QPOError as e:
-            if len(reqs) == 1:
-                return [e]
-        # One bad request (e.g. oversized) must not fail the others that share its batch.
-        out: list[Components | QPOError] = []
-        for r in reqs:
-            try:
-                out.extend(self.engine.score([r]))
-            except QPOError as e:
-                out.append(e)
-        return out
+        # One bad request (e.g. oversized) fails alone: the batcher reruns a failed batch request by request.
+        self.batcher = EngineBatcher(self.engine.score, target.max_batch_size, target.batch_wait_timeout_s)
 
     async def __call__(self, req: ScoreRequest) -> Components:
-        out = await self.batcher.submit(req)
-        if isinstance(out, Exception):
-            raise out
-        return out
+        return await self.batcher.submit(req)
 
 
 def build_app(cfg: TargetConfig, tasks: Sequence[Task], engine_factory: EngineFactory | None = None):

@@ -34,7 +34,7 @@ from typing import Any, Literal
 
 import pyarrow.parquet as pq
 
-from qpo_ray.data.importers import normalize_text  # the same identity the import split uses
+from qpo_ray.data.schema import normalize_text  # the same identity the import split uses
 from qpo_ray.errors import DataError
 
 MIN_SIMILARITY = 0.5

@@ -11,35 +11,40 @@ Endpoints (greedy decoding only):
 
 Request bodies are bounded: a body over ``max_body_bytes`` or with more than ``max_prompts`` prompts is
 413; a prompt whose tokens plus ``max_tokens`` exceed ``target.max_length`` is 422; a temperature above 0
-is 422 (this server only decodes greedily). Concurrent requests are batched per prompt
-(``score.batcher``): one batcher for log-probabilities, one for generation.
+is 422 (this server only decodes greedily); text with a lone surrogate is 422. Every error body is JSON
+(``qpo_ray.serve.http``). Concurrent requests are batched per prompt (``score.batcher``): one batcher for
+log-probabilities, one for generation; a prompt that fails in the model fails alone.
 """
 
 import asyncio
 import json
+import os
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, HTTPException, Request
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 
 from qpo_ray.config import RunConfig, TargetConfig
 from qpo_ray.errors import TargetError
 from qpo_ray.score.batcher import EngineBatcher
+from qpo_ray.serve.http import check_text, install_error_handlers, json_safe
 
 APP_NAME = "qpo-target-server"
 MAX_PROMPTS = 64
 MAX_BODY_BYTES = 1 << 20
 
 api = FastAPI(title="qpo-ray target server")
+install_error_handlers(api)  # before @serve.ingress copies the app
+Text = Annotated[str, AfterValidator(check_text)]
 
 
 class CompletionBody(BaseModel):
     model_config = ConfigDict(extra="ignore")
     model: str | None = None
-    prompt: str | list[str]
+    prompt: Text | list[Text]
     max_tokens: int = Field(16, ge=0)
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=20)
@@ -50,8 +55,8 @@ class CompletionBody(BaseModel):
 
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    role: str
-    content: str
+    role: Text
+    content: Text
 
 
 class ChatBody(BaseModel):
@@ -80,8 +85,11 @@ async def read_body(request: Request, model: type[BaseModel], max_bytes: int) ->
         return model.model_validate(json.loads(raw or b"null"))
     except json.JSONDecodeError as e:
         raise HTTPException(400, f"body is not JSON: {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise HTTPException(400, f"body is not UTF-8 text: byte {e.start}") from None
     except ValidationError as e:
-        raise HTTPException(422, json.loads(e.json(include_url=False))) from None
+        # Not e.json(): it raises on an echoed lone surrogate, which made this 422 a 500.
+        raise HTTPException(422, json_safe([{k: v for k, v in err.items() if k != "url"} for err in e.errors()])) from None
 
 
 @serve.deployment(name="TargetServer")
@@ -226,9 +234,13 @@ def serve_target(cfg: RunConfig | TargetConfig, host: str = "127.0.0.1", port: i
     import httpx
     import ray
 
+    from qpo_ray.driver.resources import check_cluster, target_need
+
     target = _target_cfg(cfg)
     if not ray.is_initialized():
         ray.init()
+    check_cluster([[target_need(target)]], can_grow=bool(os.environ.get("RAY_ADDRESS")),
+                  wait_s=cfg.resource_wait_s if isinstance(cfg, RunConfig) else 0.0)
     serve.start(http_options={"host": host, "port": port})
     app = TargetServer.options(
         num_replicas=target.num_replicas,

@@ -9,13 +9,18 @@ Endpoints
 - ``/docs`` and ``/openapi.json``: FastAPI's own.
 
 Status codes: 422 malformed body (wrong types, empty list, unknown field, both or neither of
-``query``/``queries``, another task than the one served); 413 over a limit (more than
+``query``/``queries``, another task than the one served, ``target_reward`` outside 0–100 or not finite, an
+empty or whitespace-only query, text with a lone surrogate); 413 over a limit (more than
 ``serve.max_queries_per_request`` queries, a query longer than ``serve.max_query_chars`` characters, or a
 body over the byte bound derived from both); 401 missing/wrong key when ``serve.api_key_env`` names a
-set variable.
+set variable. Every error body is JSON (``qpo_ray.serve.http``), even when it echoes a value JSON cannot hold.
+
+An empty or whitespace-only query is rejected, not answered: the policy never saw one in training (the
+dataset schema refuses empty queries), so a prompt for it would be noise that looks like an answer.
 
 Concurrent requests are batched per replica (``score.batcher``: the next batch forms when the policy is
-free): one ``generate_prompts`` call per batch (per distinct ``target_reward`` in it). Deploy with
+free): one ``generate_prompts`` call per batch (per distinct ``target_reward`` in it). A request that fails
+in generation fails alone (500, JSON); the others of its batch get their prompts. Deploy with
 ``serve run qpo_ray.serve.app:build_app policy_dir=DIR``, a KubeRay RayService
 (``import_path: qpo_ray.serve.app:build_app``), or ``qpo-ray serve --policy DIR``.
 """
@@ -38,13 +43,14 @@ from typing import Annotated, Any
 import httpx
 from fastapi import FastAPI, HTTPException, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 from ray.serve import Application
 
-from qpo_ray.config import RunConfig, ServeConfig, build_config, load_config
+from qpo_ray.config import REWARD_SCALE, RunConfig, ServeConfig, build_config, load_config
 from qpo_ray.errors import ConfigError, QPOError
 from qpo_ray.score.batcher import EngineBatcher
+from qpo_ray.serve.http import check_text, install_error_handlers
 
 log = logging.getLogger("qpo_ray.serve")
 
@@ -54,15 +60,30 @@ _GEN_CHUNK = 128  # rows per forward pass inside one generate_prompts call: boun
 
 
 # -- request / response models ----------------------------------------------------------------------------
+REWARD_MIN, REWARD_MAX = REWARD_SCALE  # the normalised reward scale the policy is conditioned on
+
+
+def _query(text: str) -> str:
+    check_text(text)
+    if not text.strip():
+        raise ValueError("empty or whitespace-only query: there is nothing to write a prompt for")
+    return text
+
+
+Query = Annotated[str, AfterValidator(_query)]
+Text = Annotated[str, AfterValidator(check_text)]
+
+
 class PromptRequest(BaseModel):
     """One query or a list of queries. Limits on count and length are checked against the served config."""
 
     model_config = ConfigDict(extra="forbid")
 
-    queries: list[str] | None = Field(None, min_length=1, description="queries (one or many)")
-    query: str | None = Field(None, description="a single query (instead of `queries`)")
-    task: str | None = Field(None, description="must match the served task when given")
-    target_reward: float = Field(100.0, allow_inf_nan=False, description="reward to condition on (0–100)")
+    queries: list[Query] | None = Field(None, min_length=1, description="queries (one or many, none empty)")
+    query: Query | None = Field(None, description="a single query (instead of `queries`)")
+    task: Text | None = Field(None, description="must match the served task when given")
+    target_reward: float = Field(REWARD_MAX, ge=REWARD_MIN, le=REWARD_MAX, allow_inf_nan=False,
+                                 description="reward to condition on (0–100)")
 
     @model_validator(mode="after")
     def _one_of(self) -> "PromptRequest":
@@ -153,6 +174,25 @@ def policy_name(policy_dir: str | Path) -> str:
     return f"{p.parent.parent.name}/{p.name}" if p.parent.name == "policy" else p.name
 
 
+def generate_batch(policy: Any, items: list[tuple[list[str], float]]) -> list[list[str]]:
+    """Greedy prompts for a batch of requests ``(queries, target_reward)``, one list per request, in order."""
+    from qpo_ray.policy.generate import generate_prompts
+
+    out: list[list[str]] = [[] for _ in items]
+    # The policy is conditioned on one reward per call: one call per distinct value (usually just one).
+    for reward in dict.fromkeys(r for _, r in items):
+        idx = [i for i, (_, r) in enumerate(items) if r == reward]
+        flat = [q for i in idx for q in items[i][0]]
+        prompts = generate_prompts(policy, flat, target_reward=reward, greedy=True,
+                                   batch_size=min(len(flat), _GEN_CHUNK))
+        pos = 0
+        for i in idx:
+            n = len(items[i][0])
+            out[i] = prompts[pos:pos + n]
+            pos += n
+    return out
+
+
 # -- the deployment ---------------------------------------------------------------------------------------
 api = FastAPI(
     title="qpo_ray policy service",
@@ -175,12 +215,14 @@ def set_body_limit(n: int) -> None:
 
 # Before @serve.ingress: it freezes a copy of the app.
 api.add_middleware(BodyLimit, limit=body_limit)
+install_error_handlers(api)
 
 _bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer <key>`")
 _api_key = APIKeyHeader(name="X-API-Key", auto_error=False, description="or `X-API-Key: <key>`")
 _ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"description": "missing or wrong API key (only when serve.api_key_env names a set variable)"},
     413: {"description": "too many queries, a query too long, or a body too large"},
+    500: {"description": "this request failed in generation (the others of its batch did not)"},
 }
 Bearer = Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)]
 ApiKey = Annotated[str | None, Security(_api_key)]
@@ -218,24 +260,10 @@ class PolicyService:
 
     # -- batching -------------------------------------------------------------------------------------
     def _generate_batch(self, items: list[tuple[list[str], float]]) -> list[list[str]]:
-        from qpo_ray.policy.generate import generate_prompts
-
         self.batches += 1
         self.max_batch_seen = max(self.max_batch_seen, len(items))
         self.recent_batch_sizes.append(len(items))
-        out: list[list[str]] = [[] for _ in items]
-        # The policy is conditioned on one reward per call: one call per distinct value (usually just one).
-        for reward in dict.fromkeys(r for _, r in items):
-            idx = [i for i, (_, r) in enumerate(items) if r == reward]
-            flat = [q for i in idx for q in items[i][0]]
-            prompts = generate_prompts(self.policy, flat, target_reward=reward, greedy=True,
-                                       batch_size=min(len(flat), _GEN_CHUNK))
-            pos = 0
-            for i in idx:
-                n = len(items[i][0])
-                out[i] = prompts[pos:pos + n]
-                pos += n
-        return out
+        return generate_batch(self.policy, items)
 
     # -- request handling ----------------------------------------------------------------------------
     def _authorize(self, bearer: HTTPAuthorizationCredentials | None, key: str | None) -> None:
@@ -262,7 +290,11 @@ class PolicyService:
     async def _prompts(self, req: PromptRequest) -> list[PromptItem]:
         queries = self._check(req)
         self.requests += 1
-        prompts = await self.batcher.submit((queries, float(req.target_reward)))
+        try:
+            prompts = await self.batcher.submit((queries, float(req.target_reward)))
+        except Exception as e:  # this request's own failure (the batcher isolates it): say what, as JSON
+            log.exception("generation failed for a request of %d queries", len(queries))
+            raise HTTPException(500, f"generation failed for this request: {type(e).__name__}: {e}") from None
         return [PromptItem(query=q, prompt=p) for q, p in zip(queries, prompts, strict=True)]
 
     @api.post("/v1/prompts", response_model=PromptResponse, summary="optimised prompt(s) for query(ies)",
@@ -451,5 +483,5 @@ def serve_policy(policy_dir: str | Path, cfg: RunConfig, host: str | None = None
     return url
 
 
-__all__ = ["APP_NAME", "PolicyService", "PromptRequest", "build_app", "http_address", "make_app",
+__all__ = ["APP_NAME", "PolicyService", "PromptRequest", "build_app", "generate_batch", "http_address", "make_app",
            "resolve_config", "serve_policy"]

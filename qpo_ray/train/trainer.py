@@ -373,10 +373,28 @@ def _copy_policy_out(checkpoint, out_dir: Path) -> None:
 
 
 def storage_path(cfg: RunConfig) -> str:
-    """Where Ray Train keeps checkpoints: ``train.storage_path`` or ``<run_dir>/train``. Local paths are made
-    absolute (Ray Train requires it); URIs (``s3://``, ``gs://``, ...) pass through."""
-    path = cfg.train.storage_path or str(Path(cfg.run_dir) / "train")
-    return path if "://" in path else str(Path(path).expanduser().resolve())
+    """Where Ray Train keeps checkpoints: ``train.storage_path`` or ``<run_dir>/train``. A relative local path
+    is relative to the run directory, so a moved run finds its checkpoints; it is made absolute (Ray Train
+    requires it). URIs (``s3://``, ``gs://``, ...) pass through."""
+    path = cfg.train.storage_path or "train"
+    if "://" in path:
+        return path
+    local = Path(path).expanduser()
+    return str((local if local.is_absolute() else Path(cfg.run_dir) / local).resolve())
+
+
+def check_trainable(cfg: RunConfig, store: DatasetStore, version: int) -> int:
+    """Verify dataset ``version`` (files, content, every row) and that it holds at least one optimizer step
+    (``train.batch_size`` rows); returns its row count. Raises DataError; needs no Ray, so it can run before
+    Ray starts."""
+    from qpo_ray.errors import DataError
+
+    rows = store.verify(version).rows
+    tcfg = cfg.train
+    if rows < tcfg.batch_size:
+        raise DataError(f"dataset v{version:03d} in {store.root} has {rows} rows: too few for one optimizer step "
+                        f"(train.batch_size={tcfg.batch_size} rows across {tcfg.num_workers} worker(s))")
+    return rows
 
 
 def train_policy(cfg: RunConfig, *, store: DatasetStore, version: int, out_dir: Path, schedule: Schedule,
@@ -399,11 +417,8 @@ def train_policy(cfg: RunConfig, *, store: DatasetStore, version: int, out_dir: 
         raise ValueError("schedule 'finetune' needs init_policy (the previous loop's policy folder)")
     tcfg = cfg.train
     sched = tcfg.scratch if schedule == "scratch" else tcfg.finetune
-    rows = store.manifest(version).rows
+    rows = check_trainable(cfg, store, version)
     steps = (rows // tcfg.num_workers // tcfg.micro_batch_size) // grad_accum_steps(tcfg, tcfg.num_workers)
-    if steps < 1:
-        raise ValueError(f"dataset v{version:03d} has {rows} rows: too few for one optimizer step of "
-                         f"train.batch_size={tcfg.batch_size} on {tcfg.num_workers} worker(s)")
     if not tcfg.use_gpu and tcfg.precision != "fp32":
         log.warning("train.precision=%s needs a GPU; training in fp32 on CPU", tcfg.precision)
 

@@ -65,6 +65,7 @@ def generate_ids(policy: QPOPolicy, query_ids: torch.Tensor, query_mask: torch.T
             nxt = logits.argmax(-1)
         else:
             nxt = sample_next(logits, top_k=top_k, top_p=top_p, temperature=temperature, generator=generator)
+        nxt = policy.head_token_ids(nxt)
         nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
         out[:, t] = nxt
         done |= nxt == eos
@@ -77,6 +78,55 @@ def generate_ids(policy: QPOPolicy, query_ids: torch.Tensor, query_mask: torch.T
     return out
 
 
+@torch.no_grad()
+def beam_ids(policy: QPOPolicy, query_ids: torch.Tensor, query_mask: torch.Tensor, *, num_beams: int,
+             target_reward: float = 100.0, max_new_tokens: int = 40) -> torch.Tensor:
+    """The most likely prompt per row under ``p(prompt | query, r)`` by beam search: ``[B, max_new_tokens]``
+    token ids like ``generate_ids``.
+
+    Greedy decoding commits to the most likely next token, so prompts that share an opening ("Let's think…",
+    "Let's break…") pool their probability on it and win over a likelier prompt that starts alone. A beam
+    keeps ``num_beams`` prefixes and ranks whole prompts (EOS included) by their summed log-probability.
+    An ended beam stays in the set with its final score; live beams only lose score, so the best beam once
+    every beam has ended is the best prompt found."""
+    tok = policy.tokenizer
+    eos = tok.eos_token_id
+    pad = tok.pad_token_id if tok.pad_token_id is not None else eos
+    B, W, dev = query_ids.shape[0], num_beams, query_ids.device
+    reward = torch.full((B,), float(target_reward), device=dev)
+    h, cache, mask, pos = policy.start(query_ids, query_mask, reward)
+    rows = torch.arange(B, device=dev).repeat_interleave(W)
+    cache.reorder_cache(rows)
+    h, mask, pos = h[rows], mask[rows], pos[rows]
+    score = torch.full((B, W), float("-inf"), device=dev)
+    score[:, 0] = 0.0  # the beams start identical: only the first may expand
+    out = torch.full((B * W, max_new_tokens), pad, dtype=torch.long, device=dev)
+    done = torch.zeros(B * W, dtype=torch.bool, device=dev)
+    eos_pos = int(policy.head_targets(torch.tensor([eos], device=dev), torch.ones(1, device=dev))[0])
+    for t in range(max_new_tokens):
+        logp = torch.log_softmax(policy.prompt_logits(h).float(), dim=-1)
+        # An ended beam has one continuation (its own end), at no cost.
+        logp[done] = float("-inf")
+        logp[done, eos_pos] = 0.0
+        V = logp.shape[-1]
+        total = (score.reshape(-1, 1) + logp).reshape(B, W * V)
+        score, flat = total.topk(W, dim=-1)
+        src = (rows.reshape(B, W) * W + torch.div(flat, V, rounding_mode="floor")).reshape(-1)
+        nxt = policy.head_token_ids(flat % V).reshape(-1)
+        out, done = out[src], done[src]
+        nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+        out[:, t] = nxt
+        done = done | (nxt == eos)
+        if bool(done.all()) or t == max_new_tokens - 1:
+            break
+        cache.reorder_cache(src)
+        mask = torch.cat([mask[src], torch.ones_like(mask[:, :1])], dim=1)
+        h, cache = policy.step(nxt, cache, mask, pos[src])
+        pos = pos[src] + 1
+    best = score.argmax(-1)
+    return out.reshape(B, W, -1)[torch.arange(B, device=dev), best]
+
+
 def _text(policy: QPOPolicy, ids: list[int]) -> str:
     eos = policy.tokenizer.eos_token_id
     if eos in ids:
@@ -87,8 +137,9 @@ def _text(policy: QPOPolicy, ids: list[int]) -> str:
 def generate_prompts(policy: QPOPolicy, queries: Sequence[str], *, target_reward: float = 100.0,
                      greedy: bool = True, top_k: int = 0, top_p: float = 1.0, temperature: float = 1.0,
                      max_new_tokens: int | None = None, batch_size: int = 32,
-                     seed: int | None = None) -> list[str]:
-    """One prompt per query, conditioned on ``r = target_reward``; greedy, or sampled with top-k then top-p.
+                     seed: int | None = None, num_beams: int = 1) -> list[str]:
+    """One prompt per query, conditioned on ``r = target_reward``: the most likely prompt (``greedy``; by beam
+    search when ``num_beams`` > 1), or sampled with top-k then top-p.
 
     Deterministic for a given ``seed`` (and batch size)."""
     pcfg = policy.pcfg
@@ -101,9 +152,13 @@ def generate_prompts(policy: QPOPolicy, queries: Sequence[str], *, target_reward
         texts: list[str] = []
         for i in range(0, len(queries), batch_size):
             q_ids, q_mask = encode_queries(policy.tokenizer, list(queries[i:i + batch_size]), pcfg.max_query_tokens)
-            ids = generate_ids(policy, torch.as_tensor(q_ids, device=dev), torch.as_tensor(q_mask, device=dev),
-                               target_reward=target_reward, greedy=greedy, top_k=top_k, top_p=top_p,
-                               temperature=temperature, max_new_tokens=n_new, generator=gen)
+            q_ids, q_mask = torch.as_tensor(q_ids, device=dev), torch.as_tensor(q_mask, device=dev)
+            if greedy and num_beams > 1:
+                ids = beam_ids(policy, q_ids, q_mask, num_beams=num_beams, target_reward=target_reward,
+                               max_new_tokens=n_new)
+            else:
+                ids = generate_ids(policy, q_ids, q_mask, target_reward=target_reward, greedy=greedy, top_k=top_k,
+                                   top_p=top_p, temperature=temperature, max_new_tokens=n_new, generator=gen)
             texts += [_text(policy, row) for row in ids.tolist()]
         return texts
     finally:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_model, save_model
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
@@ -51,7 +52,7 @@ class QPOPolicy(nn.Module):
     """``(q, p, r) → (logits of p, r̂)``: a Decision-Transformer-style wrapper around a causal LM."""
 
     def __init__(self, base: PreTrainedModel, pcfg: PolicyConfig,
-                 tokenizer: PreTrainedTokenizerBase | None = None):
+                 tokenizer: PreTrainedTokenizerBase | None = None, vocab_ids: list[int] | None = None):
         super().__init__()
         self.pcfg = pcfg
         self.tokenizer = tokenizer  # not a Module, so not a submodule
@@ -65,6 +66,54 @@ class QPOPolicy(nn.Module):
         self.reward_out = nn.Linear(d, 1)
         self._apply_layer_limits()
         self._cache_kwarg = _cache_kwarg(self.body)
+        self.vocab_ids: torch.Tensor | None = None
+        self.set_vocab(vocab_ids)
+
+    # -- the prompt vocabulary ---------------------------------------------------------------------
+    def set_vocab(self, vocab_ids: list[int] | None) -> None:
+        """Restrict the prompt head to these token ids (None = the whole vocabulary).
+
+        The head's rows are those of the base LM's own output embedding, so a vocabulary is only an index:
+        it adds no parameter, and a later loop can widen it. With GPT-2's or SmolLM2's ~50k-token
+        vocabulary the full head is most of a CPU training step; the prompts of a dataset use a few
+        hundred tokens.
+        """
+        if vocab_ids is None:
+            self.vocab_ids = self._vocab_index = None
+            return
+        ids = sorted({int(i) for i in vocab_ids})
+        n = self.base.get_output_embeddings().weight.shape[0]
+        if not ids or ids[0] < 0 or ids[-1] >= n:
+            raise ModelSourceError(f"prompt vocabulary ids must lie in [0, {n}); got {len(ids)} ids "
+                                   f"from {ids[0] if ids else None} to {ids[-1] if ids else None}")
+        dev = self.segment.weight.device
+        self.vocab_ids = torch.tensor(ids, dtype=torch.long, device=dev)
+        index = torch.full((n,), -1, dtype=torch.long, device=dev)
+        index[self.vocab_ids] = torch.arange(len(ids), device=dev)
+        self._vocab_index = index
+
+    def _apply(self, fn, *args, **kwargs):  # keep the vocabulary index on the module's device
+        out = super()._apply(fn, *args, **kwargs)
+        if self.vocab_ids is not None:
+            self.vocab_ids, self._vocab_index = fn(self.vocab_ids), fn(self._vocab_index)
+        return out
+
+    def head_targets(self, token_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Token ids → positions in the prompt head's output (identity for the whole vocabulary). Masked
+        positions map to 0; a real token outside the vocabulary is an error, never a silent target."""
+        if self.vocab_ids is None:
+            return token_ids
+        idx = self._vocab_index[token_ids]
+        idx = torch.where(mask.bool(), idx, torch.zeros_like(idx))
+        if bool((idx < 0).any()):
+            bad = token_ids[idx < 0].unique()[:5].tolist()
+            raise ValueError(f"prompt tokens {bad} are not in the policy's prompt vocabulary "
+                             f"({len(self.vocab_ids)} ids)")
+        return idx
+
+    def head_token_ids(self, positions: torch.Tensor) -> torch.Tensor:
+        """Positions in the prompt head's output → token ids (the inverse of ``head_targets``)."""
+        return positions if self.vocab_ids is None else self.vocab_ids[positions]
 
     # -- structure -----------------------------------------------------------------------------------
     @property
@@ -129,8 +178,14 @@ class QPOPolicy(nn.Module):
         return out.last_hidden_state, (getattr(out, self._cache_kwarg) if use_cache else None)
 
     def prompt_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Prompt head: ``lm_head(ReLU(W h))`` with the base LM's own output embedding."""
-        return self.base.get_output_embeddings()(torch.relu(self.prompt_proj(hidden)))
+        """Prompt head: ``lm_head(ReLU(W h))`` with the base LM's own output embedding, over the prompt
+        vocabulary when one is set (``head_token_ids`` maps an output position back to a token id)."""
+        z = torch.relu(self.prompt_proj(hidden))
+        head = self.base.get_output_embeddings()
+        if self.vocab_ids is None:
+            return head(z)
+        bias = head.bias.index_select(0, self.vocab_ids) if getattr(head, "bias", None) is not None else None
+        return F.linear(z, head.weight.index_select(0, self.vocab_ids), bias)
 
     @staticmethod
     def _positions(mask: torch.Tensor) -> torch.Tensor:
@@ -216,7 +271,8 @@ class QPOPolicy(nn.Module):
         save_model(self, str(path / WEIGHTS))  # drops the tied lm_head/wte duplicate
         self.base.config.save_pretrained(path)
         meta = {"format": FORMAT_VERSION, "policy": self.pcfg.model_dump(mode="json"), "d_model": self.d_model,
-                "base_class": type(self.base).__name__}
+                "base_class": type(self.base).__name__,
+                "vocab_ids": None if self.vocab_ids is None else self.vocab_ids.tolist()}
         (path / POLICY_CONFIG).write_text(json.dumps(meta, indent=2), encoding="utf-8")
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(path)
@@ -232,6 +288,6 @@ class QPOPolicy(nn.Module):
         pcfg = PolicyConfig.model_validate(meta["policy"])
         base = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=torch.float32)
         tok = load_tokenizer(str(path), str(path)) if (path / "tokenizer_config.json").exists() else None
-        policy = cls(base, pcfg, tok)
+        policy = cls(base, pcfg, tok, vocab_ids=meta.get("vocab_ids"))
         load_model(policy, str(path / WEIGHTS), strict=True, device=str(device))
         return policy.to(device).eval()

@@ -146,23 +146,30 @@ def cmd_serve(args) -> int:
     return 0
 
 
-EVAL_TARGETS = ("replay",)
+EVAL_TARGETS = ("live", "replay")
 
 
 def cmd_eval(args) -> int:
-    from qpo_ray.evaluate.offline import evaluate_offline, summary_table
+    """One evaluation, two judges: the run's target LLM (live) or recorded logs (replay)."""
+    if args.target == "live":
+        from qpo_ray.jobs.evaluate import evaluate_run
 
-    if args.target not in EVAL_TARGETS:
-        raise QPOError(f"--target {args.target}: only 'replay' (offline evaluation on recorded logs) is supported "
-                       "here; to evaluate a run against a live target use python -m qpo_ray.jobs.evaluate --run-dir RUN_DIR")
-    cfg = _cfg(args)
-    res = evaluate_offline(cfg, args.data, args.out, version=args.version, test_fraction=args.test_fraction,
-                           seed=args.seed)
+        if not args.run_dir:
+            raise QPOError("--target live needs --run-dir RUN_DIR (a qpo-ray run: its test queries, pool and target)")
+        evaluate_run(args.run_dir, loops=args.loops, redo=args.redo, overrides=args.overrides)
+        return 0
+    from qpo_ray.evaluate.offline import evaluate_offline
+    from qpo_ray.evaluate.report import methods_table
+
+    if not args.data or not args.out:
+        raise QPOError("--target replay needs --data (recorded logs) and --out (where the policy and report go)")
+    res = evaluate_offline(load_config(args.config or "offline", args.overrides), args.data, args.out,
+                           version=args.version, test_fraction=args.test_fraction, seed=args.seed)
     s, tr = res["split"], res["training"]
-    print(f"offline eval of {res['data']['run_dir']} v{res['data']['version']:03d}: train {s['train_queries']} "
-          f"queries ({s['train_rows']} rows), test {s['test_queries']} queries ({s['test_rows']} rows); "
+    print(f"replay eval of {res['data']['run_dir']} v{res['data']['version']:03d}: train {s['train_queries']} "
+          f"queries ({s['train_rows']} rows), test {s['evaluated_test_queries']} queries; "
           f"training {tr['wall_s']:.1f} s{' (reused)' if tr.get('reused') else ''}", flush=True)
-    print(summary_table(res), flush=True)
+    print(methods_table(res, res["names"]), flush=True)
     print(f"report: {Path(args.out) / 'offline_report.md'}", flush=True)
     return 0
 
@@ -234,17 +241,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="HTTP port [serve.port]")
     p.set_defaults(fn=cmd_serve)
 
-    p = sub.add_parser("eval", help="offline evaluation on recorded logs: split, train, generate, replay vs baselines")
-    _config_args(p, default="offline")
-    p.add_argument("--target", required=True,
-                   help="'replay' (answer generated prompts from the recorded logs; the only choice here — a live "
-                        "target is python -m qpo_ray.jobs.evaluate)")
-    p.add_argument("--data", required=True, help="run directory of an import made with --split all (or RUN_DIR/data/vNNN)")
-    p.add_argument("--version", type=int, help="dataset version to evaluate on [the latest]")
-    p.add_argument("--out", required=True,
-                   help="run directory for the train split, the policy and the report (a rerun reuses its policy)")
-    p.add_argument("--test-fraction", type=float, default=0.2, help="share of unique queries held out [0.2]")
-    p.add_argument("--seed", type=int, default=0, help="seed of the query-text hash split [0]")
+    p = sub.add_parser("eval", help="QPO against fixed-prompt baselines on held-out queries, with 95%% intervals: "
+                                    "live (the run's target scores) or replay (recorded logs answer)")
+    p.add_argument("--target", required=True, choices=EVAL_TARGETS,
+                   help="live: evaluate the loops of --run-dir with its target; replay: split --data's logs by "
+                        "query, train a policy in --out, answer its prompts from the logs")
+    p.add_argument("--config", default=None, help="replay: profile or YAML [offline]; live: the run's config.yaml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted override (repeatable); live: overrides the run's saved config, e.g. eval.best_of_n=8")
+    p.add_argument("--run-dir", help="live: a qpo-ray run directory")
+    p.add_argument("--loops", help="live: comma-separated loops to evaluate [every loop with a policy]")
+    p.add_argument("--redo", action="store_true", help="live: re-evaluate loops that already have results")
+    p.add_argument("--data", help="replay: run directory of an import made with --split all (or RUN_DIR/data/vNNN)")
+    p.add_argument("--version", type=int, help="replay: dataset version [the latest that added rows]")
+    p.add_argument("--out", help="replay: run directory for the train split, the policy and the report (a rerun "
+                                 "reuses its policy)")
+    p.add_argument("--test-fraction", type=float, default=0.2, help="replay: share of unique queries held out [0.2]")
+    p.add_argument("--seed", type=int, default=0, help="replay: seed of the query-text hash split [0]")
     p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("data", help="dataset tools")

@@ -46,6 +46,17 @@ class PolicyConfig(_Section):
     # "reward_slot" reproduces the reference (head on position 0, which sees only r);
     # "last_prompt" reads the last prompt position, an estimate of r(q, p) usable for best-of-N ranking.
     reward_head: Literal["reward_slot", "last_prompt"] = "reward_slot"
+    # The conditioning reward enters as Linear(1 -> d)(r / reward_scale), then the embeddings' LayerNorm. On the
+    # reference's 0-100 scale (reward_scale 1) r·w swamps the bias, and after the LayerNorm r = 50 and r = 100
+    # give the same vector (cosine 0.9998): the policy cannot tell rewards apart. 100 maps r into [0, 1].
+    reward_scale: float = Field(100.0, gt=0)
+    # "full": the prompt head scores the whole vocabulary (the reference). "data": only the tokens of the
+    # training prompts (plus EOS), fixed when loop 1 trains and widened by later loops' data. The head's rows
+    # are the LM's own output embedding either way; on CPU the 50k-token head is most of a training step.
+    prompt_vocab: Literal["full", "data"] = "full"
+    # Freeze the token embeddings (and so the tied output head): the pretrained rows stay as they are, the
+    # optimizer skips a 50k x d matrix, and prompt_proj learns the mapping onto them.
+    freeze_embeddings: bool = False
     # Sizes for the tiny-* random models.
     tiny_layers: int = Field(2, ge=1, le=64)
     tiny_hidden: int = Field(64, ge=8, le=_4K)
@@ -77,6 +88,15 @@ class TrainConfig(_Section):
     lambda_high: float = 0.5
     lambda_low: float = 0.1
     mse_switch: float = 10.0
+    # The reward MSE is computed on r / mse_scale (1 = the reference, on the 0-100 scale). With the
+    # "last_prompt" head the MSE cannot fall below the rewards' noise (~2,000 on 0-100 for 0/1 outcomes),
+    # which made it 100x the CE and drowned the prompt loss; 10 puts the two on the same footing.
+    mse_scale: float = Field(1.0, gt=0)
+    # What the reward head regresses: "reward" (the reference: the normalised reward) or "advantage" (the reward
+    # minus its query's mean reward in the training data). Ranking prompts for one query only needs the
+    # differences between them; on logs where questions differ far more in difficulty than prompts differ
+    # in effect (MAWPS), r̂ spent its capacity on difficulty and ranked prompts by noise.
+    reward_target: Literal["reward", "advantage"] = "reward"
     max_failures: int = Field(2, ge=0, le=_4K)  # Ray Train FailureConfig: worker restarts from the latest checkpoint
     # Ray Train storage (checkpoints). None = <run_dir>/train; a relative path is relative to run_dir (a moved run
     # finds its checkpoints). Must be shared (NFS, s3://, gs://) on multi-node.
@@ -147,7 +167,11 @@ class TaskConfig(_Section):
 class EvalConfig(_Section):
     max_test_queries: int | None = Field(None, ge=1)
     target_reward: float = Field(100.0, ge=REWARD_SCALE[0], le=REWARD_SCALE[1])
-    best_of_n: int = Field(1, ge=1, le=_4K)  # >1: sample N prompts and rank them with the reward head
+    best_of_n: int = Field(1, ge=1, le=_4K)  # >1: also report best-of-N (N samples ranked by the reward head)
+    num_beams: int = Field(1, ge=1, le=64)  # the policy's own prompt: 1 = greedy, more = beam search
+    # What "QPO" means in headlines, the policy service and the demo's summary: the policy's own prompt
+    # ("greedy", decoded with num_beams), "best_of_n", or "rerank" (the pool prompt r̂ rates highest).
+    method: Literal["greedy", "best_of_n", "rerank"] = "greedy"
 
 
 class ServeConfig(_Section):
@@ -191,6 +215,15 @@ class RunConfig(_Section):
                 f"train.micro_batch_size × train.num_workers "
                 f"({self.train.micro_batch_size} × {self.train.num_workers})"
             )
+        needs_head = self.eval.method in ("best_of_n", "rerank") or self.eval.best_of_n > 1
+        if needs_head and self.policy.reward_head != "last_prompt":
+            raise ValueError(f"eval.method={self.eval.method!r} / eval.best_of_n={self.eval.best_of_n} rank prompts "
+                             "with r̂(q, p), which needs policy.reward_head='last_prompt'")
+        if self.train.reward_target == "advantage" and self.policy.reward_head != "last_prompt":
+            raise ValueError("train.reward_target='advantage' is for policy.reward_head='last_prompt' (the "
+                             "'reward_slot' head reads the conditioning reward itself)")
+        if self.eval.method == "best_of_n" and self.eval.best_of_n < 2:
+            raise ValueError("eval.method='best_of_n' needs eval.best_of_n >= 2")
         return self
 
 

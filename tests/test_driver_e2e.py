@@ -53,22 +53,31 @@ def test_report_is_consistent_with_the_data(reference_run):
         assert (reference_run / name).is_file(), name
     assert list((reference_run / "tb").glob("events.out.tfevents.*"))
     report = (reference_run / "report.md").read_text()
-    assert "| qpo |" in report and "loop 2" in report
+    assert "QPO, the policy's prompt" in report and "loop 2" in report and "95%" in report
     evals = {e: json.loads((reference_run / "eval" / f"loop-{e}.json").read_text()) for e in (0, 1, 2)}
-    assert "qpo" not in evals[0]["methods"] and "qpo" in evals[2]["methods"]
+    qpo_methods = {"qpo_greedy", "qpo_best_of_n", "qpo_rerank"}  # tiny: last_prompt head, best_of_n 2
+    assert not qpo_methods & set(evals[0]["methods"]) and qpo_methods <= set(evals[2]["methods"])
     cfg = load_config("tiny")
     for e in evals.values():
         m = e["methods"]
-        assert m["oracle"]["accuracy"] >= m["best_offline"]["accuracy"] - 1e-9
-        assert m["oracle"]["accuracy"] >= m["random_offline"]["accuracy"] - 1e-9
-        assert m["best_offline"]["n"] == cfg.eval.max_test_queries
-        # the table in report.md shows these numbers
-        for name in ("oracle", "best_offline"):
+        assert m["oracle"]["accuracy"] >= m["best_single"]["accuracy"] - 1e-9
+        assert m["oracle"]["accuracy"] >= m["random"]["accuracy"] - 1e-9
+        assert m["best_single"]["n"] == cfg.eval.max_test_queries == len(e["per_query"])
+        for row in e["per_query"]:  # every method's prompt and correctness, for every test query
+            assert set(row["methods"]) == set(m)
+            pool = [p for p in row["methods"] if p not in ("random",)]
+            assert all(row["methods"][p]["correct"] is not None for p in pool)
+        # the tables in report.md show these numbers
+        for name in ("oracle", "best_single"):
             assert f"{m[name]['accuracy']:.3f}" in report
+    for name in qpo_methods:
+        vs = evals[2]["methods"][name]["vs"]["best_single"]
+        assert vs["n"] == cfg.eval.max_test_queries and vs["lo"] <= vs["diff"] <= vs["hi"]
+        assert f"{100 * vs['diff']:+.1f} [{100 * vs['lo']:+.1f}, {100 * vs['hi']:+.1f}]" in report
     metrics = read_metrics(reference_run)
-    ev = [r for r in metrics if r["event"] == "eval/qpo"]
+    ev = [r for r in metrics if r["event"] == "eval/qpo_greedy"]
     assert [r["loop"] for r in ev] == [1, 2]
-    assert math.isclose(ev[-1]["accuracy"], evals[2]["methods"]["qpo"]["accuracy"])
+    assert math.isclose(ev[-1]["accuracy"], evals[2]["methods"]["qpo_greedy"]["accuracy"])
     train = [r for r in metrics if r["event"] == "train"]
     steps = [r["global_step"] for r in train]
     assert steps == sorted(steps) and len(set(steps)) == len(steps)

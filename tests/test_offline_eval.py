@@ -1,35 +1,30 @@
-"""Offline evaluation on recorded logs (``qpo-ray eval --target replay``): the split, the baselines, the
-replay of generated prompts, the CLI's errors, and an end-to-end run on a slice of the real MAWPS logs."""
+"""Replay evaluation (``qpo-ray eval --target replay``): the split, the one comparison (baselines, QPO methods,
+paired intervals), the replay judge, the CLI's errors, and an end-to-end run on logs the test writes itself."""
 
 from __future__ import annotations
 
 import json
-import os
-import time
-from collections import defaultdict
+import random
 from pathlib import Path
 
 import pytest
 
 from qpo_ray import cli
 from qpo_ray.config import load_config
-from qpo_ray.data.importers import ImportOptions, import_to_store, normalize_text, split_of
-from qpo_ray.data.schema import rows_to_table
+from qpo_ray.data.schema import normalize_text, rows_to_table, split_of
 from qpo_ray.data.store import DatasetStore
 from qpo_ray.errors import ConfigError
-from qpo_ray.evaluate.offline import (
+from qpo_ray.evaluate.compare import (
     MIN_TRAIN_COVERAGE,
-    OfflineSplit,
+    EvalQuery,
     accuracy_table,
-    baselines,
-    evaluate_offline,
-    replay_generated,
+    best_single_on_train,
+    compare,
+    pool_table,
 )
-from qpo_ray.score.replay import ReplayTable
+from qpo_ray.evaluate.offline import OfflineSplit, evaluate_offline
 
-REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "prompt_oirl"
 A, B, C = "The answer is:", "Let's think step by step:", "Three experts discuss it step by step:"
-NAMES = {normalize_text(A): "A", normalize_text(B): "B", normalize_text(C): "C"}
 
 
 def _row(q: str, p: str, correct: float, alias: str = "x") -> dict:
@@ -42,65 +37,64 @@ def _rows(spec: dict[str, dict[str, list[int]]]) -> list[dict]:
     return [_row(q, p, float(c)) for q, ps in spec.items() for p, cs in ps.items() for c in cs]
 
 
-# Hand-made logs: 6 queries × 3 prompts (C is missing on some), with repeats. Train = q1..q3, test = q4..q6.
+# Hand-made logs: 3 train queries (C is not recorded on q3: it covers 2/3 of them), with repeats.
 TRAIN = {
     "q1 apples": {A: [1, 1], B: [1], C: [1]},
     "q2 pears": {A: [0], B: [1], C: [1]},
-    "q3 plums": {A: [1, 0], B: [0, 0, 1]},  # C not recorded: C covers 2/3 of the train queries
-}
-TEST = {
-    "q4 cars": {A: [1], B: [0], C: [1]},
-    "q5 boats": {A: [1, 1, 0], B: [1]},
-    "q6 trains": {A: [0], B: [0, 1], C: [0]},
+    "q3 plums": {A: [1, 0], B: [0, 0, 1]},
 }
 
 
-def test_baselines_on_hand_made_logs():
-    # Repeats may differ in whitespace/case: they are the same query and prompt.
-    test_rows = _rows(TEST) + [_row("  Q5   BOATS ", " the answer is: ", 1.0)]  # q5/A becomes [1,1,0,1]
-    train, test = accuracy_table(_rows(TRAIN)), accuracy_table(test_rows)
-    assert test["q5 boats"][normalize_text(A)] == pytest.approx(3 / 4)
-    res = baselines(train, test, names=NAMES)
-    pp = {x["name"]: x for x in res["per_prompt"]}
-    assert [x["name"] for x in res["per_prompt"]] == ["C", "B", "A"]  # by train accuracy
-    assert pp["A"]["train_accuracy"] == pytest.approx((1 + 0 + 0.5) / 3) and pp["A"]["train_coverage"] == 1.0
-    assert pp["B"]["train_accuracy"] == pytest.approx((1 + 1 + 1 / 3) / 3) and pp["B"]["train_coverage"] == 1.0
-    assert pp["C"]["train_accuracy"] == 1.0 and pp["C"]["train_coverage"] == pytest.approx(2 / 3)
-    assert pp["A"]["test_accuracy"] == pytest.approx((1 + 3 / 4 + 0) / 3) and pp["A"]["test_coverage"] == 1.0
-    assert pp["B"]["test_accuracy"] == pytest.approx((0 + 1 + 0.5) / 3)
-    assert pp["C"]["test_accuracy"] == pytest.approx(0.5) and pp["C"]["test_coverage"] == pytest.approx(2 / 3)
-    assert pp["C"]["test_queries"] == 2 and pp["A"]["train_queries"] == 3
-    # C has the best train accuracy but covers < 90 % of the train queries: B is the best single prompt.
-    best = res["best_single_on_train"]
-    assert res["min_train_coverage"] == MIN_TRAIN_COVERAGE == 0.9
-    assert best["name"] == "B" and best["prompt"] == normalize_text(B)
-    assert best["accuracy"] == pytest.approx(0.5) and best["coverage"] == 1.0 and best["accuracy_all"] == pytest.approx(0.5)
-    assert res["oracle"]["accuracy"] == pytest.approx((1 + 1 + 0.5) / 3)
-    assert res["random_recorded"]["accuracy"] == pytest.approx((2 / 3 + (3 / 4 + 1) / 2 + 1 / 6) / 3)
-    # With a lower coverage bar C qualifies; on test it covers 2 of 3 queries.
-    low = baselines(train, test, names=NAMES, min_train_coverage=0.5)["best_single_on_train"]
-    assert low["name"] == "C" and low["accuracy"] == pytest.approx(0.5)
-    assert low["coverage"] == pytest.approx(2 / 3) and low["accuracy_all"] == pytest.approx(1 / 3)
-    assert baselines(train, test, min_train_coverage=1.0)["best_single_on_train"]["prompt"] == normalize_text(B)
+def test_accuracy_table_and_best_single_on_train():
+    train = accuracy_table(_rows(TRAIN) + [_row("  Q1   APPLES ", " the answer is: ", 0.0)])  # same query, prompt
+    assert train["q1 apples"][normalize_text(A)] == pytest.approx(2 / 3)
+    best = best_single_on_train(train, [A, B, C])
+    # C has the best train accuracy but covers < 90% of the train queries; B beats A.
+    assert MIN_TRAIN_COVERAGE == 0.9 and best["prompt"] == B
+    assert best["train_accuracy"] == pytest.approx((1 + 1 + 1 / 3) / 3) and best["train_coverage"] == 1.0
+    assert best_single_on_train(train, [A, B, C], min_coverage=0.5)["prompt"] == C
+    assert best_single_on_train(train, ["never recorded"]) is None
 
 
-def test_replay_generated_counts_matches_and_unmatched_as_incorrect():
-    rows = _rows(TEST)
-    table = ReplayTable.from_rows(rows)
-    table.lookup("q4 cars", A)  # earlier lookups are not counted in the evaluation
-    queries = ["q4 cars", "q5 boats", "Q6  trains"]
-    prompts = ["the answer is:", "Let us think step by step", "Write a poem."]
-    res = replay_generated(table, queries, prompts, NAMES)
-    assert res["matches"] == {"exact": 1, "approx": 1, "none": 1}
-    assert [x["kind"] for x in res["per_query"]] == ["exact", "approx", "none"]
-    assert [x["correct"] for x in res["per_query"]] == [1.0, 1.0, 0.0]
-    assert res["accuracy"] == pytest.approx(2 / 3) and res["matched_accuracy"] == 1.0
-    assert res["coverage"] == pytest.approx(2 / 3) and res["n"] == 3
-    assert res["chosen"] == {"A": 1, "B": 1, "(unmatched)": 1}
-    # q5's approx match is B, recorded once correct; q4/A exact. Both ≤ the per-query oracle.
-    acc = accuracy_table(rows)
-    for x in res["per_query"]:
-        assert x["correct"] <= max(acc[normalize_text(x["query"])].values())
+def test_compare_on_a_hand_made_table():
+    queries = [EvalQuery(f"q{i}", group="even" if i % 2 == 0 else "odd") for i in range(4)]
+    truth = {("q0", A): 1.0, ("q0", B): 0.0, ("q0", ""): 0.0,
+             ("q1", A): 0.0, ("q1", B): 1.0, ("q1", ""): 1.0,
+             ("q2", A): 0.5, ("q2", B): None, ("q2", ""): 0.0,  # B not recorded on q2
+             ("q3", A): 1.0, ("q3", B): 1.0, ("q3", ""): 0.0,
+             ("q0", "written"): 1.0, ("q1", "written"): 1.0}
+    calls = []
+
+    def judge(pairs):
+        calls.append(list(pairs))
+        return [(truth.get(p), {"seen": True}) for p in pairs]
+
+    pool = [A, B, ""]
+    table = pool_table(queries, pool, judge)
+    assert table[2] == {A: 0.5, B: None, "": 0.0} and len(calls[0]) == 12
+    qpo = {"qpo_greedy": ["written", "written", "the the the", A],  # q2's prompt has no answer: incorrect
+           "qpo_rerank": [A, B, A, B]}
+    res = compare(queries, pool, table, judge, qpo, best={"prompt": B, "train_accuracy": 0.9},
+                  default_method="qpo_rerank")
+    m = res["methods"]
+    assert m["no_instruction"]["accuracy"] == pytest.approx(0.25)
+    assert m["best_single"]["accuracy"] == pytest.approx(2 / 3) and m["best_single"]["n"] == 3  # q2 unknown
+    assert m["random"]["accuracy"] == pytest.approx((1 / 3 + 2 / 3 + 0.25 + 2 / 3) / 4)
+    assert m["oracle"]["accuracy"] == pytest.approx((1 + 1 + 0.5 + 1) / 4)
+    assert m["qpo_greedy"]["accuracy"] == pytest.approx(0.75) and m["qpo_rerank"]["accuracy"] == pytest.approx(7 / 8)
+    assert res["default_method"] == "qpo_rerank"
+    # paired: over the queries where both have a value
+    vs = m["qpo_greedy"]["vs"]["best_single"]
+    assert vs["n"] == 3 and vs["diff"] == pytest.approx((1 + 0 + 0) / 3) and vs["lo"] <= vs["diff"] <= vs["hi"]
+    assert m["qpo_greedy"]["vs"]["no_instruction"]["n"] == 4
+    assert m["qpo_greedy"]["prompts"] == {"prompts": 4, "distinct": 3, "verbatim_pool_share": 0.25,
+                                          "degenerate_share": 0.25}
+    row = res["per_query"][2]
+    assert row["group"] == "even" and row["methods"]["qpo_greedy"] == {"prompt": "the the the", "correct": 0.0,
+                                                                         "seen": True}
+    assert row["methods"]["oracle"]["prompt"] == A and row["methods"]["random"]["prompt"] is None
+    with pytest.raises(ValueError, match="2 prompts for 4 queries"):
+        compare(queries, pool, table, judge, {"qpo_greedy": ["a", "b"]}, best=None)
 
 
 def _store(tmp_path: Path, rows: list[dict], name: str = "logs") -> Path:
@@ -126,6 +120,7 @@ def test_split_is_by_unique_query_with_zero_overlap(tmp_path):
     assert all(split_of(q, 0.3, 1) == "test" for q in test_q)
     assert len(split.test_queries) == len(test_q)  # one representative text per unique test query
     assert set(split.train_acc) == train_q and set(split.test_acc) == test_q
+    assert split.prompt_text[normalize_text(A)] == A
     other = OfflineSplit(store, 0, 0.3, seed=2)  # another seed, another split
     assert {normalize_text(q) for q in other.test_queries} != test_q
 
@@ -143,9 +138,13 @@ def _cli(capsys, *argv: str) -> tuple[int, str]:
 
 def test_cli_eval_errors(tmp_path, capsys):
     out = str(tmp_path / "out")
-    logs = _store(tmp_path, _rows(TRAIN) + _rows(TEST))
+    logs = _store(tmp_path, _rows(TRAIN))
     rc, err = _cli(capsys, "eval", "--target", "live", "--data", str(logs), "--out", out)
-    assert rc == 2 and "only 'replay'" in err and "python -m qpo_ray.jobs.evaluate" in err
+    assert rc == 2 and "--target live needs --run-dir" in err
+    rc, err = _cli(capsys, "eval", "--target", "live", "--run-dir", str(logs))
+    assert rc == 2 and "no config.yaml" in err
+    rc, err = _cli(capsys, "eval", "--target", "replay", "--data", str(logs))
+    assert rc == 2 and "--target replay needs --data" in err
     rc, err = _cli(capsys, "eval", "--target", "replay", "--data", str(tmp_path / "nope"), "--out", out)
     assert rc == 2 and "no such run directory" in err
     (tmp_path / "empty").mkdir()
@@ -167,101 +166,82 @@ def test_cli_eval_errors(tmp_path, capsys):
     assert not Path(out).exists()  # nothing was trained or written
 
 
-# -- end to end on real logs -------------------------------------------------------------------------------
+# -- end to end on logs written here ----------------------------------------------------------------------
+KINDS = {"apples": A, "boats": B}  # the prompt that answers each kind of question; C is right half the time
 
 
-def _independent_best_on_train(store: DatasetStore) -> str:
-    """The best single prompt on train, computed from the committed train rows with plain Python."""
-    per: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for r in store.read_table(0, columns=["query", "prompt", "correct"]).to_pylist():
-        per[normalize_text(r["prompt"])][normalize_text(r["query"])].append(r["correct"])
-    n_queries = len({q for qs in per.values() for q in qs})
-    score = {p: (sum(sum(c) / len(c) for c in qs.values()) / len(qs), len(qs) / n_queries)
-             for p, qs in per.items() if len(qs) / n_queries >= 0.9}
-    return max(sorted(score), key=lambda p: score[p])
+def _synthetic_logs(n: int = 72) -> list[dict]:
+    """Questions of two kinds, three prompts each; which prompt works depends on the kind. Each row's
+    correctness is the mean of 1-3 simulated repeats (as ``--repeats mean`` imports them)."""
+    rng = random.Random(0)
+    rows = []
+    for i in range(n):
+        kind = "apples" if i % 2 else "boats"
+        q = (f"Tom has {i} apples and buys {i % 7} more. How many apples?" if kind == "apples"
+             else f"A boat sails {i} miles, then {i % 5} more. How far did the boat go?")
+        for p, alias in ((A, "A"), (B, "B"), (C, "C")):
+            hit = 0.9 if p == KINDS[kind] else (0.5 if p == C else 0.1)
+            draws = [rng.random() < hit for _ in range(rng.randint(1, 3))]
+            rows.append(_row(q, p, sum(draws) / len(draws), alias))
+    return rows
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not REAL.is_dir(), reason=f"real Prompt-OIRL data not found at {REAL} (../shared is absent)")
-def test_offline_eval_end_to_end_on_real_mawps_slice(tmp_path, ray_local):
-    t0 = time.time()
-    logs = tmp_path / "mawps"
-    logs.mkdir()
-    aliases = ("nan", "CoT", "Dis")
-    for alias in aliases:  # the first 150 log lines of three prompts
-        lines = (REAL / "logs" / "mawps" / f"llama_mawps_corr_{alias}.txt").read_text().splitlines()[:150]
-        (logs / f"llama_mawps_corr_{alias}.txt").write_text("\n".join(lines) + "\n")
-    data = tmp_path / "logs-run"
-    rep = import_to_store(data, "oirl", logs=logs, queries=REAL / "queries" / "cv_mawps", prompts=REAL / "prompts.json",
-                          opts=ImportOptions(constants={"target": "llama-2-7b-chat"}, repeats="mean", split="all",
-                                               allow_partial_logs=True))  # 150 of 7685 lines
-    assert rep.skipped == 0 and rep.rows_written == rep.rows_read
-    all_rows = DatasetStore(data).read_table(0).to_pylist()
-    cfg = load_config("offline", ["policy.tiny_hidden=32", "policy.tiny_heads=2", "policy.max_prompt_tokens=12",
-                                  "train.batch_size=16", "train.micro_batch_size=16", "train.cpus_per_worker=1",
-                                  "train.scratch.epochs=2"])
+def test_replay_eval_end_to_end_on_synthetic_logs(tmp_path, ray_local):
+    rows = _synthetic_logs()
+    data = _store(tmp_path, rows, name="logs-run")
+    cfg = load_config("offline", ["policy.tiny_hidden=32", "train.batch_size=16", "train.micro_batch_size=16",
+                                  "train.cpus_per_worker=1", "train.scratch.epochs=2", "eval.best_of_n=2"])
     out = tmp_path / "eval"
-    res = evaluate_offline(cfg, data, out, test_fraction=0.2, seed=0)
+    res = evaluate_offline(cfg, data, out, test_fraction=0.25, seed=0)
 
     # The split: no question on both sides; every row on one of them.
     s = res["split"]
-    train_store = DatasetStore(out)
-    train_q = {normalize_text(q) for q in train_store.read_table(0, columns=["query"]).column("query").to_pylist()}
+    train_q = {normalize_text(q) for q in DatasetStore(out).read_table(0, columns=["query"]).column("query").to_pylist()}
     saved = json.loads((out / "offline_eval.json").read_text())
     test_q = {normalize_text(x["query"]) for x in saved["per_query"]}
-    assert not train_q & test_q and train_q | test_q == {normalize_text(r["query"]) for r in all_rows}
-    assert (s["train_queries"], s["test_queries"]) == (len(train_q), len(test_q)) and s["query_overlap"] == 0
-    assert s["train_rows"] + s["test_rows"] == len(all_rows) == res["data"]["rows"]
-    src, dst = DatasetStore(data).manifest(0), train_store.manifest(0)
-    assert dst.rows == s["train_rows"] and (dst.reward_min, dst.reward_max) == (src.reward_min, src.reward_max)
-    assert 0 < s["test_queries"] < s["train_queries"] and s["evaluated_test_queries"] == s["test_queries"]
+    assert not train_q & test_q and train_q | test_q == {normalize_text(r["query"]) for r in rows}
+    assert s["train_rows"] + s["test_rows"] == len(rows) == res["data"]["rows"] and s["query_overlap"] == 0
 
-    # Replay: one lookup per test query; unmatched ones count as incorrect.
-    m = res["methods"]
-    assert sum(res["replay"]["matches"].values()) == s["test_queries"] == m["qpo"]["n"]
-    assert sum(m["qpo"]["chosen"].values()) == s["test_queries"]
-    test_acc = accuracy_table([r for r in all_rows if normalize_text(r["query"]) in test_q])
-    for x in saved["per_query"]:
-        if x["kind"] == "none":
-            assert x["correct"] == 0.0 and x["matched"] is None
-        else:  # the replayed value is the recorded mean of that query's matched prompt
-            assert x["correct"] == pytest.approx(test_acc[normalize_text(x["query"])][x["matched"]])
-    assert m["qpo"]["accuracy"] == pytest.approx(sum(x["correct"] for x in saved["per_query"]) / s["test_queries"])
+    # Every method judged on every test query; the JSON holds every prompt and correctness.
+    test_acc = accuracy_table([r for r in rows if normalize_text(r["query"]) in test_q])
+    assert set(res["methods"]) == {"qpo_greedy", "qpo_best_of_n", "qpo_rerank", "best_single", "random", "oracle"}
+    for row in saved["per_query"]:
+        acc = test_acc[normalize_text(row["query"])]
+        assert row["methods"]["oracle"]["correct"] == pytest.approx(max(acc.values()))
+        for name in ("qpo_greedy", "qpo_best_of_n", "qpo_rerank"):
+            m = row["methods"][name]
+            if m["match"] == "none":  # an unmatched prompt counts as incorrect
+                assert m["correct"] == 0.0 and m["matched"] is None
+            else:  # else the recorded mean of the matched prompt on that query
+                assert m["correct"] == pytest.approx(acc[m["matched"]])
+        assert row["methods"]["qpo_rerank"]["match"] == "exact"  # rerank picks among the query's recorded prompts
+    for name, m in res["methods"].items():
+        vals = [row["methods"][name]["correct"] for row in saved["per_query"]]
+        known = [v for v in vals if v is not None]
+        assert m["accuracy"] == pytest.approx(sum(known) / len(known)) and m["n"] == len(known)
+        assert m["ci"][0] <= m["accuracy"] <= m["ci"][1]
+    best = res["methods"]["best_single"]
+    assert best["prompt"] in (A, B, C) and res["methods"]["oracle"]["accuracy"] >= best["accuracy"]
+    for name in ("qpo_greedy", "qpo_best_of_n", "qpo_rerank"):
+        cmp = res["methods"][name]["vs"]["best_single"]
+        assert cmp["lo"] <= cmp["diff"] <= cmp["hi"] and cmp["n"] == s["evaluated_test_queries"]
 
-    # Baselines: values in [0, 1] and consistent with each other.
-    best, oracle = m["best_single_on_train"], m["oracle"]["accuracy"]
-    for v in (m["qpo"]["accuracy"], best["accuracy"], best["accuracy_all"], m["random_recorded"]["accuracy"], oracle):
-        assert 0.0 <= v <= 1.0
-    assert oracle >= best["accuracy_all"] and oracle >= m["qpo"]["accuracy"] and oracle >= m["random_recorded"]["accuracy"]
-    assert oracle == pytest.approx(sum(max(ps.values()) for ps in test_acc.values()) / len(test_acc))
-    assert best["prompt"] == _independent_best_on_train(train_store)
-    assert best["train_coverage"] >= 0.9 and best["name"] in aliases
-    assert {x["name"] for x in res["per_prompt"]} == set(aliases)
-    nan = next(x for x in res["per_prompt"] if x["name"] == "nan")
-    assert nan["test_coverage"] == 1.0
-    assert nan["test_accuracy"] == pytest.approx(sum(ps[normalize_text("The answer is:")] for ps in test_acc.values())
-                                                 / len(test_acc))
-
-    # Training ran through Ray Train and left a policy; the report names the methods.
+    # Training ran through Ray Train; the report shows the intervals.
     tr = res["training"]
-    assert tr["wall_s"] > 0 and tr["epochs_run"] == 2 and not tr["reused"] and tr["train_rows"] == s["train_rows"]
-    assert (out / "policy" / "policy_config.json").is_file()
+    assert tr["epochs_run"] == 2 and not tr["reused"] and (out / "policy" / "policy_config.json").is_file()
     report = (out / "offline_report.md").read_text()
-    for frag in ("best single prompt on train", "per-query oracle", "QPO policy", "exact", "Every recorded prompt"):
+    for frag in ("best single prompt on train", "per-query oracle", "QPO rerank", "95%", "Every recorded prompt"):
         assert frag in report
 
-    # A rerun reuses the trained policy (no Ray Train) and gives the same numbers; a changed policy config
-    # is refused before anything is trained.
-    again = evaluate_offline(cfg, data, out, test_fraction=0.2, seed=0)
-    assert again["training"]["reused"] and again["training"]["wall_s"] == tr["wall_s"]
-    assert again["methods"] == res["methods"]
+    # A rerun reuses the trained policy and gives the same numbers; another policy config is refused.
+    again = evaluate_offline(cfg, data, out, test_fraction=0.25, seed=0)
+    assert again["training"]["reused"] and again["methods"] == res["methods"]
     with pytest.raises(ConfigError, match="another policy/train config"):
-        evaluate_offline(load_config("offline", ["policy.tiny_hidden=48"]), data, out)
-    assert time.time() - t0 < 300, "keep the end-to-end offline evaluation small"
+        evaluate_offline(load_config("offline", ["policy.tiny_hidden=48"]), data, out, test_fraction=0.25)
 
 
 def test_offline_profile_loads():
     cfg = load_config("offline")
     assert cfg.policy.model == "tiny-gpt2" and cfg.policy.max_query_tokens == 64
     assert cfg.eval.max_test_queries is None and cfg.train.scratch.epochs >= 1
-    assert os.path.basename(cfg.run_dir) == "offline"

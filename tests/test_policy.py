@@ -10,14 +10,15 @@ from qpo_ray.config import PolicyConfig
 from qpo_ray.errors import ConfigError
 from qpo_ray.policy import QPOPolicy, generate_prompts, qpo_loss
 from qpo_ray.policy.generate import (
+    beam_ids,
     best_of_n,
     candidates,
-    generate_candidates,
     generate_ids,
-    rank_by_reward_head,
+    rerank,
+    reward_estimates,
     sample_next,
 )
-from qpo_ray.policy.tokenize import encode_queries, encode_rows
+from qpo_ray.policy.tokenize import encode_prompts, encode_queries, encode_rows
 
 LQ, LP = 16, 6
 KINDS = ["tiny-gpt2", "tiny-llama"]
@@ -84,6 +85,23 @@ def test_padding_is_invisible(policy):
         torch.testing.assert_close(r1, r_pred[i:i + 1], atol=1e-4, rtol=1e-4)
 
 
+def test_unused_padding_is_trimmed_and_changes_nothing(policy):
+    """Wider padding (the configured maxima) gives the same logits, r̂ and loss as the batch's own widths."""
+    queries, prompts = ["Hi", "A short query about cats", "ok then"], ["Be brief.", "", "Answer in one word"]
+    b = _batch(policy, queries=queries, prompts=prompts)  # every query fits LQ, so both widths hold the same rows
+    enc = encode_rows(policy.tokenizer, queries, prompts, REWARDS, LQ + 9, LP + 7)
+    wide = {k: torch.as_tensor(v) for k, v in enc.items()}
+    (logits, r), (lw, rw) = policy(**b), policy(**wide)
+    longest = int(b["prompt_mask"].sum(1).max())
+    assert lw.shape[1] == logits.shape[1] == longest < LP + 1  # only the columns some row uses
+    real = b["prompt_mask"][:, :longest].bool()  # a pad position's logits are never read
+    torch.testing.assert_close(lw[real], logits[real], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(rw, r, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(qpo_loss(lw, rw, wide)[0], qpo_loss(logits, r, b)[0], atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="real tokens beyond"):
+        qpo_loss(logits[:, :1], r, b)
+
+
 def test_loss_ignores_pad_positions(policy):
     b = _batch(policy)
     loss, m = qpo_loss(*policy(**b), b)
@@ -116,7 +134,7 @@ def test_gradients_and_reward_head_training(kind):
     assert (policy.segment.weight.grad.abs().sum(1) > 0).all()  # every segment row (r, q, p) is used
     w0 = policy.reward_out.weight.detach().clone()
     opt = torch.optim.Adam(policy.parameters(), lr=0.1)
-    for _ in range(4):
+    for _ in range(12):
         opt.zero_grad()
         loss, m = qpo_loss(*policy(**b), b)
         loss.backward()
@@ -277,10 +295,79 @@ def test_last_prompt_head_is_blind_to_r_and_ranks():
     assert not torch.allclose(logits, logits2)  # ... while the prompt head is conditioned on r
     pred = policy.predict_reward(b["query_ids"], b["query_mask"], b["prompt_ids"], b["prompt_mask"])
     torch.testing.assert_close(pred, r1)
-    cands = generate_candidates(policy, "Is it good?", 4, top_k=50, seed=0, max_new_tokens=4)
-    best, scores = rank_by_reward_head(policy, "Is it good?", cands)
-    assert best in cands and len(scores) == len(cands) and scores[cands.index(best)] == max(scores)
-    assert best_of_n(policy, "Is it good?", 4, top_k=50, seed=0, max_new_tokens=4) == best
+    queries = ["Is it good?", "Tell me more about the weather today"]
+    cands = [["Be brief.", "Answer yes or no.", ""], ["Describe it."]]
+    scores = reward_estimates(policy, [queries[0]] * 3 + [queries[1]], cands[0] + cands[1])
+    torch.testing.assert_close(torch.tensor(scores[:3]), policy.predict_reward(
+        *(torch.as_tensor(a) for a in encode_queries(policy.tokenizer, [queries[0]] * 3, LQ)),
+        *(torch.as_tensor(a) for a in encode_prompts(policy.tokenizer, cands[0], LP))))
+    best = rerank(policy, queries, cands)
+    assert best == [cands[0][max(range(3), key=scores.__getitem__)], "Describe it."]
+    # best-of-N = rerank over the query's own samples (seeded, so the same samples both times)
+    picked = best_of_n(policy, queries, 4, top_k=50, seed=0, max_new_tokens=4)
+    samples = generate_prompts(policy, [q for q in queries for _ in range(4)], greedy=False, top_k=50, top_p=0.9, seed=0,
+                               max_new_tokens=4, batch_size=64)
+    assert picked == rerank(policy, queries, [list(dict.fromkeys(samples[:4])), list(dict.fromkeys(samples[4:]))])
     slot = QPOPolicy.from_config(_pcfg("tiny-gpt2"))
     with pytest.raises(ConfigError, match="last_prompt"):
-        rank_by_reward_head(slot, "q", ["a", "b"])
+        rerank(slot, ["q"], [["a", "b"]])
+    with pytest.raises(ValueError, match="no candidate"):
+        rerank(policy, ["q"], [[]])
+
+
+# -- the prompt vocabulary and beam search ------------------------------------------------------------
+def _seq_logp(policy: QPOPolicy, query: str, prompts: list[str], reward: float = 100.0) -> list[float]:
+    """log p(prompt + EOS | query, r) from the training forward (an independent path from decoding)."""
+    b = _batch(policy, [query] * len(prompts), prompts, [reward] * len(prompts))
+    with torch.no_grad():
+        logits, _ = policy(**b)
+    width = logits.shape[1]
+    tgt = policy.head_targets(b["prompt_ids"], b["prompt_mask"])[:, :width]
+    lp = torch.log_softmax(logits.float(), -1).gather(-1, tgt[..., None]).squeeze(-1)
+    return (lp * b["prompt_mask"][:, :width]).sum(1).tolist()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_prompt_vocabulary_restricts_the_head_and_round_trips(kind, tmp_path):
+    policy = QPOPolicy.from_config(_pcfg(kind), seed=3).eval()
+    tok = policy.tokenizer
+    ids = sorted({i for p in PROMPTS for i in tok(p, add_special_tokens=False)["input_ids"]} | {tok.eos_token_id})
+    policy.set_vocab(ids)
+    b = _batch(policy)
+    with torch.no_grad():
+        logits, _ = policy(**b)
+    assert logits.shape[-1] == len(ids)
+    tgt = policy.head_targets(b["prompt_ids"], b["prompt_mask"])
+    assert torch.equal(policy.head_token_ids(tgt)[b["prompt_mask"].bool()], b["prompt_ids"][b["prompt_mask"].bool()])
+    q_ids, q_mask = (torch.as_tensor(a) for a in encode_queries(tok, QUERIES, LQ))
+    for gen in (generate_ids(policy, q_ids, q_mask, max_new_tokens=LP),
+                generate_ids(policy, q_ids, q_mask, greedy=False, top_k=50, max_new_tokens=LP),
+                beam_ids(policy, q_ids, q_mask, num_beams=3, max_new_tokens=LP)):
+        assert set(gen.flatten().tolist()) <= set(ids) | {tok.pad_token_id}
+    out = generate_prompts(policy, QUERIES, max_new_tokens=LP)
+    with pytest.raises(ValueError, match="not in the policy's prompt vocabulary"):
+        policy.head_targets(torch.tensor([[5, 6]]), torch.ones(1, 2))
+    policy.save(tmp_path)
+    loaded = QPOPolicy.load(tmp_path)
+    assert loaded.vocab_ids.tolist() == ids
+    assert generate_prompts(loaded, QUERIES, max_new_tokens=LP) == out
+
+
+def test_beam_search_finds_the_most_likely_prompt():
+    """With as many beams as there are sequences, beam search is exhaustive: its prompt must be the argmax of
+    the sequence log-probability computed by the training forward, at least as likely as greedy's."""
+    policy = QPOPolicy.from_config(_pcfg("tiny-gpt2"), seed=5).eval()
+    tok = policy.tokenizer
+    words = [tok(" a", add_special_tokens=False)["input_ids"][0], tok(" b", add_special_tokens=False)["input_ids"][0]]
+    policy.set_vocab(words + [tok.eos_token_id])
+    T = 3
+    seqs = [""] + [" ".join(x) for n in range(1, T) for x in __import__("itertools").product("ab", repeat=n)]
+    for q in QUERIES:
+        q_ids, q_mask = (torch.as_tensor(a) for a in encode_queries(tok, [q], LQ))
+        beam = beam_ids(policy, q_ids, q_mask, num_beams=27, max_new_tokens=T)[0].tolist()
+        text = tok.decode([t for t in beam if t != tok.eos_token_id]).strip()
+        scores = dict(zip(seqs, _seq_logp(policy, q, [" " + s if s else "" for s in seqs]), strict=True))
+        greedy = generate_prompts(policy, [q], max_new_tokens=T)[0]
+        assert text in scores and scores[text] == pytest.approx(max(scores.values()), abs=1e-4)
+        if greedy in scores:
+            assert scores[text] >= scores[greedy] - 1e-5

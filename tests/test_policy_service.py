@@ -221,7 +221,8 @@ def test_a_request_that_fails_in_generation_fails_alone(policy_dir):
     from qpo_ray.serve.app import generate_batch
 
     policy = QPOPolicy.load(policy_dir)
-    batcher = EngineBatcher(lambda items: generate_batch(policy, items), max_batch_size=16, wait_s=0.2)
+    cfg = load_config("tiny")
+    batcher = EngineBatcher(lambda items: generate_batch(policy, items, cfg), max_batch_size=16, wait_s=0.2)
     items = [([QUERIES[0]], 100.0), (["bad \ud800"], 100.0), (QUERIES[1:3], 100.0), ([QUERIES[3]], 1e308),
              ([QUERIES[4]], 100.0)]
 
@@ -232,6 +233,29 @@ def test_a_request_that_fails_in_generation_fails_alone(policy_dir):
     assert isinstance(out[1], Exception) and isinstance(out[3], Exception), out
     local = generate_prompts(policy, [QUERIES[0], *QUERIES[1:3], QUERIES[4]])
     assert [out[0], out[2], out[4]] == [local[:1], local[1:3], local[3:]]
+
+
+def test_generate_batch_serves_the_configured_method(tmp_path):
+    """The service's method (eval.method) is the evaluation's: the policy's own prompt (greedy or beam),
+    best-of-N by r̂, or the policy's training prompts reranked by r̂."""
+    from qpo_ray.policy.generate import best_of_n, rerank
+    from qpo_ray.serve.app import generate_batch
+
+    cfg = load_config("tiny", ["policy.reward_head=last_prompt"])
+    policy = QPOPolicy.from_config(cfg.policy, seed=0).eval()
+    items = [(QUERIES[:2], 100.0), (QUERIES[2:3], 40.0)]
+    got = generate_batch(policy, items, cfg)
+    assert got == [generate_prompts(policy, QUERIES[:2]), generate_prompts(policy, QUERIES[2:3], target_reward=40.0)]
+    beam = load_config("tiny", ["policy.reward_head=last_prompt", "eval.num_beams=3"])
+    assert generate_batch(policy, items[:1], beam) == [generate_prompts(policy, QUERIES[:2], num_beams=3)]
+    bon = load_config("tiny", ["policy.reward_head=last_prompt", "eval.method=best_of_n", "eval.best_of_n=3"])
+    assert generate_batch(policy, items[:1], bon) == [best_of_n(policy, QUERIES[:2], 3, top_k=bon.collect.top_k,
+                                                                top_p=bon.collect.top_p, seed=0)]
+    rr = load_config("tiny", ["policy.reward_head=last_prompt", "eval.method=rerank"])
+    cands = ["Be brief.", "Answer in one word.", ""]
+    out = generate_batch(policy, items, rr, cands)
+    assert out == [rerank(policy, QUERIES[:2], [cands] * 2), rerank(policy, QUERIES[2:3], [cands])]
+    assert all(p in cands for ps in out for p in ps)
 
 
 def test_not_json_is_422(service):

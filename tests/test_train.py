@@ -127,11 +127,53 @@ def test_tokenize_batch_normalises_rewards():
     assert out["query_ids"].shape == (2, pcfg.max_query_tokens)
     assert out["prompt_ids"].shape == (2, pcfg.max_prompt_tokens + 1)
     np.testing.assert_allclose(out["reward"], [0.0, 100.0])
+    np.testing.assert_allclose(out["reward_target"], out["reward"])  # no query means: the reward itself
+    means = {"a query": 0.0, "another one": 10.0}  # raw means -> normalised 25 and 75
+    adv = tokenize_batch({"query": np.array(["a query", "another one"], dtype=object),
+                          "prompt": np.array(["Be brief.", ""], dtype=object), "reward": np.array([-5.0, 15.0])},
+                         **kw, query_means=means)
+    np.testing.assert_allclose(adv["reward"], [0.0, 100.0])  # conditioning stays the reward
+    np.testing.assert_allclose(adv["reward_target"], [-25.0, 25.0])  # the head learns the advantage
     kw.update(max_query_tokens=8, max_prompt_tokens=8, reward_min=3.0, reward_max=3.0)
     out = tokenize_batch({"query": np.array(["q"], dtype=object), "prompt": np.array(["p"], dtype=object),
                           "reward": np.array([3.0])}, **kw)  # degenerate range → 50 for all
     np.testing.assert_allclose(out["reward"], [50.0])
     assert out["query_ids"].shape == (1, 8)  # the cached tokenizer is shared; the lengths are per call
+
+
+def test_tokenize_batch_drops_prompts_that_do_not_fit():
+    """A prompt longer than max_prompt_tokens is dropped, never cut: its reward was earned by the whole text."""
+    from qpo_ray.train.loader import tokenize_batch, tokenizer_source
+
+    pcfg = load_config("tiny").policy
+    src = tokenizer_source(pcfg.tokenizer, pcfg.model)
+    prompts = ["one two three", "one two three four", "", "a b c d e f g h i j"]  # 3, 4, 0 and 10 GPT-2 tokens
+    out = tokenize_batch({"query": np.array(["q"] * 4, dtype=object), "prompt": np.array(prompts, dtype=object),
+                          "reward": np.array([1.0, 2.0, 3.0, 4.0])}, source=src, max_query_tokens=4,
+                         max_prompt_tokens=3, reward_min=0.0, reward_max=4.0)
+    np.testing.assert_allclose(out["reward"], [25.0, 75.0])  # the rows of "one two three" and ""
+    assert out["prompt_ids"].shape == (2, 4) and out["prompt_mask"].sum(axis=1).tolist() == [4, 1]
+
+
+def test_plan_prompts_counts_drops_and_builds_the_vocabulary(tmp_path):
+    from qpo_ray.models import load_tokenizer
+    from qpo_ray.train.loader import plan_prompts
+
+    store = DatasetStore(tmp_path)
+    rows = [dict(r, prompt=p) for r, p in zip(_rows(12), ["Be brief.", "Be brief.", "a b c d e f g h i j", ""] * 3,
+                                               strict=True)]
+    store.commit([rows_to_table(rows)])
+    pcfg = load_config("tiny", ["policy.max_prompt_tokens=4"]).policy
+    tok = load_tokenizer(pcfg.tokenizer, pcfg.model)
+    plan = plan_prompts(store, 0, tok, pcfg, base_vocab=[7], query_means=True)
+    assert (plan.rows, plan.dropped, plan.longest) == (9, 3, 10)
+    assert plan.prompts == ["Be brief.", ""]  # kept prompts, most rows first
+    brief = tok("Be brief.", add_special_tokens=False)["input_ids"]
+    assert plan.vocab_ids == sorted({*brief, tok.eos_token_id, 7})  # kept prompts, EOS, the base vocabulary
+    by_query = {r["query"]: [x["reward"] for x in rows if x["query"] == r["query"] and x["prompt"] != rows[2]["prompt"]]
+                for r in rows}
+    assert plan.query_means == pytest.approx({q: sum(v) / len(v) for q, v in by_query.items() if v})
+    assert plan_prompts(store, 0, tok, pcfg.model_copy(update={"prompt_vocab": "full"})).vocab_ids is None
 
 
 def test_train_policy_checks_arguments(tmp_path):
@@ -198,6 +240,30 @@ def test_exported_policy_loads_and_generates(zero2):
     policy = QPOPolicy.load(second.policy_dir)
     out = generate_prompts(policy, ["Today I felt happy after call number 3.", "I am calm."], max_new_tokens=6)
     assert len(out) == 2 and all(isinstance(t, str) for t in out)
+    # tiny trains the CPU setup: a head over the prompts' tokens, and the prompts travel with the policy
+    tok = policy.tokenizer
+    assert policy.vocab_ids.tolist() == sorted({i for p in PROMPTS for i in tok(p, add_special_tokens=False)["input_ids"]}
+                                               | {tok.eos_token_id})
+    assert sorted(QPOPolicy.candidates(second.policy_dir)) == sorted(PROMPTS)
+
+
+@pytest.mark.slow
+def test_reference_path_trains_the_whole_vocabulary_with_the_reward_slot_head(run_dir, ray_quiet):
+    """The paper's setup: full-vocabulary head, reward-slot head regressing the reward itself."""
+    import torch
+
+    from qpo_ray.policy import QPOPolicy
+    from qpo_ray.policy.tokenize import encode_rows
+
+    cfg = _cfg(run_dir, "policy.prompt_vocab=full", "policy.reward_head=reward_slot", "train.reward_target=reward",
+               "train.mse_scale=1", "eval.best_of_n=1", "train.scratch.epochs=1")
+    res = train_policy(cfg, store=DatasetStore(run_dir), version=0, out_dir=run_dir / "policy-ref",
+                       schedule="scratch", run_name="reference")
+    assert res.epochs_run == 1 and math.isfinite(res.metrics["loss"])
+    policy = QPOPolicy.load(res.policy_dir)
+    assert policy.vocab_ids is None and policy.pcfg.reward_head == "reward_slot"
+    b = {k: torch.as_tensor(v) for k, v in encode_rows(policy.tokenizer, ["q"], ["Be brief."], [50.0], 8, 8).items()}
+    assert policy(**b)[0].shape[-1] == policy.base.config.vocab_size
 
 
 @pytest.mark.slow

@@ -10,7 +10,6 @@ import pyarrow as pa
 
 from qpo_ray.collect import pick_collect_queries, sample_prompts
 from qpo_ray.driver.session import Session, read_rows
-from qpo_ray.evaluate.baselines import baseline_metrics, offline_pool, qpo_metrics, test_queries
 from qpo_ray.grow import merge_rows
 from qpo_ray.runs import atomic_write_json, atomic_write_table, fault_point
 
@@ -86,20 +85,12 @@ def merge(s: Session, loop: int) -> dict[str, Any]:
 
 
 def evaluate(s: Session, loop: int) -> dict[str, Any]:
-    """QPO (loop ≥ 1) and the baselines on the held-out test queries."""
-    queries = test_queries(s.task.queries("test"), s.cfg.eval.max_test_queries, s.cfg.seed)
-    scorer = lambda pairs, tag: s.score(pairs, tag, phase="test", source="eval", loop=loop)  # noqa: E731
-    methods = baseline_metrics(offline_pool(s.store, 0), queries, scorer)
-    examples = []
-    if loop >= 1:
-        prompts = sample_prompts(s.run.policy_dir(loop), queries, s.cfg.collect, seed=s.cfg.seed, greedy=True,
-                                 target_reward=s.cfg.eval.target_reward)
-        methods["qpo"], rows = qpo_metrics(prompts, scorer, f"eval-qpo-{loop}")
-        methods["qpo"]["distinct_prompts"] = len({r["prompt"] for r in rows})
-        examples = [{"query": r["query"], "prompt": r["prompt"], "correct": r["correct"]} for r in rows[:5]]
-    result = {"loop": loop, "methods": methods, "examples": examples}
+    """The baselines and (loop ≥ 1) the QPO methods on the held-out test queries (evaluate/compare.py)."""
+    from qpo_ray.evaluate.live import evaluate_loop
+
+    result = evaluate_loop(s, loop)
     atomic_write_json(s.run.path / "eval" / f"loop-{loop}.json", result)
-    for name, m in methods.items():
-        s.tracker.log(f"eval/{name}", {k: v for k, v in m.items() if isinstance(v, int | float)}, loop=loop,
+    for name, m in result["methods"].items():
+        s.tracker.log(f"eval/{name}", {"accuracy": m["accuracy"]} if m["accuracy"] is not None else {}, loop=loop,
                       global_step=loop)
-    return {"accuracy": {k: v["accuracy"] for k, v in methods.items()}}
+    return {"accuracy": {k: v["accuracy"] for k, v in result["methods"].items()}}

@@ -1,32 +1,23 @@
-"""Offline evaluation of a QPO policy on recorded logs (``qpo-ray eval --target replay``).
+"""Replay evaluation of a QPO policy on recorded logs (``qpo-ray eval --target replay``).
 
 No target LLM is called: the logs (e.g. the Prompt-OIRL MAWPS/SVAMP correctness logs, imported with
 ``qpo-ray data import --format oirl --split all``) are both the training data and the judge.
 
-1. **Split.** The rows of one dataset version are split by unique query text with the importer's
-   :func:`~qpo_ray.data.importers.split_of` (a seeded hash of the normalised text), so repeats of a question
-   never sit on both sides.
+1. **Split.** The rows of one dataset version are split by unique query text (``split_of``: a seeded hash of
+   the normalised text), so repeats of a question never sit on both sides.
 2. **Train.** The train rows (in a seeded random order: imports are grouped by prompt, and the trainer only
    shuffles locally) become dataset v000 of a new run directory ``out_dir``; the policy is trained there
-   with Ray Train + DeepSpeed (:func:`~qpo_ray.train.train_policy`, schedule ``scratch``). A rerun with the
-   same ``out_dir`` reuses the finished policy, or resumes an interrupted training from its checkpoint.
-3. **Generate.** One greedy prompt per unique test query, conditioned on ``r = eval.target_reward``.
-4. **Replay.** Each ``(test query, generated prompt)`` is answered by a
-   :class:`~qpo_ray.score.replay.ReplayTable` of the TEST rows (exact / approximate / no match, repeats
-   averaged). An unmatched generation counts as incorrect; the match counts are reported.
-5. **Baselines** on the same test queries. The accuracy of a prompt on a query is the mean correctness over
-   that query's recorded repeats; a prompt's accuracy is the mean of that over the queries it was
-   recorded on (its *coverage*):
+   with Ray Train + DeepSpeed (``train_policy``, schedule ``scratch``). A rerun with the same ``out_dir``
+   reuses the finished policy, or resumes an interrupted training from its checkpoint.
+3. **Prompts.** The QPO methods (``qpo_ray.evaluate.policy_prompts``) write one prompt per test query; rerank
+   ranks the prompts recorded for that query.
+4. **Judge.** A pool prompt's correctness on a test query is its mean recorded correctness there (``None``
+   when it was not recorded on that query). A QPO prompt is answered by a ``ReplayTable`` of the TEST rows
+   (exact match, else the most similar recorded prompt of that query; below the similarity bar it is
+   unmatched and counts as incorrect). The comparison is ``qpo_ray.evaluate.compare``, the same as live.
 
-   - every recorded prompt on its own (accuracy over the test queries it covers, and its coverage);
-   - the **best single prompt chosen on train**: among the prompts recorded on at least
-     :data:`MIN_TRAIN_COVERAGE` (90 %) of the train queries, the one with the highest mean train accuracy
-     (ties: higher coverage, then the text), measured on test;
-   - a random recorded prompt (expected accuracy: per query, the mean over its recorded prompts);
-   - the per-query oracle: per test query the best recorded prompt (an upper bound for any policy that
-     picks among the recorded prompts).
-
-Results go to ``out_dir/offline_eval.json`` and ``out_dir/offline_report.md``.
+Results go to ``out_dir/offline_eval.json`` (every query's prompts and correctness) and
+``out_dir/offline_report.md``.
 """
 
 from __future__ import annotations
@@ -34,12 +25,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import random
 import threading
 import time
-from collections import Counter, defaultdict
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -53,12 +43,22 @@ from qpo_ray.data.schema import SCHEMA, normalize_text, split_of
 from qpo_ray.data.store import DatasetStore, parse_version_path
 from qpo_ray.errors import ConfigError, DataError
 from qpo_ray.evaluate.baselines import test_queries
+from qpo_ray.evaluate.compare import (
+    MIN_TRAIN_COVERAGE,
+    AccTable,
+    EvalQuery,
+    accuracy_table,
+    best_single_on_train,
+    compare,
+    prompt_names,
+)
+from qpo_ray.evaluate.policy_prompts import METHOD_OF, qpo_prompts
+from qpo_ray.evaluate.report import render_eval
 from qpo_ray.runs import atomic_write_bytes, atomic_write_json
-from qpo_ray.score.replay import KINDS, MIN_SIMILARITY, ReplayTable
+from qpo_ray.score.replay import MIN_SIMILARITY, ReplayTable
 
 log = logging.getLogger("qpo_ray")
 
-MIN_TRAIN_COVERAGE = 0.9
 EVAL_JSON = "offline_eval.json"
 REPORT_MD = "offline_report.md"
 META_JSON = "offline_meta.json"  # which data and split the run directory was built from
@@ -67,121 +67,6 @@ POLICY_SUBDIR = "policy"
 RUN_NAME = "qpo-offline"
 COMMIT_CHUNK = 50_000
 HEARTBEAT_S = 60.0
-
-# Accuracy table: normalised query -> normalised prompt -> mean correctness over the recorded rows.
-AccTable = dict[str, dict[str, float]]
-
-
-# -- pure helpers (no Ray, no model) --------------------------------------------------------------------
-def accuracy_table(rows: Iterable[Mapping[str, Any]]) -> AccTable:
-    """Per (normalised query, normalised prompt): the mean of ``correct`` over its recorded rows (repeats).
-
-    Rows without a ``correct`` value are an error: offline accuracy needs correctness logs."""
-    sums: dict[str, dict[str, list[float]]] = defaultdict(dict)
-    for i, r in enumerate(rows):
-        c = r.get("correct")
-        if c is None or (isinstance(c, float) and math.isnan(c)):
-            raise DataError(f"row {i} (query {str(r.get('query'))[:60]!r}): no 'correct' value; offline "
-                            "evaluation needs correctness logs (import them with a correct column or --format oirl)")
-        s = sums[normalize_text(r["query"])].setdefault(normalize_text(r["prompt"]), [0.0, 0])
-        s[0] += float(c)
-        s[1] += 1
-    return {q: {p: s / n for p, (s, n) in ps.items()} for q, ps in sums.items()}
-
-
-def prompt_names(rows: Iterable[Mapping[str, Any]]) -> dict[str, str]:
-    """A short display name per normalised prompt: its ``offline:<alias>`` source alias when the rows agree
-    on one, else the first 40 characters of its text."""
-    seen: dict[str, Counter] = defaultdict(Counter)
-    texts: dict[str, str] = {}
-    for r in rows:
-        p = normalize_text(r["prompt"])
-        texts.setdefault(p, r["prompt"])
-        seen[p][str(r.get("source") or "")] += 1
-    out = {}
-    for p, srcs in seen.items():
-        src, _ = srcs.most_common(1)[0]
-        if len(srcs) == 1 and src.startswith("offline:") and src != "offline:import":
-            out[p] = src.split(":", 1)[1]
-        else:
-            t = " ".join(texts[p].split())
-            out[p] = (t[:40] + "…") if len(t) > 40 else (t or "<empty>")
-    return out
-
-
-def _mean(xs: Sequence[float]) -> float | None:
-    return sum(xs) / len(xs) if xs else None
-
-
-def baselines(train: AccTable, test: AccTable, *, min_train_coverage: float = MIN_TRAIN_COVERAGE,
-              names: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """The recorded-prompt baselines on the test queries (see the module doc).
-
-    Returns ``per_prompt`` (every prompt: train/test accuracy, coverage and query counts, best train
-    accuracy first), ``best_single_on_train``, ``random_recorded`` and ``oracle``. ``accuracy`` of the best
-    single prompt is over the test queries it covers; ``accuracy_all`` counts uncovered ones as incorrect."""
-    if not test:
-        raise DataError("no test queries to evaluate on")
-    names = names or {}
-    n_train, n_test = len(train), len(test)
-    prompts = sorted({p for table in (train, test) for ps in table.values() for p in ps})
-    per_prompt = []
-    for p in prompts:
-        tr = [ps[p] for ps in train.values() if p in ps]
-        te = [ps[p] for ps in test.values() if p in ps]
-        per_prompt.append({
-            "name": names.get(p, p[:40]), "prompt": p,
-            "train_accuracy": _mean(tr), "train_queries": len(tr),
-            "train_coverage": len(tr) / n_train if n_train else 0.0,
-            "test_accuracy": _mean(te), "test_queries": len(te), "test_coverage": len(te) / n_test,
-        })
-    per_prompt.sort(key=lambda x: (-(x["train_accuracy"] if x["train_accuracy"] is not None else -1.0),
-                                   -x["train_coverage"], x["prompt"]))
-    eligible = [x for x in per_prompt if x["train_queries"] and x["train_coverage"] >= min_train_coverage]
-    best = None
-    if eligible:
-        b = eligible[0]  # per_prompt is sorted by (train accuracy, coverage, text)
-        covered = [ps[b["prompt"]] for ps in test.values() if b["prompt"] in ps]
-        best = {"name": b["name"], "prompt": b["prompt"], "train_accuracy": b["train_accuracy"],
-                "train_coverage": b["train_coverage"], "accuracy": _mean(covered),
-                "accuracy_all": sum(covered) / n_test, "coverage": len(covered) / n_test, "n": len(covered)}
-    return {
-        "per_prompt": per_prompt,
-        "min_train_coverage": min_train_coverage,
-        "best_single_on_train": best,
-        "random_recorded": {"accuracy": sum(sum(ps.values()) / len(ps) for ps in test.values()) / n_test,
-                            "coverage": 1.0, "n": n_test},
-        "oracle": {"accuracy": sum(max(ps.values()) for ps in test.values()) / n_test, "coverage": 1.0,
-                   "n": n_test},
-    }
-
-
-def replay_generated(table: ReplayTable, queries: Sequence[str], prompts: Sequence[str],
-                     names: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """Score one generated prompt per test query by replay; unmatched generations count as incorrect.
-
-    Returns ``accuracy`` (over all queries), ``matched_accuracy`` (over matched ones only), ``matches``
-    (exact/approx/none counts), ``chosen`` (queries per matched recorded prompt, ``(unmatched)`` for none)
-    and ``per_query`` (query, prompt, kind, matched prompt, similarity, correct)."""
-    if len(queries) != len(prompts):
-        raise ValueError(f"{len(queries)} queries but {len(prompts)} prompts")
-    names = names or {}
-    table.reset_counts()
-    per_query, chosen = [], Counter()
-    for q, p in zip(queries, prompts, strict=True):
-        r = table.lookup(q, p)
-        correct = r.correct if r.kind != "none" and r.correct is not None else 0.0
-        per_query.append({"query": q, "prompt": p, "kind": r.kind, "matched": r.matched_prompt,
-                          "similarity": round(r.similarity, 4), "correct": correct})
-        chosen[names.get(r.matched_prompt, r.matched_prompt) if r.matched_prompt else "(unmatched)"] += 1
-    counts = table.report()
-    matched = [x["correct"] for x in per_query if x["kind"] != "none"]
-    n = len(per_query)
-    return {"accuracy": sum(x["correct"] for x in per_query) / n if n else float("nan"),
-            "matched_accuracy": _mean(matched), "n": n, "coverage": len(matched) / n if n else 0.0,
-            "matches": {k: counts[k] for k in KINDS}, "chosen": dict(chosen.most_common()),
-            "distinct_prompts": len({normalize_text(p) for p in prompts}), "per_query": per_query}
-
 
 # -- the data side -----------------------------------------------------------------------------------------
 def _resolve_data(data_run_dir: str | Path, version: int | None) -> tuple[DatasetStore, int, Path]:
@@ -266,6 +151,9 @@ class OfflineSplit:
         self.train_acc = accuracy_table(train_rows)
         self.test_acc = accuracy_table(test_rows)
         self.names = prompt_names(train_rows + test_rows)
+        self.prompt_text: dict[str, str] = {}  # normalised prompt -> its first raw text (what a method writes)
+        for r in train_rows + test_rows:
+            self.prompt_text.setdefault(normalize_text(r["prompt"]), r["prompt"])
         overlap = set(self.train_acc) & set(self.test_acc)
         if overlap:  # split_of is a function of the normalised text: this cannot happen
             raise RuntimeError(f"{len(overlap)} queries are in both splits, e.g. {next(iter(overlap))[:80]!r}")
@@ -372,32 +260,16 @@ def _train(cfg: RunConfig, store: DatasetStore, out_dir: Path) -> dict[str, Any]
     return {**info, "reused": False}
 
 
-def _generate(policy_dir: Path, queries: Sequence[str], target_reward: float, batch_size: int) -> list[str]:
-    from qpo_ray.policy.generate import generate_prompts
-    from qpo_ray.policy.model import QPOPolicy
-
-    policy = QPOPolicy.load(policy_dir)
-    out: list[str] = []
-    step = batch_size * 4
-    t0 = time.perf_counter()
-    for i in range(0, len(queries), step):
-        out += generate_prompts(policy, queries[i:i + step], target_reward=target_reward, greedy=True,
-                                batch_size=batch_size)
-        log.info("offline eval: generated %d/%d prompts (%.0f s)", len(out), len(queries), time.perf_counter() - t0)
-    return out
-
-
 def evaluate_offline(cfg: RunConfig, data_run_dir: str | Path, out_dir: str | Path, *, version: int | None = None,
                      test_fraction: float = 0.2, seed: int = 0, min_train_coverage: float = MIN_TRAIN_COVERAGE,
-                     min_similarity: float = MIN_SIMILARITY, gen_batch_size: int = 64,
-                     examples: int = 10) -> dict[str, Any]:
-    """Split the logs of ``data_run_dir`` (dataset ``version``, default the latest) by unique query, train a
-    policy on the train rows in ``out_dir``, generate one greedy prompt per test query and replay it
-    against the recorded test rows; compare with the recorded-prompt baselines (module doc).
+                     min_similarity: float = MIN_SIMILARITY) -> dict[str, Any]:
+    """Split the logs of ``data_run_dir`` (dataset ``version``, default the latest that added rows) by unique
+    query, train a policy on the train rows in ``out_dir``, let every QPO method write a prompt per test query,
+    and compare with the recorded-prompt baselines by replay (module doc).
 
     ``cfg.eval.max_test_queries`` (if set) evaluates a seeded sample of the test queries; every method is
     measured on the same ones. Writes ``offline_eval.json`` and ``offline_report.md`` into ``out_dir`` and
-    returns the JSON's content (without the per-query rows, which the JSON holds)."""
+    returns the JSON's content."""
     if not 0.0 < test_fraction < 1.0:
         raise ConfigError(f"--test-fraction {test_fraction}: must be strictly between 0 and 1")
     if not 0.0 <= min_train_coverage <= 1.0:
@@ -438,121 +310,104 @@ def evaluate_offline(cfg: RunConfig, data_run_dir: str | Path, out_dir: str | Pa
     queries = split.test_queries
     if cfg.eval.max_test_queries is not None and cfg.eval.max_test_queries < len(queries):
         queries = sorted(test_queries(queries, cfg.eval.max_test_queries, seed))
-    test_acc = {normalize_text(q): split.test_acc[normalize_text(q)] for q in queries}
-    log.info("offline eval: generating one greedy prompt per test query (%d, r = %g)", len(queries),
-             cfg.eval.target_reward)
-    t0 = time.perf_counter()
-    prompts = _generate(out / POLICY_SUBDIR, queries, cfg.eval.target_reward, gen_batch_size)
-    gen_s = time.perf_counter() - t0
+    tq = [EvalQuery(q) for q in queries]
+    norm_q = [normalize_text(q) for q in queries]
+    pool_keys = sorted({p for table in (split.train_acc, split.test_acc) for ps in table.values() for p in ps},
+                       key=lambda p: (split.names.get(p, p), p))
+    pool = [split.prompt_text[p] for p in pool_keys]
+    table = [{text: split.test_acc[q].get(key) for key, text in zip(pool_keys, pool, strict=True)} for q in norm_q]
+    replay = ReplayTable.from_rows(split.test_rows, min_similarity=min_similarity, where=f"{data_dir} test rows")
 
-    table = ReplayTable.from_rows(split.test_rows, min_similarity=min_similarity, where=f"{data_dir} test rows")
-    qpo = replay_generated(table, queries, prompts, split.names)
-    base = baselines(split.train_acc, test_acc, min_train_coverage=min_train_coverage, names=split.names)
-    n_test_rows = len(split.test_rows)
-    result = {
+    def judge(pairs: Sequence[tuple[str, str]]) -> list[tuple[float | None, dict[str, Any]]]:
+        out_: list[tuple[float | None, dict[str, Any]]] = []
+        for q, p in pairs:
+            r = replay.lookup(q, p)
+            out_.append((r.correct if r.kind != "none" else None,
+                         {"match": r.kind, "matched": r.matched_prompt, "similarity": round(r.similarity, 4)}))
+        return out_
+
+    log.info("offline eval: the policy writes prompts for %d test queries (r = %g; methods: greedy%s%s)",
+             len(queries), cfg.eval.target_reward, f", best-of-{cfg.eval.best_of_n}" if cfg.eval.best_of_n > 1 else "",
+             ", rerank" if cfg.policy.reward_head == "last_prompt" else "")
+    recorded = [[split.prompt_text[p] for p in sorted(split.test_acc[q], key=pool_keys.index)] for q in norm_q]
+    qpo, took = qpo_prompts(out / POLICY_SUBDIR, queries, cfg.eval, cfg.collect, candidates=recorded, seed=seed)
+    best = best_single_on_train(split.train_acc, pool, min_train_coverage)
+    result = compare(tq, pool, table, judge, qpo, best=best, default_method=METHOD_OF[cfg.eval.method], seed=seed)
+    matches = {m: dict(Counter(row["methods"][m]["match"] for row in result["per_query"])) for m in qpo}
+    result.update({
+        "target": "replay", "names": split.names, "num_beams": cfg.eval.num_beams, "best_of_n": cfg.eval.best_of_n,
         "data": {"run_dir": str(data_dir), "version": version, "rows": split.rows, "task": split.task,
                  "target": split.target, "setting": split.setting},
         "split": {"test_fraction": test_fraction, "seed": seed, "train_queries": len(split.train_acc),
                   "train_queries_available": train_queries_all, "max_train_queries": limit,
                   "test_queries": len(split.test_acc), "train_rows": split.train.num_rows,
-                  "test_rows": n_test_rows, "query_overlap": 0, "evaluated_test_queries": len(queries)},
-        "policy": {"model": cfg.policy.model, "tokenizer": cfg.policy.tokenizer,
-                   "keep_layers": cfg.policy.keep_layers, "max_query_tokens": cfg.policy.max_query_tokens,
-                   "max_prompt_tokens": cfg.policy.max_prompt_tokens, "target_reward": cfg.eval.target_reward,
-                   "policy_dir": str(out / POLICY_SUBDIR)},
-        "training": training,
-        "generation": {"wall_s": round(gen_s, 2), "greedy": True, "queries": len(queries),
-                       "distinct_prompts": qpo["distinct_prompts"]},
-        "replay": {"min_similarity": min_similarity, "matches": qpo["matches"],
-                   "unmatched_count_as_incorrect": True},
-        "methods": {
-            "qpo": {"accuracy": qpo["accuracy"], "matched_accuracy": qpo["matched_accuracy"],
-                    "coverage": qpo["coverage"], "n": qpo["n"], "chosen": qpo["chosen"]},
-            "best_single_on_train": base["best_single_on_train"],
-            "random_recorded": base["random_recorded"],
-            "oracle": base["oracle"],
-        },
+                  "test_rows": len(split.test_rows), "query_overlap": 0, "evaluated_test_queries": len(queries)},
+        "policy": {"model": cfg.policy.model, "tokenizer": cfg.policy.tokenizer, "keep_layers": cfg.policy.keep_layers,
+                   "max_query_tokens": cfg.policy.max_query_tokens, "max_prompt_tokens": cfg.policy.max_prompt_tokens,
+                   "prompt_vocab": cfg.policy.prompt_vocab, "reward_head": cfg.policy.reward_head,
+                   "target_reward": cfg.eval.target_reward, "policy_dir": str(out / POLICY_SUBDIR)},
+        "training": training, "generation_s": took,
+        "replay": {"min_similarity": min_similarity, "matches": matches, "unmatched_count_as_incorrect": True},
         "min_train_coverage": min_train_coverage,
-        "per_prompt": base["per_prompt"],
-        "examples": qpo["per_query"][:examples],
+        "per_prompt": per_prompt_accuracy(split.train_acc, split.test_acc, pool_keys, split.names),
         "wall_s": round(time.perf_counter() - t_start, 2),
-    }
-    atomic_write_json(out / EVAL_JSON, {**result, "per_query": qpo["per_query"]})
+    })
+    atomic_write_json(out / EVAL_JSON, result)
     atomic_write_bytes(out / REPORT_MD, render_report(result).encode("utf-8"))
     log.info("offline eval: wrote %s and %s", out / EVAL_JSON, out / REPORT_MD)
     return result
 
 
+def per_prompt_accuracy(train: AccTable, test: AccTable, prompts: Sequence[str],
+                        names: Mapping[str, str]) -> list[dict[str, Any]]:
+    """Every recorded prompt's train and test accuracy and coverage, best train accuracy first."""
+    rows = []
+    for p in prompts:
+        tr = [ps[p] for ps in train.values() if p in ps]
+        te = [ps[p] for ps in test.values() if p in ps]
+        rows.append({"name": names.get(p, p[:40]), "prompt": p,
+                     "train_accuracy": sum(tr) / len(tr) if tr else None,
+                     "train_coverage": len(tr) / len(train) if train else 0.0,
+                     "test_accuracy": sum(te) / len(te) if te else None, "test_coverage": len(te) / len(test)})
+    return sorted(rows, key=lambda r: (-(r["train_accuracy"] or 0.0), r["name"]))
+
+
 # -- reporting ---------------------------------------------------------------------------------------------
 def _f(x: Any) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "–"
-    return f"{x:.3f}" if isinstance(x, float) else str(x)
-
-
-def summary_table(result: Mapping[str, Any]) -> str:
-    """The headline table (markdown): test accuracy of QPO and the baselines."""
-    m = result["methods"]
-    best = m["best_single_on_train"]
-    matches = result["replay"]["matches"]
-    lines = ["| method | test accuracy | test coverage | note |", "|---|---|---|---|",
-             f"| QPO policy (greedy, r = {result['policy']['target_reward']:g}) | {_f(m['qpo']['accuracy'])} | "
-             f"{_f(m['qpo']['coverage'])} | replay exact {matches['exact']} / approx {matches['approx']} / "
-             f"none {matches['none']} (none = incorrect); accuracy on matched {_f(m['qpo']['matched_accuracy'])} |"]
-    if best is not None:
-        lines.append(f"| best single prompt on train (`{best['name']}`) | {_f(best['accuracy'])} | "
-                     f"{_f(best['coverage'])} | train accuracy {_f(best['train_accuracy'])}, train coverage "
-                     f"{_f(best['train_coverage'])} |")
-    else:
-        lines.append(f"| best single prompt on train | – | – | no prompt covers ≥ "
-                     f"{result['min_train_coverage']:.0%} of the train queries |")
-    lines.append(f"| random recorded prompt (expected) | {_f(m['random_recorded']['accuracy'])} | 1.000 | |")
-    lines.append(f"| per-query oracle (best recorded prompt) | {_f(m['oracle']['accuracy'])} | 1.000 | upper bound |")
-    return "\n".join(lines)
+    return "–" if x is None else (f"{x:.3f}" if isinstance(x, float) else str(x))
 
 
 def render_report(result: Mapping[str, Any]) -> str:
-    d, s, tr, g = result["data"], result["split"], result["training"], result["generation"]
+    d, s, tr = result["data"], result["split"], result["training"]
     pol = result["policy"]
-    lines = [
-        f"# Offline evaluation (replay) — {d['task']} / {d['target']} ({d['setting']})", "",
+    facts = [
         f"- **data**: `{d['run_dir']}` v{d['version']:03d}, {d['rows']} rows",
         f"- **split** by unique query text (seed {s['seed']}, test fraction {s['test_fraction']}): "
         f"train {s['train_queries']} queries / {s['train_rows']} rows"
         + (f" (a seeded sample of the {s['train_queries_available']} train queries: task.max_train_queries)"
-           if s['train_queries'] < s['train_queries_available'] else "")
-        + f", test {s['test_queries']} queries / "
-        f"{s['test_rows']} rows, 0 queries in both; evaluated on {s['evaluated_test_queries']} test queries",
+           if s["train_queries"] < s["train_queries_available"] else "")
+        + f", test {s['test_queries']} queries / {s['test_rows']} rows, 0 queries in both; evaluated on "
+        f"{s['evaluated_test_queries']} test queries",
         f"- **policy**: `{pol['model']}` (tokenizer `{pol['tokenizer']}`, keep_layers {pol['keep_layers']}, "
-        f"{pol['max_query_tokens']} query / {pol['max_prompt_tokens']} prompt tokens)",
+        f"{pol['max_query_tokens']} query / {pol['max_prompt_tokens']} prompt tokens, prompt vocabulary "
+        f"`{pol['prompt_vocab']}`, reward head `{pol['reward_head']}`, r = {pol['target_reward']:g})",
         f"- **training**: {tr['wall_s']:.1f} s wall, {tr['epochs']} epoch(s) on {tr['train_rows']} rows"
         + (" (reused from an earlier run)" if tr.get("reused") else "")
         + (f", resumed from epoch {tr['resumed_from_epoch']}" if tr.get("resumed_from_epoch") else "")
         + f"; final loss {_f(tr['final_metrics'].get('loss'))}",
-        f"- **generation**: {g['queries']} greedy prompts in {g['wall_s']:.1f} s; {g['distinct_prompts']} distinct",
-        "", "## Test accuracy", "", summary_table(result), "",
-        "Accuracy of a prompt on a query = mean correctness over that query's recorded repeats. The QPO prompt "
-        "of a test query is replayed against the prompts recorded for THAT query: an exact match (normalised "
-        "text), else the most similar one with token-set Jaccard ≥ "
-        f"{result['replay']['min_similarity']} (approx); below that it is unmatched and counts as incorrect. "
-        f"The best single prompt is chosen on the TRAIN queries: the highest mean train accuracy among the "
-        f"prompts recorded on ≥ {result['min_train_coverage']:.0%} of them; its test accuracy is over the test "
-        "queries it covers. The oracle takes the best recorded prompt per test query.", "",
-        "## Prompts the policy chose (matched recorded prompt → test queries)", "",
-        "| matched prompt | queries |", "|---|---|",
+        "- **prompt writing**: " + ", ".join(f"{k} {v:.1f} s" for k, v in result["generation_s"].items()),
+        "- **replay of QPO prompts** (exact / approx = the most similar recorded prompt of that query with "
+        f"token Jaccard ≥ {result['replay']['min_similarity']} / none = unmatched, counted incorrect): "
+        + "; ".join(f"{m}: " + ", ".join(f"{k} {v}" for k, v in sorted(c.items()))
+                    for m, c in result["replay"]["matches"].items()),
     ]
-    lines += [f"| {k} | {v} |" for k, v in result["methods"]["qpo"]["chosen"].items()]
-    lines += ["", "## Every recorded prompt", "",
-              "| prompt | train accuracy | train coverage | test accuracy | test coverage |", "|---|---|---|---|---|"]
+    title = f"Offline evaluation (replay) — {d['task']} / {d['target']} ({d['setting']})"
+    lines = [render_eval(result, title, facts), "## Every recorded prompt", "",
+             "| prompt | train accuracy | train coverage | test accuracy | test coverage |", "|---|---|---|---|---|"]
     lines += [f"| {x['name']} | {_f(x['train_accuracy'])} | {_f(x['train_coverage'])} | {_f(x['test_accuracy'])} | "
               f"{_f(x['test_coverage'])} |" for x in result["per_prompt"]]
-    if result.get("examples"):
-        lines += ["", "## Examples", ""]
-        for ex in result["examples"]:
-            lines.append(f"- `{ex['query'][:90]}` → `{ex['prompt'][:100]}` ({ex['kind']}, correct {_f(ex['correct'])})")
     lines.append("")
     return "\n".join(lines)
 
 
-__all__ = ["MIN_TRAIN_COVERAGE", "OfflineSplit", "accuracy_table", "baselines", "evaluate_offline", "prompt_names",
-           "render_report", "replay_generated", "summary_table"]
+__all__ = ["MIN_TRAIN_COVERAGE", "OfflineSplit", "evaluate_offline", "per_prompt_accuracy", "render_report"]

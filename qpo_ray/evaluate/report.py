@@ -1,70 +1,186 @@
-"""The run report: report.md (a table per loop), accuracy.png (accuracy per loop, one line per method)."""
+"""The one report renderer, for live runs (``report.md`` + ``accuracy.png``, a section per loop) and replay
+evaluations (``offline_report.md``): every QPO-vs-baseline figure with its paired bootstrap 95% interval."""
 
 from __future__ import annotations
 
 import math
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from qpo_ray.evaluate.baselines import METHODS
+from qpo_ray.data.schema import normalize_text
+from qpo_ray.evaluate.compare import BASELINES, COMPARED_WITH, QPO_METHODS
+from qpo_ray.runs import atomic_write_bytes
+
+ORDER = (*QPO_METHODS, *BASELINES)
+EXAMPLES_PER_KIND = 3
 
 
-def _fmt(x: Any) -> str:
-    if isinstance(x, float):
-        return "–" if math.isnan(x) else f"{x:.3f}"
-    return str(x)
+def _f(x: Any, digits: int = 3) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
 
 
-def summary_table(evals: list[dict[str, Any]]) -> str:
-    """One markdown table: accuracy of every method at D0 and after each loop."""
-    head = "| method | " + " | ".join("D0" if e["loop"] == 0 else f"loop {e['loop']}" for e in evals) + " |"
-    sep = "|---" * (len(evals) + 1) + "|"
-    lines = [head, sep]
-    for m in METHODS:
-        cells = [_fmt(e["methods"].get(m, {}).get("accuracy", float("nan"))) for e in evals]
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+def _pts(cmp: Mapping[str, Any] | None) -> str:
+    """A paired difference in accuracy points: ``+3.1 [+0.4, +5.9]``, with "tie" when the interval holds 0."""
+    if not cmp or cmp.get("diff") is None:
+        return "–"
+    text = f"{100 * cmp['diff']:+.1f} [{100 * cmp['lo']:+.1f}, {100 * cmp['hi']:+.1f}]"
+    return text + (" tie" if cmp["tie"] else "")
+
+
+def method_label(name: str, result: Mapping[str, Any], names: Mapping[str, str] | None = None) -> str:
+    m = result["methods"][name]
+    label = {
+        "qpo_greedy": "QPO, the policy's prompt" + (f" (beam {result.get('num_beams')})"
+                                                   if (result.get("num_beams") or 1) > 1 else " (greedy)"),
+        "qpo_best_of_n": f"QPO best-of-{result.get('best_of_n', 'N')} (ranked by r̂)",
+        "qpo_rerank": "QPO rerank (pool prompts ranked by r̂)",
+        "no_instruction": "no instruction",
+        "best_single": "best single prompt on train" + (f" (`{prompt_name(m.get('prompt'), names)}`)"
+                                                        if m.get("prompt") is not None else ""),
+        "random": "random pool prompt (expected)",
+        "oracle": "per-query oracle over the pool (upper bound)",
+    }[name]
+    return label + (" ★" if name == result.get("default_method") else "")
+
+
+def prompt_name(prompt: str | None, names: Mapping[str, str] | None) -> str:
+    if prompt is None:
+        return "–"
+    name = (names or {}).get(normalize_text(prompt))
+    if name:
+        return name
+    t = " ".join(prompt.split())
+    return (t[:60] + "…") if len(t) > 60 else (t or "<empty>")
+
+
+def methods_table(result: Mapping[str, Any], names: Mapping[str, str] | None = None) -> str:
+    """Accuracy of every method, its interval, and each QPO method's paired difference to the baselines."""
+    head = ("| method | test accuracy [95% CI] | n | Δ vs best single, pts [95% CI] | "
+            "Δ vs no instruction, pts [95% CI] | distinct prompts | verbatim pool | degenerate |")
+    lines = [head, "|---|---|---|---|---|---|---|---|"]
+    for name in ORDER:
+        m = result["methods"].get(name)
+        if m is None:
+            continue
+        lo, hi = m.get("ci") or (None, None)
+        acc = f"{_f(m['accuracy'])} [{_f(lo)}, {_f(hi)}]" if lo is not None else _f(m["accuracy"])
+        vs = m.get("vs", {})
+        ps = m.get("prompts") or {}
+        share = (lambda x: "–" if x is None else f"{100 * x:.0f}%")  # noqa: E731
+        lines.append(f"| {method_label(name, result, names)} | {acc} | {m['n']} | {_pts(vs.get(COMPARED_WITH[0]))} | "
+                     f"{_pts(vs.get(COMPARED_WITH[1]))} | {ps.get('distinct', '–')} | "
+                     f"{share(ps.get('verbatim_pool_share'))} | {share(ps.get('degenerate_share'))} |")
     return "\n".join(lines)
 
 
-def write_report(run_dir: Path, evals: list[dict[str, Any]], steps: list[dict[str, Any]], header: dict[str, Any]) -> Path:
+def examples_by_kind(result: Mapping[str, Any], method: str | None, per_kind: int = EXAMPLES_PER_KIND,
+                     names: Mapping[str, str] | None = None) -> list[str]:
+    """A few test queries of each kind with the prompt ``method`` wrote and whether the target got it right."""
+    if method is None:
+        return []
+    groups: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
+    for row in result["per_query"]:
+        groups[row.get("group") or "all"].append(row)
+    out = []
+    for kind in sorted(groups):
+        for row in groups[kind][:per_kind]:
+            m = row["methods"].get(method)
+            if m is None:
+                continue
+            shown = f"`{m['prompt']}`" if m["prompt"] else "*(no instruction)*"
+            alias = prompt_name(m["prompt"], names)
+            note = f" = {alias}" if alias != " ".join((m["prompt"] or "").split()) and m["prompt"] else ""
+            out.append(f"- **{kind}** `{row['query'][:80]}` → {shown}{note} (correct {_f(m['correct'], 2)})")
+    return out
+
+
+def chosen_prompts(result: Mapping[str, Any], method: str, names: Mapping[str, str] | None = None) -> list[str]:
+    counts: dict[str, int] = defaultdict(int)
+    for row in result["per_query"]:
+        m = row["methods"].get(method)
+        if m is not None:
+            counts[prompt_name(m["prompt"], names)] += 1
+    return [f"| {k} | {v} |" for k, v in sorted(counts.items(), key=lambda kv: -kv[1])]
+
+
+EXPLAIN = ("Accuracy = mean correctness over the test queries. Δ = the mean paired difference over the same "
+           "test queries, with a paired bootstrap 95% interval (2,000 resamples of the queries); an interval "
+           "that holds 0 is a **tie**. best single = the pool prompt with the highest accuracy on the TRAIN "
+           "queries. ★ = the profile's default QPO method (`eval.method`). Degenerate = empty, or a word or "
+           "short phrase repeated 3+ times in a row.")
+
+
+def render_eval(result: Mapping[str, Any], title: str, facts: Sequence[str] = ()) -> str:
+    """One evaluation (a replay evaluation, or one loop of a run) as markdown."""
+    names = result.get("names")
+    lines = [f"# {title}", "", *facts, "", "## Test accuracy", "", methods_table(result, names), "", EXPLAIN, ""]
+    for method in QPO_METHODS:
+        if method in result["methods"]:
+            lines += [f"## Prompts of {method_label(method, result, names)}", "", "| prompt | test queries |",
+                      "|---|---|", *chosen_prompts(result, method, names), ""]
+    ex = examples_by_kind(result, result.get("default_method"), names=names)
+    if ex:
+        lines += ["## Examples (default method)", "", *ex, ""]
+    return "\n".join(lines)
+
+
+# -- the run report ---------------------------------------------------------------------------------------
+def summary_table(evals: Sequence[Mapping[str, Any]]) -> str:
+    """Accuracy of every method per loop; for the QPO default, also Δ vs the best single prompt [95% CI]."""
+    cols = ["D0" if e["loop"] == 0 else f"loop {e['loop']}" for e in evals]
+    lines = ["| method | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    present = [n for n in ORDER if any(n in e["methods"] for e in evals)]
+    for name in present:
+        cells = []
+        for e in evals:
+            m = e["methods"].get(name)
+            cell = _f(m["accuracy"]) if m else "–"
+            if m and "vs" in m:
+                cell += f" (Δ best {_pts(m['vs'].get('best_single'))})"
+            cells.append(cell)
+        last = next((e for e in reversed(evals) if name in e["methods"]), evals[-1])
+        lines.append(f"| {method_label(name, last, last.get('names'))} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_report(run_dir: Path, evals: Sequence[Mapping[str, Any]], steps: Sequence[Mapping[str, Any]],
+                 header: Mapping[str, Any]) -> Path:
     """Write report.md and accuracy.png into the run directory; returns the report's path."""
     lines = [f"# QPO run report — {header.get('task')} ({header.get('setting')})", ""]
-    for k, v in header.items():
-        lines.append(f"- **{k}**: {v}")
-    lines += ["", "## Test accuracy per loop", "", summary_table(evals), "",
-              "QPO = the policy's greedy prompt per query, conditioned on r = 100; best_offline = the pool prompt "
-              "with the highest mean reward on the train queries; random_offline = mean over the pool; "
-              "oracle = the best pool prompt per query (upper bound).", ""]
+    lines += [f"- **{k}**: {v}" for k, v in header.items()]
+    lines += ["", "## Test accuracy per loop", "", summary_table(evals), "", EXPLAIN, ""]
+    by_step = {s["step"]: s for s in steps}
     for e in evals:
-        title = "D0 (offline data only)" if e["loop"] == 0 else f"Loop {e['loop']}"
-        lines += [f"## {title}", "", "| method | accuracy | mean reward | queries |", "|---|---|---|---|"]
-        for m in METHODS:
-            s = e["methods"].get(m)
-            if s:
-                lines.append(f"| {m} | {_fmt(s['accuracy'])} | {_fmt(s['mean_reward'])} | {s['n']} |")
-        if e["methods"].get("best_offline", {}).get("prompt") is not None:
-            lines.append(f"\nBest offline prompt: `{e['methods']['best_offline']['prompt']!r}`")
-        if e.get("examples"):
-            lines += ["", "QPO prompts (first few test queries):", ""]
-            for ex in e["examples"]:
-                lines.append(f"- `{ex['query'][:80]}` → `{ex['prompt'][:120]}` (correct={_fmt(ex['correct'])})")
-        lines.append("")
+        loop, names = e["loop"], e.get("names")
+        lines += [f"## {'D0 (offline data only)' if loop == 0 else f'Loop {loop}'}", "", methods_table(e, names), ""]
+        scored = by_step.get(f"loop-{loop}.score")
+        if scored:
+            lines.append(f"Mean raw reward of the loop's {scored.get('rows', 0)} sampled collect prompts: "
+                         f"{_f(scored.get('mean_reward'))} (target calls in this loop: "
+                         f"{sum(s.get('target_calls', 0) for n, s in by_step.items() if n.startswith(f'loop-{loop}.'))})")
+            lines.append("")
+        ex = examples_by_kind(e, e.get("default_method"), names=names)
+        if ex:
+            lines += ["Prompts QPO wrote (default method), a few test queries of each kind:", "", *ex, ""]
     lines += ["## Cost and time per step", "", "| step | wall s | target calls | target tokens |", "|---|---|---|---|"]
     for s in steps:
-        lines.append(f"| {s['step']} | {s.get('wall_s', 0):.1f} | {s.get('target_calls', 0)} | {s.get('target_tokens', 0)} |")
-    tot_calls = sum(s.get("target_calls", 0) for s in steps)
-    tot_tokens = sum(s.get("target_tokens", 0) for s in steps)
-    lines += ["", f"Total target calls: {tot_calls}; total target tokens: {tot_tokens}; "
-                  f"wall time: {sum(s.get('wall_s', 0) for s in steps):.1f} s", ""]
-    png = _plot(run_dir, evals)
-    if png:
-        lines += ["![accuracy per loop](accuracy.png)", ""]
+        lines.append(f"| {s['step']} | {s.get('wall_s', 0):.1f} | {s.get('target_calls', 0)} | "
+                     f"{s.get('target_tokens', 0)} |")
+    lines += ["", f"Total target calls: {sum(s.get('target_calls', 0) for s in steps)}; total target tokens: "
+                  f"{sum(s.get('target_tokens', 0) for s in steps)}; wall time of the steps: "
+                  f"{sum(s.get('wall_s', 0) for s in steps):.1f} s", ""]
+    if _plot(run_dir, evals):
+        lines += ["![accuracy per loop, 95% intervals](accuracy.png)", ""]
     path = run_dir / "report.md"
-    path.write_text("\n".join(lines), encoding="utf-8")
+    atomic_write_bytes(path, "\n".join(lines).encode("utf-8"))
     return path
 
 
-def _plot(run_dir: Path, evals: list[dict[str, Any]]) -> Path | None:
+def _plot(run_dir: Path, evals: Sequence[Mapping[str, Any]]) -> Path | None:
     try:
         import matplotlib
 
@@ -72,16 +188,22 @@ def _plot(run_dir: Path, evals: list[dict[str, Any]]) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    xs = [e["loop"] for e in evals]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for m in METHODS:
-        ys = [e["methods"].get(m, {}).get("accuracy", float("nan")) for e in evals]
-        ax.plot(xs, ys, marker="o", label=m, linewidth=2.5 if m == "qpo" else 1.2)
-    ax.set_xlabel("loop (0 = offline data only)")
-    ax.set_ylabel("test accuracy")
-    ax.set_xticks(xs)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    present = [n for n in ORDER if any(n in e["methods"] for e in evals)]
+    for k, name in enumerate(present):
+        pts = [(e["loop"], e["methods"][name]) for e in evals if name in e["methods"]]
+        xs = [x + 0.04 * (k - len(present) / 2) for x, _ in pts]  # side by side, so the bars stay readable
+        ys = [m["accuracy"] if m["accuracy"] is not None else float("nan") for _, m in pts]
+        err = [[max(0.0, y - (m.get("ci") or [y, y])[0]) for y, (_, m) in zip(ys, pts, strict=True)],
+               [max(0.0, (m.get("ci") or [y, y])[1] - y) for y, (_, m) in zip(ys, pts, strict=True)]]
+        last = evals[-1] if name in evals[-1]["methods"] else next(e for e in evals if name in e["methods"])
+        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=method_label(name, last, last.get("names")),
+                    linewidth=2.5 if name == last.get("default_method") else 1.0)
+    loops = [e["loop"] for e in evals]
+    ax.set_xticks(loops, ["D0" if x == 0 else f"loop {x}" for x in loops])
+    ax.set_ylabel("test accuracy (95% bootstrap interval)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     path = run_dir / "accuracy.png"
     fig.savefig(path, dpi=100)

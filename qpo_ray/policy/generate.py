@@ -165,33 +165,52 @@ def generate_prompts(policy: QPOPolicy, queries: Sequence[str], *, target_reward
         policy.train(was_training)
 
 
-def generate_candidates(policy: QPOPolicy, query: str, n: int, *, target_reward: float = 100.0,
-                        top_k: int = 2, top_p: float = 0.9, temperature: float = 1.0,
-                        max_new_tokens: int | None = None, seed: int | None = None) -> list[str]:
-    """``n`` sampled prompts for one query (duplicates removed, order kept)."""
-    texts = generate_prompts(policy, [query] * n, target_reward=target_reward, greedy=False, top_k=top_k,
-                             top_p=top_p, temperature=temperature, max_new_tokens=max_new_tokens,
-                             batch_size=n, seed=seed)
-    return list(dict.fromkeys(texts))
-
-
 @torch.no_grad()
-def rank_by_reward_head(policy: QPOPolicy, query: str, candidates: Sequence[str]) -> tuple[str, list[float]]:
-    """Score each candidate prompt with the "last_prompt" reward head; the best one and all scores."""
+def reward_estimates(policy: QPOPolicy, queries: Sequence[str], prompts: Sequence[str], *,
+                     batch_size: int = 256) -> list[float]:
+    """``r̂(q, p)`` of each (query, prompt) pair from the "last_prompt" reward head (normalised reward scale)."""
+    if len(queries) != len(prompts):
+        raise ValueError(f"{len(queries)} queries but {len(prompts)} prompts")
     pcfg, tok, dev = policy.pcfg, policy.tokenizer, policy.device
-    q_ids, q_mask = encode_queries(tok, [query] * len(candidates), pcfg.max_query_tokens)
-    p_ids, p_mask = encode_prompts(tok, list(candidates), pcfg.max_prompt_tokens)
     was_training = policy.training
     policy.eval()
+    out: list[float] = []
     try:
-        scores = policy.predict_reward(*(torch.as_tensor(a, device=dev) for a in (q_ids, q_mask, p_ids, p_mask)))
+        for i in range(0, len(queries), batch_size):
+            q_ids, q_mask = encode_queries(tok, list(queries[i:i + batch_size]), pcfg.max_query_tokens)
+            p_ids, p_mask = encode_prompts(tok, list(prompts[i:i + batch_size]), pcfg.max_prompt_tokens)
+            est = policy.predict_reward(*(torch.as_tensor(a, device=dev) for a in (q_ids, q_mask, p_ids, p_mask)))
+            out += est.float().tolist()
     finally:
         policy.train(was_training)
-    scores_list = scores.float().tolist()
-    best = max(range(len(candidates)), key=scores_list.__getitem__)
-    return candidates[best], scores_list
+    return out
 
 
-def best_of_n(policy: QPOPolicy, query: str, n: int, **sampling) -> str:
-    """Sample ``n`` prompts and keep the one the reward head rates highest."""
-    return rank_by_reward_head(policy, query, generate_candidates(policy, query, n, **sampling))[0]
+def rerank(policy: QPOPolicy, queries: Sequence[str], candidates: Sequence[Sequence[str]], *,
+           batch_size: int = 256) -> list[str]:
+    """Per query, the candidate prompt with the highest ``r̂(q, p)`` (ties: the earlier candidate)."""
+    if len(queries) != len(candidates):
+        raise ValueError(f"{len(queries)} queries but {len(candidates)} candidate lists")
+    empty = [i for i, c in enumerate(candidates) if not c]
+    if empty:
+        raise ValueError(f"query {empty[0]} has no candidate prompt to rank")
+    pairs = [(q, c) for q, cs in zip(queries, candidates, strict=True) for c in cs]
+    scores = iter(reward_estimates(policy, [q for q, _ in pairs], [c for _, c in pairs], batch_size=batch_size))
+    best = []
+    for cs in candidates:
+        s = [next(scores) for _ in cs]
+        best.append(cs[max(range(len(cs)), key=s.__getitem__)])
+    return best
+
+
+def best_of_n(policy: QPOPolicy, queries: Sequence[str], n: int, *, target_reward: float = 100.0, top_k: int = 2,
+              top_p: float = 0.9, temperature: float = 1.0, max_new_tokens: int | None = None,
+              seed: int | None = None, batch_size: int = 64) -> list[str]:
+    """Per query, ``n`` prompts sampled at ``r = target_reward`` (top-k then top-p), the one ``r̂`` rates highest."""
+    if n < 1:
+        raise ValueError(f"best-of-n needs n >= 1, got {n}")
+    samples = generate_prompts(policy, [q for q in queries for _ in range(n)], target_reward=target_reward,
+                               greedy=False, top_k=top_k, top_p=top_p, temperature=temperature,
+                               max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed)
+    cands = [list(dict.fromkeys(samples[i * n:(i + 1) * n])) for i in range(len(queries))]
+    return rerank(policy, queries, cands)

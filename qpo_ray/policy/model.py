@@ -29,6 +29,7 @@ from qpo_ray.models import load_causal_lm, load_tokenizer
 
 WEIGHTS = "model.safetensors"
 POLICY_CONFIG = "policy_config.json"
+CANDIDATES = "prompts.json"  # written beside a trained policy: the prompts it was trained on, most rows first
 FORMAT_VERSION = 1
 SEG_REWARD, SEG_QUERY, SEG_PROMPT = 0, 1, 2
 
@@ -48,6 +49,17 @@ def _cache_kwarg(body: nn.Module) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+def trim_padding(query_ids: torch.Tensor, query_mask: torch.Tensor, prompt_ids: torch.Tensor,
+                 prompt_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Drop the pad columns no row of the batch uses: the leading ones of the (left-padded) queries and the
+    trailing ones of the (right-padded) prompts. Positions come from the mask, so every real token sees the
+    same context at the same position: only padding is skipped. Batches are padded to the configured
+    maxima, and short queries and prompts left most of a CPU step's tokens as padding."""
+    lq = max(1, int(query_mask.sum(1).max()))
+    lp = max(1, int(prompt_mask.sum(1).max()))
+    return query_ids[:, -lq:], query_mask[:, -lq:], prompt_ids[:, :lp], prompt_mask[:, :lp]
+
+
 class QPOPolicy(nn.Module):
     """``(q, p, r) → (logits of p, r̂)``: a Decision-Transformer-style wrapper around a causal LM."""
 
@@ -64,10 +76,24 @@ class QPOPolicy(nn.Module):
         self.embed_norm = nn.LayerNorm(d)
         self.prompt_proj = nn.Linear(d, d)
         self.reward_out = nn.Linear(d, 1)
+        self._init_at_token_scale()
         self._apply_layer_limits()
         self._cache_kwarg = _cache_kwarg(self.body)
         self.vocab_ids: torch.Tensor | None = None
         self.set_vocab(vocab_ids)
+
+    def _init_at_token_scale(self) -> None:
+        """Start the new input modules at the scale of the base LM's token embeddings.
+
+        ``nn.Embedding``'s default N(0, 1) segment vectors have norm √d (24 for d = 576) against ~3 for a
+        SmolLM2 token (0.16 for a tiny random GPT-2): added to every query token, they left the token's identity
+        a few percent of the vector, and the LayerNorm then fed the LM a near-constant input for every query.
+        The segments now start as perturbations of a token's size and the LayerNorm's gain at the tokens'
+        per-dimension scale, so the pretrained layers first see inputs like their own."""
+        std = float(self.base.get_input_embeddings().weight.detach().float().std())
+        with torch.no_grad():
+            nn.init.normal_(self.segment.weight, std=std)
+            self.embed_norm.weight.fill_(std)
 
     # -- the prompt vocabulary ---------------------------------------------------------------------
     def set_vocab(self, vocab_ids: list[int] | None) -> None:
@@ -144,6 +170,9 @@ class QPOPolicy(nn.Module):
                               f"{len(layers)} transformer layers")
         for layer in list(layers)[: self.pcfg.freeze_layers]:
             layer.requires_grad_(False)
+        if self.pcfg.freeze_embeddings:
+            self.base.get_input_embeddings().requires_grad_(False)
+            self.base.get_output_embeddings().requires_grad_(False)
 
     # -- building blocks -----------------------------------------------------------------------------
     def _embed(self, query_ids: torch.Tensor, query_mask: torch.Tensor,
@@ -153,7 +182,7 @@ class QPOPolicy(nn.Module):
         B, Lq = query_ids.shape
         seg = self._segments(query_ids.device)
         q_emb = wte(query_ids) + seg[SEG_QUERY]
-        r_emb = self.reward_in(reward.reshape(B, 1).to(q_emb.dtype)) + seg[SEG_REWARD]
+        r_emb = self.reward_in(reward.reshape(B, 1).to(q_emb.dtype) / self.pcfg.reward_scale) + seg[SEG_REWARD]
         r_pos = Lq - query_mask.sum(1)  # left padding: real tokens are the last nq slots
         slots = torch.arange(Lq + 1, device=query_ids.device)
         # Slot 0 is a placeholder: it is either r (a full-length query) or a masked pad.
@@ -194,8 +223,9 @@ class QPOPolicy(nn.Module):
     # -- training forward ----------------------------------------------------------------------------
     def forward(self, query_ids: torch.Tensor, query_mask: torch.Tensor, prompt_ids: torch.Tensor,
                 prompt_mask: torch.Tensor, reward: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits ``[B, Lp+1, V]`` for the prompt tokens (position i predicts ``prompt_ids[:, i]``) and the
-        reward prediction ``[B]``."""
+        """Logits ``[B, T, V]`` for the prompt tokens (position i predicts ``prompt_ids[:, i]``; ``T`` ≤ Lp+1 is
+        the batch's longest prompt with its EOS, see ``trim_padding``) and the reward prediction ``[B]``."""
+        query_ids, query_mask, prompt_ids, prompt_mask = trim_padding(query_ids, query_mask, prompt_ids, prompt_mask)
         head, head_mask, r_pos = self._embed(query_ids, query_mask, reward)
         x = torch.cat([head, self._embed_prompt(prompt_ids)], dim=1)
         mask = torch.cat([head_mask, prompt_mask.to(head_mask.dtype)], dim=1)
@@ -228,6 +258,7 @@ class QPOPolicy(nn.Module):
         if self.pcfg.reward_head != "last_prompt":
             raise ConfigError("reward ranking needs policy.reward_head = 'last_prompt' (the 'reward_slot' "
                               "head only sees its own input)")
+        query_ids, query_mask, prompt_ids, prompt_mask = trim_padding(query_ids, query_mask, prompt_ids, prompt_mask)
         dummy = torch.zeros(query_ids.shape[0], device=query_ids.device)
         head, head_mask, _ = self._embed(query_ids, query_mask, dummy)
         x = torch.cat([head, self._embed_prompt(prompt_ids)], dim=1)
@@ -276,6 +307,12 @@ class QPOPolicy(nn.Module):
         (path / POLICY_CONFIG).write_text(json.dumps(meta, indent=2), encoding="utf-8")
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(path)
+
+    @staticmethod
+    def candidates(path: str | Path) -> list[str]:
+        """The prompts a saved policy was trained on (``prompts.json``; empty when the folder has none)."""
+        f = Path(path) / CANDIDATES
+        return json.loads(f.read_text(encoding="utf-8")) if f.is_file() else []
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> QPOPolicy:

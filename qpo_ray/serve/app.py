@@ -174,17 +174,29 @@ def policy_name(policy_dir: str | Path) -> str:
     return f"{p.parent.parent.name}/{p.name}" if p.parent.name == "policy" else p.name
 
 
-def generate_batch(policy: Any, items: list[tuple[list[str], float]]) -> list[list[str]]:
-    """Greedy prompts for a batch of requests ``(queries, target_reward)``, one list per request, in order."""
-    from qpo_ray.policy.generate import generate_prompts
+def generate_batch(policy: Any, items: list[tuple[list[str], float]], cfg: RunConfig,
+                   candidates: list[str] | None = None) -> list[list[str]]:
+    """Prompts for a batch of requests ``(queries, target_reward)``, one list per request, in order, by the
+    served method (``eval.method``): the policy's own prompt (greedy, or beam search with ``eval.num_beams``),
+    best-of-N (``eval.best_of_n`` samples ranked by the reward head), or rerank (the policy's training
+    prompts, ``candidates``, ranked by the reward head; the target reward plays no part)."""
+    from qpo_ray.policy.generate import best_of_n, generate_prompts, rerank
 
+    ecfg, ccfg = cfg.eval, cfg.collect
     out: list[list[str]] = [[] for _ in items]
     # The policy is conditioned on one reward per call: one call per distinct value (usually just one).
     for reward in dict.fromkeys(r for _, r in items):
         idx = [i for i, (_, r) in enumerate(items) if r == reward]
         flat = [q for i in idx for q in items[i][0]]
-        prompts = generate_prompts(policy, flat, target_reward=reward, greedy=True,
-                                   batch_size=min(len(flat), _GEN_CHUNK))
+        if ecfg.method == "rerank":
+            prompts = rerank(policy, flat, [candidates or [""]] * len(flat))
+        elif ecfg.method == "best_of_n":
+            prompts = best_of_n(policy, flat, ecfg.best_of_n, target_reward=reward, top_k=ccfg.top_k,
+                                top_p=ccfg.top_p, temperature=ccfg.temperature, seed=0,
+                                batch_size=min(len(flat) * ecfg.best_of_n, _GEN_CHUNK))
+        else:
+            prompts = generate_prompts(policy, flat, target_reward=reward, greedy=True, num_beams=ecfg.num_beams,
+                                       batch_size=min(len(flat), _GEN_CHUNK))
         pos = 0
         for i in idx:
             n = len(items[i][0])
@@ -197,7 +209,8 @@ def generate_batch(policy: Any, items: list[tuple[list[str], float]]) -> list[li
 api = FastAPI(
     title="qpo_ray policy service",
     version="1",
-    description="Query-dependent prompts from a trained QPO policy (greedy, conditioned on a target reward).",
+    description="Query-dependent prompts from a trained QPO policy: its own prompt at a target reward (greedy "
+                "or beam), best-of-N ranked by its reward head, or its training prompts reranked (eval.method).",
 )
 # The body bound comes from the served config, known only when a replica starts; a replica owns its worker
 # process, so a module global holds it. Read and set through module-level functions: the deployment class
@@ -243,6 +256,10 @@ class PolicyService:
         self.name = policy_name(policy_dir)
         set_body_limit(max_body_bytes(self.scfg))
         self.policy = QPOPolicy.load(policy_dir, device="cuda" if torch.cuda.is_available() else "cpu")
+        self.candidates = QPOPolicy.candidates(policy_dir)
+        if self.cfg.eval.method == "rerank" and not self.candidates:
+            raise ConfigError(f"eval.method=rerank ranks the policy's training prompts, but {policy_dir} has no "
+                              "prompts.json (a policy trained before they were saved): serve another method")
         # The policy generates in the batcher's thread, so the replica's event loop stays free (health
         # checks, requests arriving for the next batch).
         self.batcher = EngineBatcher(self._generate_batch, self.scfg.max_batch_size, self.scfg.batch_wait_timeout_s)
@@ -263,7 +280,7 @@ class PolicyService:
         self.batches += 1
         self.max_batch_seen = max(self.max_batch_seen, len(items))
         self.recent_batch_sizes.append(len(items))
-        return generate_batch(self.policy, items)
+        return generate_batch(self.policy, items, self.cfg, self.candidates)
 
     # -- request handling ----------------------------------------------------------------------------
     def _authorize(self, bearer: HTTPAuthorizationCredentials | None, key: str | None) -> None:
@@ -375,7 +392,8 @@ class PolicyService:
                 "uptime_s": round(time.time() - self.started, 1), "requests": self.requests,
                 "batches": self.batches, "max_batch_seen": self.max_batch_seen,
                 "recent_batch_sizes": list(self.recent_batch_sizes),
-                "max_batch_size": self.scfg.max_batch_size, "auth": bool(self._key)}
+                "max_batch_size": self.scfg.max_batch_size, "auth": bool(self._key),
+                "method": self.cfg.eval.method}
 
 
 # -- building the application -----------------------------------------------------------------------------

@@ -11,7 +11,7 @@ A task file (YAML or JSON)::
     fewshot_template: "{prompt}\\n{demos}\\nText: {query}\\nEmotion:"
     threshold: 0.0
     tolerance: 1.0e-6                # math: |pred - gold| tolerance
-    queries_file: data/emotion.jsonl # relative to the task file; lines {"query", "label", "split"}
+    queries_file: data/emotion.jsonl # relative to the task file; lines {"query", "label", "split", "kind"?}
     queries: [...]                   # or inline, same fields
     prompts: [{id: none, text: ""}, ...]
 
@@ -63,6 +63,7 @@ class Example:
     query: str
     label: str
     split: str
+    kind: str | None = None  # the query's kind, when a task mixes kinds (reports group examples by it)
 
 
 @dataclass(frozen=True)
@@ -94,15 +95,21 @@ class Task:
             raise ConfigError(f"task '{self.name}': unknown split '{split}' (one of {', '.join(SPLITS)})")
         return [(e.query, e.label) for e in self.examples if split is None or e.split == split]
 
+    def kind_of(self, query: str) -> str | None:
+        """The kind of a known query (tasks whose queries carry a ``kind``), or None."""
+        e = self._by_query().get(query)
+        return e.kind if e is not None else None
+
     def label_of(self, query: str) -> str | None:
         """The gold label of a known query (any split), or None."""
-        return self._labels_by_query().get(query)
+        e = self._by_query().get(query)
+        return e.label if e is not None else None
 
-    def _labels_by_query(self) -> dict[str, str]:
-        cached = self.__dict__.get("_label_index")
+    def _by_query(self) -> dict[str, Example]:
+        cached = self.__dict__.get("_query_index")
         if cached is None:
-            cached = {e.query: e.label for e in self.examples}
-            object.__setattr__(self, "_label_index", cached)
+            cached = {e.query: e for e in self.examples}
+            object.__setattr__(self, "_query_index", cached)
         return cached
 
     # -- rendering ----------------------------------------------------------------------------------
@@ -239,7 +246,7 @@ def _examples(data: Mapping[str, Any], source: str, base_dir: Path, kind: str,
     for where, row in rows:
         if not isinstance(row, Mapping):
             raise DataError(f"{where}: expected an object with query, label, split")
-        q, lab, split = row.get("query"), row.get("label"), row.get("split")
+        q, lab, split, qkind = row.get("query"), row.get("label"), row.get("split"), row.get("kind")
         if not isinstance(q, str) or not q.strip():
             raise DataError(f"{where}: 'query' must be non-empty text")
         if isinstance(lab, int | float) and not isinstance(lab, bool) and kind == "math":
@@ -248,6 +255,8 @@ def _examples(data: Mapping[str, Any], source: str, base_dir: Path, kind: str,
             raise DataError(f"{where}: 'label' must be text")
         if split not in SPLITS:
             raise DataError(f"{where}: 'split' must be one of {SPLITS}, got {split!r}")
+        if qkind is not None and (not isinstance(qkind, str) or not qkind.strip()):
+            raise DataError(f"{where}: 'kind', when given, must be non-empty text")
         if kind == "classification" and lab not in labels:
             raise DataError(f"{where}: label '{lab}' is not one of {list(labels)}")
         if kind == "math" and parse_label_number(lab) is None:
@@ -255,7 +264,7 @@ def _examples(data: Mapping[str, Any], source: str, base_dir: Path, kind: str,
         if q in seen and seen[q][0] != lab:
             raise DataError(f"{where}: query also at {seen[q][1]} with a different label")
         seen.setdefault(q, (lab, where))
-        out.append(Example(q, lab, split))
+        out.append(Example(q, lab, split, qkind))
     if not out:
         raise ConfigError(f"{source}: the task has no queries")
     return tuple(out)

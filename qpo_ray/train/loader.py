@@ -8,6 +8,9 @@ same number of ``drop_last`` micro-batches — a DDP/ZeRO collective can never w
 from __future__ import annotations
 
 import functools
+import logging
+from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -19,14 +22,17 @@ from qpo_ray.config import PolicyConfig
 from qpo_ray.data.store import DatasetStore, normalize_reward
 from qpo_ray.policy.tokenize import FastTokenizer, encode_rows
 
+log = logging.getLogger(__name__)
+
 READ_COLUMNS = ["query", "prompt", "reward"]
+MAX_CANDIDATES = 256
 # What a training batch holds (names and shapes are the policy package's encode_rows contract).
-TRAIN_COLUMNS = ("query_ids", "query_mask", "prompt_ids", "prompt_mask", "reward")
+TRAIN_COLUMNS = ("query_ids", "query_mask", "prompt_ids", "prompt_mask", "reward", "reward_target")
 BLOCK_BYTES = 8 << 20  # Ray Data target block size of the training pipeline (Ray's default: 128 MiB)
 # Through the object store token ids travel as int32 and masks as uint8, a third of int64's bytes;
 # train_batches() widens them again as the batches reach the model.
 WIRE_DTYPES = {"query_ids": np.int32, "query_mask": np.uint8, "prompt_ids": np.int32, "prompt_mask": np.uint8,
-               "reward": np.float32}
+               "reward": np.float32, "reward_target": np.float32}
 
 
 def train_batches(data, micro_batch_size: int, shuffle_seed: int):
@@ -39,7 +45,7 @@ def train_batches(data, micro_batch_size: int, shuffle_seed: int):
         drop_last=True,
         local_shuffle_buffer_size=max(16 * micro_batch_size, 2048),
         local_shuffle_seed=shuffle_seed,
-        dtypes={k: torch.float32 if k == "reward" else torch.long for k in TRAIN_COLUMNS},
+        dtypes={k: torch.float32 if k.startswith("reward") else torch.long for k in TRAIN_COLUMNS},
     )
 
 
@@ -65,15 +71,86 @@ def tokenizer_source(tokenizer: str | None, model: str) -> tuple:
     return ("fast", state["spec"], state["pad_token_id"], state["eos_token_id"])
 
 
+@dataclass
+class PromptPlan:
+    """What a dataset version's prompts mean for training, decided once on the driver before training."""
+
+    rows: int  # rows that train
+    dropped: int  # rows whose prompt is longer than policy.max_prompt_tokens (the pipeline drops them)
+    longest: int  # the longest prompt, in policy tokens
+    vocab_ids: list[int] | None  # the prompt head's vocabulary (policy.prompt_vocab = "data"), else None
+    prompts: list[str]  # the kept distinct prompts, most rows first (at most MAX_CANDIDATES): rerank's candidates
+    query_means: dict[str, float] | None = None  # raw mean reward per query (train.reward_target = "advantage")
+
+
+def plan_prompts(store: DatasetStore, version: int, tokenizer: Any, pcfg: PolicyConfig,
+                 base_vocab: list[int] | None = None, query_means: bool = False) -> PromptPlan:
+    """Count every prompt of ``version`` once (streamed) and tokenise each distinct one.
+
+    A row whose prompt does not fit ``max_prompt_tokens`` is dropped, not cut: its reward was measured on the
+    whole prompt, and a cut one would teach the policy that the fragment earned it. The vocabulary is every
+    token of the kept prompts plus EOS, widened by ``base_vocab`` (the vocabulary of the policy a later loop
+    fine-tunes). With ``query_means``, also each query's mean reward over the rows that train."""
+    counts: Counter[str] = Counter()
+    for b in store.iter_batches(version, columns=["prompt"]):
+        counts.update(b.column("prompt").to_pylist())
+    texts = list(counts)
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    limit = pcfg.max_prompt_tokens
+    dropped = sum(counts[t] for t, x in zip(texts, ids, strict=True) if len(x) > limit)
+    vocab: set[int] | None = None
+    if pcfg.prompt_vocab == "data":
+        vocab = {i for x in ids if len(x) <= limit for i in x} | {tokenizer.eos_token_id} | set(base_vocab or ())
+    fits = {t for t, x in zip(texts, ids, strict=True) if len(x) <= limit}
+    kept = sorted(fits, key=lambda t: (-counts[t], t))
+    plan = PromptPlan(rows=sum(counts.values()) - dropped, dropped=dropped, longest=max(map(len, ids), default=0),
+                      vocab_ids=sorted(vocab) if vocab is not None else None, prompts=kept[:MAX_CANDIDATES],
+                      query_means=_query_means(store, version, fits) if query_means else None)
+    if dropped:
+        log.warning("dataset v%03d: %d of %d rows have a prompt longer than policy.max_prompt_tokens=%d (the "
+                    "longest has %d tokens): they are left out of training, since their reward belongs to the "
+                    "whole prompt; raise policy.max_prompt_tokens to train on them", version, dropped,
+                    plan.rows + dropped, limit, plan.longest)
+    return plan
+
+
+def _query_means(store: DatasetStore, version: int, prompts: set[str]) -> dict[str, float]:
+    """Mean raw reward per query text over its rows whose prompt is in ``prompts`` (those that train)."""
+    sums: dict[str, list[float]] = {}
+    for b in store.iter_batches(version, columns=["query", "prompt", "reward"]):
+        for q, p, r in zip(b.column("query").to_pylist(), b.column("prompt").to_pylist(),
+                           b.column("reward").to_pylist(), strict=True):
+            if p in prompts:
+                acc = sums.setdefault(q, [0.0, 0])
+                acc[0] += r
+                acc[1] += 1
+    return {q: s / n for q, (s, n) in sums.items()}
+
+
 def tokenize_batch(batch: dict[str, np.ndarray], *, source: tuple, max_query_tokens: int, max_prompt_tokens: int,
-                   reward_min: float, reward_max: float) -> dict[str, np.ndarray]:
-    """Raw (query, prompt, reward) rows → fixed-shape token arrays with rewards normalised to [0, 100]."""
+                   reward_min: float, reward_max: float,
+                   query_means: dict[str, float] | None = None) -> dict[str, np.ndarray]:
+    """Raw (query, prompt, reward) rows → fixed-shape token arrays with rewards normalised to [0, 100].
+
+    Rows whose prompt is longer than ``max_prompt_tokens`` are dropped (``plan_prompts`` counts them): the
+    prompts are encoded one token wider than kept, so a prompt that fills the extra column did not fit.
+
+    ``reward_target`` is what the reward head learns: the normalised reward, or with ``query_means`` the
+    row's advantage over its query's mean (a prompt's effect for that query, its difficulty taken out)."""
     raw = np.asarray(batch["reward"], dtype=np.float64)
     # normalize_reward is plain arithmetic, so it maps the whole array; a degenerate range gives a scalar.
     norm = np.broadcast_to(normalize_reward(raw, reward_min, reward_max), raw.shape)
     out = encode_rows(_tokenizer(source), batch["query"], batch["prompt"], norm.astype(np.float32),
-                      max_query_tokens, max_prompt_tokens)
-    out = {k: v.astype(WIRE_DTYPES[k], copy=False) for k, v in out.items()}
+                      max_query_tokens, max_prompt_tokens + 1)
+    target = norm
+    if query_means is not None:
+        means = np.array([query_means[str(q)] for q in batch["query"]], dtype=np.float64)
+        target = norm - np.broadcast_to(normalize_reward(means, reward_min, reward_max), raw.shape)
+    out["reward_target"] = np.asarray(target, dtype=np.float32)
+    width = max_prompt_tokens + 1  # the prompt, then its EOS
+    fits = out["prompt_mask"].sum(axis=1) <= width
+    out["prompt_ids"], out["prompt_mask"] = out["prompt_ids"][:, :width], out["prompt_mask"][:, :width]
+    out = {k: v[fits].astype(WIRE_DTYPES[k], copy=False) for k, v in out.items()}
     # Arrow's allocator keeps freed parquet buffers for reuse; hand them back so a worker that sits idle
     # between epochs (or never gets the next task) does not hold a reader's peak.
     pa.default_memory_pool().release_unused()
@@ -81,7 +158,8 @@ def tokenize_batch(batch: dict[str, np.ndarray], *, source: tuple, max_query_tok
 
 
 def training_dataset(store: DatasetStore, version: int, pcfg: PolicyConfig, *, tokenizer: str | None = None,
-                     seed: int = 0, tokenize_tasks: int = 1) -> ray.data.Dataset:
+                     seed: int = 0, tokenize_tasks: int = 1,
+                     query_means: dict[str, float] | None = None) -> ray.data.Dataset:
     """A lazy, streaming Ray Dataset of tokenised training rows for one dataset version.
 
     ``tokenizer`` overrides ``pcfg.tokenizer`` (e.g. the folder of a policy being fine-tuned). Rewards are
@@ -126,9 +204,10 @@ def training_dataset(store: DatasetStore, version: int, pcfg: PolicyConfig, *, t
             max_prompt_tokens=pcfg.max_prompt_tokens,
             reward_min=manifest.reward_min,
             reward_max=manifest.reward_max,
+            query_means=query_means,
         ),
         batch_size=None,
         batch_format="numpy",
         concurrency=tasks,
-        udf_modifying_row_count=False,
+        udf_modifying_row_count=True,  # rows with too long a prompt are dropped
     )

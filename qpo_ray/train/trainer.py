@@ -34,7 +34,8 @@ import numpy as np
 
 from qpo_ray.config import RunConfig, TrainConfig
 from qpo_ray.data.store import DatasetStore
-from qpo_ray.runs import FAULT_ENV, fault_point
+from qpo_ray.errors import DataError
+from qpo_ray.runs import FAULT_ENV, atomic_write_json, fault_point
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +124,13 @@ def _use_cpu_accelerator() -> None:
         set_accelerator(CPU_Accelerator())
 
 
+def _saved_vocab(policy_dir: str) -> list[int] | None:
+    """The prompt vocabulary a saved policy was trained with (None: the whole vocabulary)."""
+    from qpo_ray.policy.model import POLICY_CONFIG
+
+    return json.loads((Path(policy_dir) / POLICY_CONFIG).read_text(encoding="utf-8")).get("vocab_ids")
+
+
 def _build_policy(cfg: RunConfig, schedule: Schedule, init_policy: str | None):
     from qpo_ray.policy.model import QPOPolicy
 
@@ -194,7 +202,9 @@ def _run_epoch(engine, shard, *, epoch: int, tcfg: TrainConfig, gas: int, rank: 
             logits, reward_pred = engine(query_ids=b["query_ids"], query_mask=b["query_mask"],
                                          prompt_ids=b["prompt_ids"], prompt_mask=b["prompt_mask"],
                                          reward=b["reward"])
-            loss, m = qpo_loss(logits, reward_pred, b, lambda_high=tcfg.lambda_high,
+            targets = dict(b, prompt_ids=engine.module.head_targets(b["prompt_ids"], b["prompt_mask"]),
+                           reward=b["reward_target"] / tcfg.mse_scale)
+            loss, m = qpo_loss(logits, reward_pred / tcfg.mse_scale, targets, lambda_high=tcfg.lambda_high,
                                lambda_low=tcfg.lambda_low, mse_switch=tcfg.mse_switch)
             engine.backward(loss)
             engine.step()
@@ -274,11 +284,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     _seed_everything(tcfg.seed)  # identical initial weights on every rank
     policy = _build_policy(cfg, schedule, config["init_policy"])
+    if config.get("vocab_ids") is not None:
+        policy.set_vocab(config["vocab_ids"])
     policy.train()
     if tcfg.zero_stage == 3:
         # The policy reads segment embeddings by indexing `.weight` instead of calling the module; under
         # ZeRO-3 such a parameter is only gathered if registered as external to the module using it.
         deepspeed.zero.register_external_parameter(policy, policy.segment.weight)
+        if policy.vocab_ids is not None:  # the prompt head reads rows of the output embedding's weight directly
+            deepspeed.zero.register_external_parameter(policy, policy.base.get_output_embeddings().weight)
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=base_lr, weight_decay=tcfg.weight_decay)
     gas = grad_accum_steps(tcfg, world)
@@ -387,8 +401,6 @@ def check_trainable(cfg: RunConfig, store: DatasetStore, version: int) -> int:
     """Verify dataset ``version`` (files, content, every row) and that it holds at least one optimizer step
     (``train.batch_size`` rows); returns its row count. Raises DataError; needs no Ray, so it can run before
     Ray starts."""
-    from qpo_ray.errors import DataError
-
     rows = store.verify(version).rows
     tcfg = cfg.train
     if rows < tcfg.batch_size:
@@ -409,7 +421,9 @@ def train_policy(cfg: RunConfig, *, store: DatasetStore, version: int, out_dir: 
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from qpo_ray.train.loader import training_dataset
+    from qpo_ray.models import load_tokenizer
+    from qpo_ray.policy.model import CANDIDATES
+    from qpo_ray.train.loader import plan_prompts, training_dataset
 
     if schedule not in ("scratch", "finetune"):
         raise ValueError(f"schedule must be 'scratch' or 'finetune', not {schedule!r}")
@@ -417,16 +431,24 @@ def train_policy(cfg: RunConfig, *, store: DatasetStore, version: int, out_dir: 
         raise ValueError("schedule 'finetune' needs init_policy (the previous loop's policy folder)")
     tcfg = cfg.train
     sched = tcfg.scratch if schedule == "scratch" else tcfg.finetune
-    rows = check_trainable(cfg, store, version)
-    steps = (rows // tcfg.num_workers // tcfg.micro_batch_size) // grad_accum_steps(tcfg, tcfg.num_workers)
+    check_trainable(cfg, store, version)
     if not tcfg.use_gpu and tcfg.precision != "fp32":
         log.warning("train.precision=%s needs a GPU; training in fp32 on CPU", tcfg.precision)
 
     init = str(Path(init_policy).resolve()) if init_policy is not None else None
     # A fine-tuned policy keeps the tokenizer it was saved with.
     tok = init if init is not None and (Path(init) / "tokenizer_config.json").exists() else None
+    plan = plan_prompts(store, version, load_tokenizer(tok or cfg.policy.tokenizer, tok or cfg.policy.model),
+                        cfg.policy, base_vocab=_saved_vocab(init) if init is not None else None,
+                        query_means=tcfg.reward_target == "advantage")
+    rows = plan.rows
+    if rows < tcfg.batch_size:
+        raise DataError(f"dataset v{version:03d} has {rows} rows whose prompt fits policy.max_prompt_tokens="
+                        f"{cfg.policy.max_prompt_tokens}: too few for one optimizer step (train.batch_size="
+                        f"{tcfg.batch_size})")
+    steps = (rows // tcfg.num_workers // tcfg.micro_batch_size) // grad_accum_steps(tcfg, tcfg.num_workers)
     ds = training_dataset(store, version, cfg.policy, tokenizer=tok, seed=tcfg.seed,
-                          tokenize_tasks=tcfg.num_workers)
+                          tokenize_tasks=tcfg.num_workers, query_means=plan.query_means)
     call_id = uuid.uuid4().hex
     storage = storage_path(cfg)
     log.info("training %s on v%03d (%d rows, %d steps/epoch, %d epochs, ZeRO-%d, %d worker(s)), run '%s'",
@@ -435,7 +457,8 @@ def train_policy(cfg: RunConfig, *, store: DatasetStore, version: int, out_dir: 
         train_loop_per_worker,
         train_loop_config={"cfg": cfg, "schedule": schedule, "lr": sched.lr, "epochs": sched.epochs,
                            "init_policy": init, "call_id": call_id, "version": version,
-                           "storage": storage, "run_name": run_name, "fault": os.environ.get(FAULT_ENV)},
+                           "vocab_ids": plan.vocab_ids, "storage": storage, "run_name": run_name,
+                           "fault": os.environ.get(FAULT_ENV)},
         scaling_config=ray.train.ScalingConfig(num_workers=tcfg.num_workers, use_gpu=tcfg.use_gpu,
                                                resources_per_worker={"CPU": tcfg.cpus_per_worker}),
         run_config=ray.train.RunConfig(
@@ -458,6 +481,8 @@ def train_policy(cfg: RunConfig, *, store: DatasetStore, version: int, out_dir: 
         raise RuntimeError(f"run '{run_name}': the latest checkpoint is epoch {state['epoch']} of "
                            f"{state.get('epochs')}, not a final one for {sched.epochs} epochs")
     _copy_policy_out(ckpt, Path(out_dir))
+    # The prompts it was trained on travel with the policy: the policy service reranks them (eval.method).
+    atomic_write_json(Path(out_dir) / CANDIDATES, plan.prompts)
     history = state["history"]
     ours = [i for i, h in enumerate(history) if h.get("call_id") == call_id]
     epochs_run = len(ours)

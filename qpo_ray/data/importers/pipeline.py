@@ -29,7 +29,7 @@ from qpo_ray.errors import DataError
 log = logging.getLogger(__name__)
 
 
-class _TestQueryWriter:
+class _EvalQueryWriter:
     """Writes each unique test-split query once (JSONL) to a temporary file, renamed into place at close."""
 
     def __init__(self, path: str | None):
@@ -63,7 +63,7 @@ class _TestQueryWriter:
 
 def split_rows(rows: Iterable[dict[str, Any]], opts: ImportOptions, report: ImportReport) -> Iterator[dict[str, Any]]:
     """Keep the rows of ``opts.split``; count unique queries per split; write the test-queries file."""
-    writer = _TestQueryWriter(opts.test_queries_out)
+    writer = _EvalQueryWriter(opts.test_queries_out)
     seen: dict[str, set[str]] = {"train": set(), "test": set()}  # query ids; one entry per unique query
     ok = False
     try:

@@ -1,0 +1,59 @@
+"""Live evaluation: the run's target LLM judges every pair (through the run's scoring pool and its cache,
+so a pair is scored at most once per run). The comparison itself is ``qpo_ray.evaluate.compare``."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import pyarrow.compute as pc
+
+from qpo_ray.data.store import DatasetStore
+from qpo_ray.evaluate.baselines import offline_pool, test_queries
+from qpo_ray.evaluate.compare import (
+    AccTable,
+    EvalQuery,
+    accuracy_table,
+    best_single_on_train,
+    compare,
+    pool_table,
+    prompt_names,
+)
+from qpo_ray.evaluate.policy_prompts import METHOD_OF, qpo_prompts
+
+log = logging.getLogger("qpo_ray")
+
+
+def offline_rows_accuracy(store: DatasetStore, version: int = 0) -> tuple[AccTable, dict[str, str]]:
+    """Train accuracy and display names of the offline rows (``loop == 0``) of ``version``, streamed."""
+    rows: list[dict[str, Any]] = []
+    for b in store.iter_batches(version, columns=["query", "prompt", "correct", "source", "loop"]):
+        rows += b.filter(pc.equal(b.column("loop"), 0)).to_pylist()
+    return accuracy_table(rows), prompt_names(rows)
+
+
+def evaluate_loop(session, loop: int) -> dict[str, Any]:
+    """Baselines (and, from loop 1, the QPO methods of ``policy/loop-N``) on the task's test queries."""
+    cfg, task = session.cfg, session.task
+    queries = [EvalQuery(q, lab, task.kind_of(q))
+               for q, lab in test_queries(task.queries("test"), cfg.eval.max_test_queries, cfg.seed)]
+    pool = [p["prompt"] for p in offline_pool(session.store, 0)]
+    train_acc, names = offline_rows_accuracy(session.store, 0)
+
+    def judge(pairs: Sequence[tuple[str, str]]) -> list[tuple[float | None, dict[str, Any]]]:
+        rows = session.score([{"query": q, "prompt": p, "label": task.label_of(q)} for q, p in pairs],
+                             f"eval-{loop}", phase="test", source="eval", loop=loop)
+        return [(r["correct"], {}) for r in rows]
+
+    table = pool_table(queries, pool, judge)
+    qpo: dict[str, list[str]] = {}
+    took: dict[str, Any] = {}
+    if loop >= 1:
+        log.info("[eval %d] writing the policy's prompts for %d test queries", loop, len(queries))
+        qpo, took = qpo_prompts(session.run.policy_dir(loop), [q.query for q in queries], cfg.eval, cfg.collect,
+                                candidates=[pool] * len(queries), seed=cfg.seed)
+    result = compare(queries, pool, table, judge, qpo, best=best_single_on_train(train_acc, pool),
+                     default_method=METHOD_OF[cfg.eval.method], seed=cfg.seed)
+    return {"loop": loop, "target": "live", **result, "names": names, "generation_s": took,
+            "num_beams": cfg.eval.num_beams, "best_of_n": cfg.eval.best_of_n}

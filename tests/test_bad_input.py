@@ -119,7 +119,37 @@ CASES = {
                                          r"'serve\.max_batch_size': Input should be less than or equal to 4096"),
     "target reward off the scale": (lambda t: ["run", "--set", "eval.target_reward=-1e6"],
                                     r"'eval\.target_reward': Input should be greater than or equal to 0"),
+    # Issue 18, item 8: a saved policy folder that was tampered with.
+    "policy folder without its policy section": (lambda t: _generate(t, lambda m: m.pop("policy")),
+                                                 r"policy_config\.json: no 'policy' section"),
+    "policy folder with a mistyped field": (lambda t: _generate(t, lambda m: m["policy"].update(max_query_tokens="x")),
+                                            r"policy_config\.json: policy\.max_query_tokens: Input should be a valid"),
+    "policy folder with a huge prompt budget": (
+        lambda t: _generate(t, lambda m: m["policy"].update(max_prompt_tokens=1_000_000_000)),
+        r"policy\.max_prompt_tokens: Input should be less than or equal to 4096"),
+    "policy folder with bad vocabulary ids": (lambda t: _generate(t, lambda m: m.update(vocab_ids=["a"])),
+                                              r"'vocab_ids' must be a list of token ids"),
+    "policy folder whose weights do not fit": (lambda t: _generate(t, lambda m: m["policy"].update(tiny_hidden=32),
+                                                                  config={"n_embd": 32}),
+                                               r"cannot rebuild the saved policy"),
 }
+
+
+def _generate(t, edit, config: dict | None = None) -> list[str]:
+    """``qpo-ray generate`` on a freshly saved tiny policy whose policy_config.json (and config.json) ``edit``
+    tampered with."""
+    from qpo_ray.config import load_config
+    from qpo_ray.policy.model import POLICY_CONFIG, QPOPolicy
+
+    folder = t / "policy"
+    QPOPolicy.from_config(load_config("tiny").policy).save(folder)
+    meta = json.loads((folder / POLICY_CONFIG).read_text())
+    edit(meta)
+    (folder / POLICY_CONFIG).write_text(json.dumps(meta))
+    if config:
+        base = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**base, **config}))
+    return ["generate", "--policy", str(folder), "--in", str(_jsonl(t / "q.jsonl", {"query": "hi"}))]
 
 
 def _ray_running() -> bool:

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from pydantic import ValidationError
 from safetensors.torch import load_model, save_model
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
@@ -47,6 +48,16 @@ def _cache_kwarg(body: nn.Module) -> str:
     # the vllm extra pins an older 5.x, so accept both.
     params = inspect.signature(body.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads((path / POLICY_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ModelSourceError(f"{path}: not a saved QPO policy ({e})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("policy"), dict):
+        raise ModelSourceError(f"{path / POLICY_CONFIG}: no 'policy' section (not a saved QPO policy)")
+    return meta
 
 
 def trim_padding(query_ids: torch.Tensor, query_mask: torch.Tensor, prompt_ids: torch.Tensor,
@@ -316,15 +327,29 @@ class QPOPolicy(nn.Module):
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> QPOPolicy:
-        """Rebuild a saved policy from its folder alone (no hub). Returned in eval mode."""
+        """Rebuild a saved policy from its folder alone (no hub). Returned in eval mode.
+
+        Every way a folder can be malformed (a missing or mistyped ``policy_config.json`` field, a value out of
+        the config's bounds, weights of another shape) is a ModelSourceError naming the folder."""
         path = Path(path)
+        meta = _read_meta(path)
         try:
-            meta = json.loads((path / POLICY_CONFIG).read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise ModelSourceError(f"{path}: not a saved QPO policy ({e})") from None
-        pcfg = PolicyConfig.model_validate(meta["policy"])
-        base = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=torch.float32)
-        tok = load_tokenizer(str(path), str(path)) if (path / "tokenizer_config.json").exists() else None
-        policy = cls(base, pcfg, tok, vocab_ids=meta.get("vocab_ids"))
-        load_model(policy, str(path / WEIGHTS), strict=True, device=str(device))
+            pcfg = PolicyConfig.model_validate(meta["policy"])
+        except ValidationError as e:
+            err = e.errors()[0]
+            key = ".".join(str(x) for x in err["loc"])
+            raise ModelSourceError(f"{path / POLICY_CONFIG}: policy.{key}: {err['msg']}") from None
+        vocab = meta.get("vocab_ids")
+        if vocab is not None and (not isinstance(vocab, list) or not all(type(i) is int for i in vocab)):
+            raise ModelSourceError(f"{path / POLICY_CONFIG}: 'vocab_ids' must be a list of token ids")
+        try:
+            base = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=torch.float32)
+            tok = load_tokenizer(str(path), str(path)) if (path / "tokenizer_config.json").exists() else None
+            policy = cls(base, pcfg, tok, vocab_ids=vocab)
+            load_model(policy, str(path / WEIGHTS), strict=True, device=str(device))
+        except (ModelSourceError, ConfigError):
+            raise
+        except Exception as e:  # transformers / safetensors: missing files, shapes that do not fit
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ModelSourceError(f"{path}: cannot rebuild the saved policy ({first[:300]})") from None
         return policy.to(device).eval()

@@ -144,7 +144,9 @@ def tokenize_batch(batch: dict[str, np.ndarray], *, source: tuple, max_query_tok
                       max_query_tokens, max_prompt_tokens + 1)
     target = norm
     if query_means is not None:
-        means = np.array([query_means[str(q)] for q in batch["query"]], dtype=np.float64)
+        # A query missing from the means has no row that fits the prompt budget: its rows are dropped below.
+        means = np.array([query_means.get(str(q), r) for q, r in zip(batch["query"], raw, strict=True)],
+                         dtype=np.float64)
         target = norm - np.broadcast_to(normalize_reward(means, reward_min, reward_max), raw.shape)
     out["reward_target"] = np.asarray(target, dtype=np.float32)
     width = max_prompt_tokens + 1  # the prompt, then its EOS

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from qpo_ray.config import load_config
 from qpo_ray.data.schema import rows_to_table
@@ -307,4 +309,11 @@ def test_killed_worker_restarts_from_its_last_checkpoint(run_dir, ray_quiet, mon
     assert res.epochs_run == 2 and res.resumed_from_epoch is None  # one call: nothing was there before it
     state = json.loads((Path(res.checkpoint_path) / EPOCH_FILE).read_text())
     assert state["epoch"] == 2 and state["final"]
-    assert (run_dir / "policy-drill" / "model.safetensors").is_file()
+    # Dropout is seeded per epoch, so the resumed run ends with the weights of one never interrupted.
+    monkeypatch.delenv("QPO_RAY_FAULT")
+    ref = train_policy(cfg, store=DatasetStore(run_dir), version=0, out_dir=run_dir / "policy-drill-ref",
+                       schedule="scratch", run_name="worker-drill-ref")
+    assert ref.epochs_run == 2
+    drilled, clean = (load_file(p / "model.safetensors") for p in (res.policy_dir, ref.policy_dir))
+    assert drilled.keys() == clean.keys()
+    assert all(torch.equal(drilled[k], clean[k]) for k in clean)

@@ -255,15 +255,13 @@ def _mark_complete(storage: str, run_name: str, dir_name: str) -> None:
         f.write(b"")
 
 
-def _resume_point(config: dict[str, Any]):
-    """The checkpoint to resume from: Ray Train's latest registered one, or a newer complete one in storage."""
-    import ray.train
-
-    registered = ray.train.get_checkpoint()
-    found = newest_complete_checkpoint(config["storage"], config["run_name"])
+def latest_checkpoint(registered, storage: str, run_name: str):
+    """Ray Train's latest registered checkpoint, or a newer complete one in storage (written by a worker
+    whose controller died before registering it, e.g. with a killed driver); None when there is neither."""
+    found = newest_complete_checkpoint(storage, run_name)
     if found is None or (registered is not None and _checkpoint_epoch(registered.path) >= _checkpoint_epoch(found.path)):
         return registered
-    log.info("qpo-ray train: resuming from %s, newer than Ray Train's latest registered checkpoint (%s)",
+    log.info("qpo-ray train: using %s, newer than Ray Train's latest registered checkpoint (%s)",
              found.path, registered.path if registered is not None else "none")
     return found
 
@@ -298,10 +296,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     gas = grad_accum_steps(tcfg, world)
     engine, _, _, _ = deepspeed.initialize(model=policy, optimizer=optimizer,
                                            config=deepspeed_config(tcfg, world))
-    _seed_everything(tcfg.seed + 7919 * (rank + 1))  # dropout differs per rank, as in plain DDP
 
     start_epoch, history = 0, []
-    ckpt = _resume_point(config)
+    ckpt = latest_checkpoint(ray.train.get_checkpoint(), config["storage"], config["run_name"])
     if ckpt is not None:
         with ckpt.as_directory() as d:
             state = json.loads((Path(d) / EPOCH_FILE).read_text(encoding="utf-8"))
@@ -325,6 +322,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         for group in optimizer.param_groups:  # the ZeRO wrappers share these group dicts
             group["lr"] = lr
         engine.train()
+        # Seeded per (rank, epoch), not once per call: a run resumed at epoch k draws the dropout masks an
+        # uninterrupted run would, so resuming changes no weight. Ranks differ, as in plain DDP.
+        _seed_everything(tcfg.seed + 7919 * (rank + 1) + 104_729 * epoch)
         metrics = _run_epoch(engine, shard, epoch=epoch, tcfg=tcfg, gas=gas, rank=rank)
         if epoch > start_epoch:  # a drill kills a worker that has trained on since its last restart
             fault_point(f"train.epoch-{epoch + 1}.end")
@@ -473,7 +473,9 @@ def train_policy(cfg: RunConfig, *, store: DatasetStore, version: int, out_dir: 
         datasets={"train": ds},
     )
     result = trainer.fit()
-    ckpt = result.checkpoint
+    # A worker orphaned by a killed driver may have finished the run, so this call trained nothing and
+    # Ray Train registered nothing new: the newest complete checkpoint in storage is the result.
+    ckpt = latest_checkpoint(result.checkpoint, storage, run_name)
     if ckpt is None:
         raise RuntimeError(f"training run '{run_name}' finished without a checkpoint")
     state = _read_json(ckpt, EPOCH_FILE)

@@ -50,10 +50,10 @@ def quiet() -> None:
 
 
 def start_ray() -> None:
-    """Ray exactly as the driver starts it (qpo_ray.driver.session.init_ray), progress bars off."""
+    """Ray exactly as the driver starts it (qpo_ray.ray_init.init_ray), progress bars off."""
     import ray
 
-    from qpo_ray.driver.session import init_ray
+    from qpo_ray.ray_init import init_ray
 
     for attempt in range(3):  # on a busy machine the local node can time out while starting
         try:

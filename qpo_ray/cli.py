@@ -55,7 +55,8 @@ def cmd_demo(args) -> int:
 def cmd_bootstrap(args) -> int:
     from qpo_ray.driver import steps
     from qpo_ray.driver.run import _prepare
-    from qpo_ray.driver.session import Session, init_ray
+    from qpo_ray.driver.session import Session
+    from qpo_ray.ray_init import init_ray
 
     cfg, rd = _prepare(_cfg(args), None) if not Path(_cfg(args).run_dir, "config.yaml").exists() \
         else _prepare(None, _cfg(args).run_dir)
@@ -274,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    if not args.verbose:  # one INFO line per HTTP request (target health checks, the policy service's target)
+        logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         return args.fn(args)
     except QPOError as e:

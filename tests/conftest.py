@@ -26,5 +26,7 @@ def reference_run(tmp_path_factory):
     from tests.e2e import qpo
 
     run_dir = tmp_path_factory.mktemp("ref") / "run"
-    qpo("run", "--config", "tiny", "--set", f"run_dir={run_dir}")
+    p = qpo("run", "--config", "tiny", "--set", f"run_dir={run_dir}")
+    # What a person saw on the console (stdout, then stderr), for the tests of the run's output.
+    (run_dir.parent / "console.txt").write_text(p.stdout + "\n--- stderr\n" + p.stderr, encoding="utf-8")
     return run_dir

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections import Counter
 
 import pytest
@@ -102,3 +103,27 @@ def test_resume_after_collect_matches_uninterrupted_run(reference_run, tmp_path)
 def test_run_refuses_an_existing_run_dir(reference_run):
     p = qpo("run", "--config", "tiny", "--set", f"run_dir={reference_run}", check=False)
     assert p.returncode == 2 and "--resume" in p.stderr
+
+
+def test_console_is_quiet_shows_progress_and_ends_with_a_summary(reference_run):
+    console = (reference_run.parent / "console.txt").read_text(encoding="utf-8")
+    out, err = console.split("\n--- stderr\n")
+    # Ray's own output (Serve's access log, the Train controller, worker prints) stays in Ray's log files...
+    for noise in ("ServeReplica", "PlacementGroupCleaner", "TrainController", "RayTrainWorker", "SplitCoordinator"):
+        assert noise not in console, f"{noise} lines reached the console"
+    # ...which the run links, beside its own log
+    assert (reference_run / "logs" / "ray").is_symlink() and (reference_run / "logs" / "ray").is_dir()
+    assert "[loop-2.eval] done" in (reference_run / "logs" / "driver.log").read_text(encoding="utf-8")
+    # one meter per step, each closing at its total
+    cfg = load_config("tiny")
+    task = load_task(cfg.task.name)
+    pairs = min(len(task.prompts), cfg.task.max_prompts) * min(len(task.queries("train")), cfg.task.max_train_queries)
+    assert f"score bootstrap: {pairs}/{pairs} req (100%)" in err
+    closing = [line for line in err.splitlines() if line.startswith("train scratch v000:")][-1]
+    done = re.match(r"train scratch v000: (\d+)/(\d+) step \(100%\)", closing)
+    assert done and done[1] == done[2] != "0" and f"epoch {cfg.train.scratch.epochs}/" in closing, closing
+    assert f"sample loop-1: {cfg.collect.num_queries}/{cfg.collect.num_queries} query (100%)" in err
+    # the summary: table, report, wall time, target calls
+    assert "report:" in out and "wall time:" in out and "target calls:" in out
+    calls = sum(json.loads(p.read_text())["target_calls"] for p in (reference_run / "steps").glob("*.json"))
+    assert f"target calls: {calls:,}" in out

@@ -101,7 +101,7 @@ def test_two_replicas_score_each_once_in_order(pool, task, local, capfd):
     log = [r for r in scored_log(pool.log) if r["p"] == "Name the emotion."]
     assert Counter(r["q"] for r in log) == Counter(r.query for r in reqs)  # every request scored exactly once
     assert len({r["pid"] for r in log}) == 2  # both replicas took work
-    assert "[qpo-ray] target: 32/32 requests (100%)" in capfd.readouterr().err
+    assert "score: 32/32 req (100%)" in capfd.readouterr().err  # the call's own progress meter, closed
 
 
 def test_repeated_pair_costs_no_target_call(pool, task):

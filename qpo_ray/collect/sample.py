@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from qpo_ray.config import CollectConfig
+from qpo_ray.progress import bar
 
 
 def pick_collect_queries(queries: Sequence[tuple[str, str]], n: int, loop: int, seed: int) -> list[tuple[str, str]]:
@@ -46,7 +47,8 @@ class _Sampler:
 
 
 def sample_prompts(policy_dir: str | Path, queries: Sequence[tuple[str, str]], ccfg: CollectConfig, *,
-                   seed: int, greedy: bool = False, target_reward: float | None = None) -> list[dict[str, Any]]:
+                   seed: int, greedy: bool = False, target_reward: float | None = None, desc: str = "sample",
+                   progress: bool = True) -> list[dict[str, Any]]:
     """Sample one prompt per (query, label) on a pool of ``ccfg.num_actors`` actors; rows keep input order."""
     import ray
 
@@ -63,9 +65,14 @@ def sample_prompts(policy_dir: str | Path, queries: Sequence[tuple[str, str]], c
         fn_constructor_kwargs={"policy_dir": str(policy_dir), "gen": gen},
         batch_size=ccfg.batch_size,
         batch_format="numpy",
-        concurrency=ccfg.num_actors,
+        compute=ray.data.ActorPoolStrategy(size=ccfg.num_actors),
         num_gpus=ccfg.num_gpus_per_actor or None,
         num_cpus=ccfg.num_cpus_per_actor,
     )
-    out = sorted(ds.take_all(), key=lambda r: int(r["row"]))
+    out = []
+    with bar(len(items), desc, unit="query", enabled=progress) as meter:
+        for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            out += [dict(zip(b, vals, strict=True)) for vals in zip(*b.values(), strict=True)]
+            meter.update(len(b["row"]))
+    out.sort(key=lambda r: int(r["row"]))
     return [{"query": str(r["query"]), "label": str(r["label"]), "prompt": str(r["prompt"])} for r in out]

@@ -177,7 +177,7 @@ def _wait(phases: Sequence[Phase], problems: list[str], wait_s: float, nodes: Ca
 
 def ensure_cluster(cfg: RunConfig, phases: Sequence[Phase]) -> None:
     """Connect to (or start) Ray, then ``check_cluster`` with the config's ``resource_wait_s``."""
-    from qpo_ray.driver.session import init_ray
+    from qpo_ray.ray_init import init_ray
 
     init_ray()
     check_cluster(phases, wait_s=cfg.resource_wait_s, can_grow=bool(os.environ.get("RAY_ADDRESS")))

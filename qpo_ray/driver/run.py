@@ -14,10 +14,11 @@ import yaml
 from qpo_ray.config import RunConfig, load_config
 from qpo_ray.driver import steps
 from qpo_ray.driver.resources import ensure_cluster, run_phases
-from qpo_ray.driver.session import Session, StepTimer, init_ray
+from qpo_ray.driver.session import Session, StepTimer
 from qpo_ray.errors import QPOError
 from qpo_ray.evaluate.report import summary_table, write_report
 from qpo_ray.models import check_model_spec
+from qpo_ray.ray_init import init_ray, link_ray_logs
 from qpo_ray.runs import RunDir, atomic_write_bytes, fault_point
 
 log = logging.getLogger("qpo_ray")
@@ -25,8 +26,11 @@ log = logging.getLogger("qpo_ray")
 
 def run(cfg: RunConfig | None = None, *, resume: str | Path | None = None) -> Path:
     """Run (or resume) a QPO run; returns the report's path."""
+    t0 = time.time()
     cfg, rd = _prepare(cfg, resume)
+    file_log = _log_to_file(rd.path / "logs" / "driver.log")
     init_ray()
+    link_ray_logs(rd.path)
     s = Session(cfg, rd)
     try:
         def step(name: str, fn: Callable[[], dict[str, Any]]) -> None:
@@ -49,9 +53,23 @@ def run(cfg: RunConfig | None = None, *, resume: str | Path | None = None) -> Pa
             step(f"loop-{t}.score", lambda t=t: steps.score(s, t))
             step(f"loop-{t}.merge", lambda t=t: steps.merge(s, t))
             step(f"loop-{t}.eval", lambda t=t: steps.evaluate(s, t))
-        return report(s)
+        path = report(s)
     finally:
-        s.close()
+        s.close()  # stops the scoring pool first: Serve's shutdown messages come before the summary
+        logging.getLogger().removeHandler(file_log)
+        file_log.close()
+    print_summary(rd, path, started=t0, calls_here=s.calls)
+    return path
+
+
+def _log_to_file(path: Path) -> logging.Handler:
+    """What the driver logs (INFO, or DEBUG with -v), appended to the run's ``logs/driver.log``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.DEBUG)
+    logging.getLogger().addHandler(handler)
+    return handler
 
 
 def load_run_config(rd: RunDir, overrides: list[str] | None = None, *, what: str = "--resume") -> RunConfig:
@@ -103,17 +121,39 @@ def _preflight(cfg: RunConfig) -> None:
         check_model_spec(cfg.target.model, "target.model")
 
 
-def report(s: Session) -> Path:
-    rd = s.run
+def _results(rd: RunDir) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The run's evaluations (by loop) and step markers (in the order they finished)."""
     evals = [json.loads(p.read_text()) for p in sorted((rd.path / "eval").glob("loop-*.json"),
                                                          key=lambda p: int(p.stem.split("-")[1]))]
     markers = sorted(rd.steps.glob("*.json"), key=lambda p: json.loads(p.read_text()).get("finished", 0))
-    step_infos = [json.loads(p.read_text()) for p in markers]
+    return evals, [json.loads(p.read_text()) for p in markers]
+
+
+def report(s: Session) -> Path:
+    """Write report.md (+ its PNG); returns its path."""
+    evals, step_infos = _results(s.run)
     header = {"task": s.task.name, "setting": s.cfg.task.setting, "target": s.target,
               "policy": s.cfg.policy.model, "loops": s.cfg.loops, "dataset versions": len(s.store.versions()),
               "rows in latest version": s.store.manifest(s.store.latest()).rows}
-    path = write_report(rd.path, evals, step_infos, header)
+    path = write_report(s.run.path, evals, step_infos, header)
     s.tracker.artifact(path)
-    print("\n" + summary_table(evals) + "\n", flush=True)
-    print(f"report: {path}", flush=True)
     return path
+
+
+def print_summary(rd: RunDir, path: Path, *, started: float | None = None, calls_here: int | None = None) -> None:
+    """The end of a run on the console: the table, the report, the wall time, the target calls, the logs."""
+    evals, step_infos = _results(rd)
+    steps_wall = sum(i.get("wall_s", 0.0) for i in step_infos)
+    calls = sum(i.get("target_calls", 0) for i in step_infos)
+    wall = f"{_hms(time.time() - started)} this invocation, " if started is not None else ""
+    here = f" ({calls_here:,} by this invocation)" if calls_here is not None else ""
+    print("\n" + summary_table(evals) + "\n", flush=True)
+    print(f"report:       {path}\n"
+          f"wall time:    {wall}{_hms(steps_wall)} in the run's steps\n"
+          f"target calls: {calls:,}{here}\n"
+          f"logs:         {rd.path / 'logs'}", flush=True)
+
+
+def _hms(seconds: float) -> str:
+    m, sec = divmod(int(round(seconds)), 60)
+    return f"{m // 60}:{m % 60:02d}:{sec:02d}" if m >= 60 else f"{m}:{sec:02d}"

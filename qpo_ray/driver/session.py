@@ -4,7 +4,6 @@ tracker, the scoring pool (started on first use) and the cache of every pair sco
 from __future__ import annotations
 
 import logging
-import os
 import time
 import uuid
 from collections.abc import Sequence
@@ -24,23 +23,6 @@ from qpo_ray.tracking import Tracker
 log = logging.getLogger("qpo_ray")
 
 SCORE_CHUNK = 64  # pairs scored and persisted together: a crash loses at most one chunk of target calls
-
-
-def init_ray() -> None:
-    """Connect to the cluster named by RAY_ADDRESS, else start Ray embedded on this machine."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(runtime_env=env, log_to_driver=True)
-    else:
-        # Logical CPUs above the physical count let the scoring replicas, the train workers and the
-        # sampling actors coexist on a laptop; they run one at a time in the driver's loop anyway.
-        # address="local": always a fresh embedded instance, never a stray cluster found on the machine.
-        ray.init(address="local", num_cpus=max(8, os.cpu_count() or 1), include_dashboard=False, runtime_env=env)
-    ray.data.DataContext.get_current().enable_progress_bars = False
 
 
 class Session:
@@ -102,7 +84,7 @@ class Session:
         New results are persisted chunk by chunk under ``scores/`` before they are used, so a crash never
         pays for the same pair twice. Rows come back in input order.
         """
-        from qpo_ray.score.pool import score_pairs
+        from qpo_ray.score.pairs import requests_per_pair
 
         setting = self.cfg.task.setting
         cache = self._load_cache()
@@ -112,21 +94,27 @@ class Session:
         todo = list({pair_key(self.task.name, self.target, setting, p["query"], p["prompt"]): p for p in todo}.values())
         if todo:
             log.info("[%s] scoring %d new pair(s) (%d already known)", tag, len(todo), len(pairs) - len(todo))
-        for chunk in _chunks_by_prompt(todo, SCORE_CHUNK):
-            before = self.pool.stats.copy()
-            rows = score_pairs(self.pool, self.task, self.cfg, chunk, phase=phase, source=source, loop=loop)
-            after = self.pool.stats
-            self.calls += after["calls"] - before["calls"]
-            self.tokens += after["tokens"] - before["tokens"]
-            table = rows_to_table(rows, source=f"scores of {tag}")
-            atomic_write_table(self.run.scores / f"{tag}-{uuid.uuid4().hex[:12]}.parquet", table)
-            for r in table.to_pylist():
-                cache[r["key"]] = r
-                known[r["key"]] = r
-            fault_point(f"score.{tag}.chunk")
+            with self.pool.progress(len(todo) * requests_per_pair(self.cfg, phase), f"score {tag}"):
+                for chunk in _chunks_by_prompt(todo, SCORE_CHUNK):
+                    self._score_chunk(chunk, tag, cache, known, phase=phase, source=source, loop=loop)
         # A reused row is labelled with the step that asked for it; rows already in the dataset are
         # dropped by the merge rule, so a label never changes a stored row.
         return [dict(known[k], source=source, loop=loop) for k in keys]
+
+    def _score_chunk(self, chunk, tag: str, cache: dict, known: dict, *, phase: str, source: str, loop: int) -> None:
+        from qpo_ray.score.pool import score_pairs
+
+        before = self.pool.stats.copy()
+        rows = score_pairs(self.pool, self.task, self.cfg, chunk, phase=phase, source=source, loop=loop)
+        after = self.pool.stats
+        self.calls += after["calls"] - before["calls"]
+        self.tokens += after["tokens"] - before["tokens"]
+        table = rows_to_table(rows, source=f"scores of {tag}")
+        atomic_write_table(self.run.scores / f"{tag}-{uuid.uuid4().hex[:12]}.parquet", table)
+        for r in table.to_pylist():
+            cache[r["key"]] = r
+            known[r["key"]] = r
+        fault_point(f"score.{tag}.chunk")
 
     def close(self) -> None:
         if self._pool is not None:
@@ -168,4 +156,4 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
     return pq.read_table(path).to_pylist()
 
 
-__all__ = ["SCHEMA", "Session", "StepTimer", "init_ray", "read_rows"]
+__all__ = ["SCHEMA", "Session", "StepTimer", "read_rows"]

@@ -58,7 +58,8 @@ def collect(s: Session, loop: int) -> dict[str, Any]:
     """Sample one prompt per collect query, conditioned on the target reward (top-k then top-p)."""
     queries = pick_collect_queries(s.task.queries("collect"), s.cfg.collect.num_queries, loop, s.cfg.seed)
     log.info("[loop %d] sampling prompts for %d collect queries", loop, len(queries))
-    rows = sample_prompts(s.run.policy_dir(loop), queries, s.cfg.collect, seed=s.cfg.seed * 1000 + loop)
+    rows = sample_prompts(s.run.policy_dir(loop), queries, s.cfg.collect, seed=s.cfg.seed * 1000 + loop,
+                          desc=f"sample loop-{loop}")
     atomic_write_table(s.run.loop_dir(loop) / "collect.parquet", pa.Table.from_pylist(rows))
     return {"prompts": len(rows), "distinct": len({r["prompt"] for r in rows})}
 

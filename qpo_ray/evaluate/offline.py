@@ -26,11 +26,9 @@ import hashlib
 import json
 import logging
 import random
-import threading
 import time
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +64,6 @@ TRAINING_JSON = "offline_training.json"  # written once the policy is trained (w
 POLICY_SUBDIR = "policy"
 RUN_NAME = "qpo-offline"
 COMMIT_CHUNK = 50_000
-HEARTBEAT_S = 60.0
 
 # -- the data side -----------------------------------------------------------------------------------------
 def _resolve_data(data_run_dir: str | Path, version: int | None) -> tuple[DatasetStore, int, Path]:
@@ -208,24 +205,6 @@ def _prepare_out(out_dir: Path, data_dir: Path, meta: dict[str, Any]) -> Dataset
     return store
 
 
-@contextmanager
-def _heartbeat(what: str, t0: float, every_s: float = HEARTBEAT_S) -> Iterator[None]:
-    """Log ``what`` is still running every ``every_s`` seconds until the block ends."""
-    stop = threading.Event()
-
-    def beat() -> None:
-        while not stop.wait(every_s):
-            log.info("offline eval: %s still running (%.0f s)", what, time.perf_counter() - t0)
-
-    th = threading.Thread(target=beat, name=f"qpo-heartbeat-{what}", daemon=True)
-    th.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        th.join()
-
-
 def _train(cfg: RunConfig, store: DatasetStore, out_dir: Path) -> dict[str, Any]:
     """Train (or reuse / resume) the policy of ``out_dir``; returns what offline_training.json holds."""
     done = out_dir / TRAINING_JSON
@@ -234,7 +213,7 @@ def _train(cfg: RunConfig, store: DatasetStore, out_dir: Path) -> dict[str, Any]
         info = json.loads(done.read_text(encoding="utf-8"))
         log.info("offline eval: reusing the trained policy %s (trained in %.1f s)", policy_dir, info["wall_s"])
         return {**info, "reused": True}
-    from qpo_ray.driver.session import init_ray
+    from qpo_ray.ray_init import init_ray
     from qpo_ray.train import train_policy
     from qpo_ray.train.trainer import grad_accum_steps
 
@@ -244,11 +223,9 @@ def _train(cfg: RunConfig, store: DatasetStore, out_dir: Path) -> dict[str, Any]
         raise DataError(f"the train split has {rows} rows: too few for one optimizer step of "
                         f"train.batch_size={tcfg.batch_size} on {tcfg.num_workers} worker(s)")
     init_ray()
-    log.info("offline eval: training the policy on %d train rows (%d epochs; progress per epoch below)",
-             rows, tcfg.scratch.epochs)
+    log.info("offline eval: training the policy on %d train rows (%d epochs)", rows, tcfg.scratch.epochs)
     t0 = time.perf_counter()
-    with _heartbeat("training", t0):  # the trainer logs once per epoch; say it is alive in between
-        res = train_policy(cfg, store=store, version=0, out_dir=policy_dir, schedule="scratch", run_name=RUN_NAME)
+    res = train_policy(cfg, store=store, version=0, out_dir=policy_dir, schedule="scratch", run_name=RUN_NAME)
     wall = time.perf_counter() - t0
     info = {"wall_s": round(wall, 2), "epochs": tcfg.scratch.epochs, "epochs_run": res.epochs_run,
             "resumed_from_epoch": res.resumed_from_epoch, "train_rows": rows,

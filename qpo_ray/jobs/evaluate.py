@@ -49,8 +49,9 @@ def evaluate_run(run_dir: str | Path, *, loops: str | None = None, redo: bool = 
                  overrides: list[str] | None = None) -> Path:
     """Evaluate the run's missing (or all, with ``redo``) loops; returns the report's path."""
     from qpo_ray.driver import steps
-    from qpo_ray.driver.run import load_run_config, report
-    from qpo_ray.driver.session import Session, init_ray
+    from qpo_ray.driver.run import load_run_config, print_summary, report
+    from qpo_ray.driver.session import Session
+    from qpo_ray.ray_init import init_ray
     from qpo_ray.runs import RunDir
 
     rd = RunDir(run_dir)
@@ -65,9 +66,11 @@ def evaluate_run(run_dir: str | Path, *, loops: str | None = None, redo: bool = 
         for t in todo:
             log.info("[evaluate] loop %d", t)
             steps.evaluate(s, t)
-        return report(s)
+        path = report(s)
     finally:
         s.close()
+    print_summary(rd, path, calls_here=s.calls)
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:

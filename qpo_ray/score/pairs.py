@@ -40,6 +40,11 @@ def num_demo_sets(cfg: RunConfig, phase: str) -> int:
     return cfg.task.demo_sets_test if phase == "test" else cfg.task.demo_sets_collect
 
 
+def requests_per_pair(cfg: RunConfig, phase: str) -> int:
+    """Target requests one new pair costs: one per demonstration set in few-shot, else one."""
+    return num_demo_sets(cfg, phase) if cfg.task.setting == "few_shot" else 1
+
+
 def score_pairs(scorer: Scorer, task: Task, cfg: RunConfig, pairs: Sequence[Pair],
                 known: MutableMapping[str, Mapping[str, Any]] | None = None, *, source: str, loop: int = 0,
                 phase: str = "collect") -> list[dict[str, Any]]:
@@ -65,7 +70,7 @@ def score_pairs(scorer: Scorer, task: Task, cfg: RunConfig, pairs: Sequence[Pair
     owner: list[str] = []
     few_shot = setting == "few_shot"
     for k, (q, p, lab) in new.items():
-        sets = task.demo_sets(num_demo_sets(cfg, phase), cfg.task.num_demos, cfg.seed, q) if few_shot else [None]
+        sets = task.demo_sets(requests_per_pair(cfg, phase), cfg.task.num_demos, cfg.seed, q) if few_shot else [None]
         for demos in sets:
             requests.append(ScoreRequest(task.name, setting, q, p, lab, demos))
             owner.append(k)

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import logging
 import re
-import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from typing import Any
 
 from ray import serve
@@ -28,6 +28,8 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 
 from qpo_ray.config import TargetConfig
 from qpo_ray.errors import QPOError, TargetError
+from qpo_ray.progress import bar
+from qpo_ray.ray_init import init_ray
 from qpo_ray.score.batcher import EngineBatcher
 from qpo_ray.score.engines import Components, ScoreRequest, TargetEngine, make_engine
 from qpo_ray.score.pairs import score_pairs  # noqa: F401  (re-exported: the driver imports it from here)
@@ -107,36 +109,17 @@ def _root_cause(text: str) -> str:
     return (ours or lines or [ln for ln in text.splitlines() if ln.strip()][-1:] or ["unknown error"])[-1]
 
 
-class _Progress:
-    """A line on stderr every ``every`` of the way (and at the end)."""
-
-    def __init__(self, total: int, every: float, enabled: bool):
-        self.total, self.every, self.enabled = total, every, enabled and total > 0
-        self.t0 = time.time()
-        self.next = every
-
-    def update(self, done: int, retries: int) -> None:
-        if not self.enabled or (done / self.total < self.next and done < self.total):
-            return
-        while self.next <= done / self.total:
-            self.next += self.every
-        rate = done / max(time.time() - self.t0, 1e-9)
-        print(f"[qpo-ray] target: {done}/{self.total} requests ({100 * done // self.total}%), {rate:.1f}/s, "
-              f"{retries} retried", file=sys.stderr, flush=True)
-
-
 class ScoringPool:
     """Context manager around a per-run Serve application of target replicas."""
 
     def __init__(self, cfg: TargetConfig, tasks: Task | Iterable[Task], *, app_name: str | None = None,
-                 run_id: str | None = None, engine_factory: EngineFactory | None = None,
-                 progress_every: float = 0.1):
+                 run_id: str | None = None, engine_factory: EngineFactory | None = None):
         self.cfg = cfg
         self.tasks = [tasks] if isinstance(tasks, Task) else list(tasks)
         self.target = cfg.model
         self.app_name = app_name or f"qpo-target-{run_id or uuid.uuid4().hex[:8]}"
         self.engine_factory = engine_factory
-        self.progress_every = progress_every
+        self.meter = None  # set by ``progress``: one display across several score() calls
         self.handle = None
         self._started_serve = False
         self.stats: dict[str, float] = {"requests": 0, "calls": 0, "tokens": 0, "retries": 0, "seconds": 0.0}
@@ -144,10 +127,7 @@ class ScoringPool:
 
     # -- lifecycle ----------------------------------------------------------------------------------
     def __enter__(self) -> ScoringPool:
-        import ray
-
-        if not ray.is_initialized():
-            ray.init()
+        init_ray()
         # Handle-only traffic: start Serve without HTTP proxies unless something already started it.
         self._started_serve = _start_serve()
         t0 = time.time()
@@ -218,30 +198,44 @@ class ScoringPool:
                 time.sleep(BACKOFF_S * 2**attempt)
                 attempt += 1
 
+    @contextmanager
+    def progress(self, total: int, desc: str) -> Iterator[None]:
+        """Show the score() calls inside the block as one step of ``total`` requests."""
+        self.meter = bar(total, desc, unit="req")
+        try:
+            yield
+        finally:
+            self.meter.close()
+            self.meter = None
+
     def score(self, requests: Sequence[ScoreRequest], progress: bool = True) -> list[Components]:
-        """Components of every request, in input order."""
+        """Components of every request, in input order. Progress goes to the block's meter inside
+        ``progress()``, else to a meter of this call's own."""
         if self.handle is None:
             raise TargetError("ScoringPool.score called outside its context (use `with ScoringPool(...)`)")
         t0 = time.time()
         results: list[Components | None] = [None] * len(requests)
-        bar = _Progress(len(requests), self.progress_every, progress)
+        meter = self.meter or bar(len(requests), "score", unit="req", enabled=progress)
         with ThreadPoolExecutor(max_workers=self.cfg.max_in_flight, thread_name_prefix="qpo-pool") as ex:
             pending = {ex.submit(self._one, r): i for i, r in enumerate(requests)}
-            done_n = 0
             try:
                 while pending:
                     done, _ = wait(pending, return_when=FIRST_COMPLETED)
                     for fut in done:
                         i = pending.pop(fut)
                         results[i] = comp = fut.result()
-                        done_n += 1
                         self.stats["calls"] += comp.calls
                         self.stats["tokens"] += comp.tokens
-                    bar.update(done_n, int(self.stats["retries"]))
+                    meter.update(len(done))
+                    if self.stats["retries"]:
+                        meter.set_postfix_str(f"{int(self.stats['retries'])} retried", refresh=False)
             except BaseException:
                 for fut in pending:
                     fut.cancel()
                 raise
+            finally:
+                if meter is not self.meter:
+                    meter.close()
         self.stats["requests"] += len(requests)
         self.stats["seconds"] += time.time() - t0
         return results  # type: ignore[return-value]

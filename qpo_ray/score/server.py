@@ -232,13 +232,12 @@ def serve_target(cfg: RunConfig | TargetConfig, host: str = "127.0.0.1", port: i
     With ``blocking`` it serves until interrupted, then deletes the app.
     """
     import httpx
-    import ray
 
     from qpo_ray.driver.resources import check_cluster, target_need
+    from qpo_ray.ray_init import init_ray
 
     target = _target_cfg(cfg)
-    if not ray.is_initialized():
-        ray.init()
+    init_ray()
     check_cluster([[target_need(target)]], can_grow=bool(os.environ.get("RAY_ADDRESS")),
                   wait_s=cfg.resource_wait_s if isinstance(cfg, RunConfig) else 0.0)
     serve.start(http_options={"host": host, "port": port})

@@ -475,7 +475,7 @@ def serve_policy(policy_dir: str | Path, cfg: RunConfig, host: str | None = None
     """Start Serve (Ray embedded, or RAY_ADDRESS's cluster) and deploy the policy; returns the base URL.
 
     With ``blocking`` it serves until interrupted."""
-    from qpo_ray.driver.session import init_ray
+    from qpo_ray.ray_init import init_ray
 
     host = host or cfg.serve.host
     port = port or cfg.serve.port

@@ -210,6 +210,6 @@ def training_dataset(store: DatasetStore, version: int, pcfg: PolicyConfig, *, t
         ),
         batch_size=None,
         batch_format="numpy",
-        concurrency=tasks,
+        compute=ray.data.TaskPoolStrategy(size=tasks),
         udf_modifying_row_count=True,  # rows with too long a prompt are dropped
     )

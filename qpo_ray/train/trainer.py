@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,7 @@ from qpo_ray.config import RunConfig, TrainConfig
 from qpo_ray.data.store import DatasetStore
 from qpo_ray.errors import DataError
 from qpo_ray.runs import FAULT_ENV, atomic_write_json, fault_point
+from qpo_ray.train.progress import StepPoster, training_progress
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +185,8 @@ def _export_policy(engine, stage: int, dest: Path, rank: int) -> None:
                     p.data = v
 
 
-def _run_epoch(engine, shard, *, epoch: int, tcfg: TrainConfig, gas: int, rank: int) -> dict[str, float]:
+def _run_epoch(engine, shard, *, epoch: int, tcfg: TrainConfig, gas: int, rank: int,
+               on_step: Callable[..., None] | None = None) -> dict[str, float]:
     """One pass over this rank's shard. Micro-batches are applied in groups of ``gas`` so every optimizer
     step sees a full accumulation window; a trailing partial window is dropped (identically on every rank,
     since the shards are equal) instead of leaking its gradients into the next epoch."""
@@ -213,11 +216,15 @@ def _run_epoch(engine, shard, *, epoch: int, tcfg: TrainConfig, gas: int, rank: 
             micro += 1
             tokens += float(b["query_mask"].sum() + b["prompt_mask"].sum())
         pending.clear()
+        if on_step is not None:
+            on_step(epoch, micro // gas, sums["loss"] / micro)
     if micro == 0:
         raise RuntimeError(
             f"rank {rank} got no full optimizer step this epoch (fewer than micro_batch_size × "
             f"grad_accum = {tcfg.micro_batch_size} × {gas} rows in its shard)"
         )
+    if on_step is not None:
+        on_step(epoch, micro // gas, sums["loss"] / micro, force=True)
     elapsed = time.perf_counter() - start
     means = _mean_across_ranks({k: v / micro for k, v in sums.items()}, engine.device)
     total_tokens = _sum_across_ranks(tokens, engine.device)
@@ -315,6 +322,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             log.info("qpo-ray train: resumed from epoch %d (%s)", start_epoch, ckpt.path)
 
     shard = ray.train.get_dataset_shard("train")
+    poster = StepPoster(config["progress"], config["steps_per_epoch"]) if rank == 0 and config.get("progress") else None
     if config.get("fault"):  # fault-injection drills reach the workers through their config
         os.environ[FAULT_ENV] = config["fault"]
     for epoch in range(start_epoch, epochs):
@@ -325,7 +333,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # Seeded per (rank, epoch), not once per call: a run resumed at epoch k draws the dropout masks an
         # uninterrupted run would, so resuming changes no weight. Ranks differ, as in plain DDP.
         _seed_everything(tcfg.seed + 7919 * (rank + 1) + 104_729 * epoch)
-        metrics = _run_epoch(engine, shard, epoch=epoch, tcfg=tcfg, gas=gas, rank=rank)
+        metrics = _run_epoch(engine, shard, epoch=epoch, tcfg=tcfg, gas=gas, rank=rank, on_step=poster)
         if epoch > start_epoch:  # a drill kills a worker that has trained on since its last restart
             fault_point(f"train.epoch-{epoch + 1}.end")
         # Read back from the engine: proves the ZeRO optimizer wrapper saw the new value.
@@ -410,16 +418,14 @@ def check_trainable(cfg: RunConfig, store: DatasetStore, version: int) -> int:
 
 
 def train_policy(cfg: RunConfig, *, store: DatasetStore, version: int, out_dir: Path, schedule: Schedule,
-                 init_policy: Path | None = None, run_name: str) -> TrainResult:
+                 init_policy: Path | None = None, run_name: str, progress: bool = True) -> TrainResult:
     """Train the policy on dataset ``version`` and export it to ``out_dir``.
 
     ``schedule="scratch"`` starts from the pretrained LM with ``train.scratch``; ``"finetune"`` continues
     ``init_policy`` with ``train.finetune``. Calling again with the same ``run_name`` and storage resumes
     from the run's latest checkpoint (Ray Train V2 restores its checkpoint manager from storage), so an
-    interrupted call only trains the missing epochs.
+    interrupted call only trains the missing epochs. ``progress`` shows steps, loss and ETA on stderr.
     """
-    import ray.train
-    from ray.train.torch import TorchTrainer
 
     from qpo_ray.models import load_tokenizer
     from qpo_ray.policy.model import CANDIDATES
@@ -453,26 +459,13 @@ def train_policy(cfg: RunConfig, *, store: DatasetStore, version: int, out_dir: 
     storage = storage_path(cfg)
     log.info("training %s on v%03d (%d rows, %d steps/epoch, %d epochs, ZeRO-%d, %d worker(s)), run '%s'",
              schedule, version, rows, steps, sched.epochs, tcfg.zero_stage, tcfg.num_workers, run_name)
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"cfg": cfg, "schedule": schedule, "lr": sched.lr, "epochs": sched.epochs,
-                           "init_policy": init, "call_id": call_id, "version": version,
-                           "vocab_ids": plan.vocab_ids, "storage": storage, "run_name": run_name,
-                           "fault": os.environ.get(FAULT_ENV)},
-        scaling_config=ray.train.ScalingConfig(num_workers=tcfg.num_workers, use_gpu=tcfg.use_gpu,
-                                               resources_per_worker={"CPU": tcfg.cpus_per_worker}),
-        run_config=ray.train.RunConfig(
-            name=run_name,
-            storage_path=storage,
-            failure_config=ray.train.FailureConfig(max_failures=tcfg.max_failures),
-            # Keep the last two: the latest to resume/export from, one more in case it is half-written.
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-        ),
-        # The default DataConfig splits "train" with streaming_split(num_workers, equal=True): equal row
-        # counts per rank, so with drop_last every rank runs the same number of steps.
-        datasets={"train": ds},
-    )
-    result = trainer.fit()
+    with training_progress(f"train {schedule} v{version:03d}", epochs=sched.epochs, steps_per_epoch=steps,
+                           enabled=progress) as board:
+        result = _fit(cfg, ds, run_name=run_name, storage=storage, config={
+            "cfg": cfg, "schedule": schedule, "lr": sched.lr, "epochs": sched.epochs, "init_policy": init,
+            "call_id": call_id, "version": version, "vocab_ids": plan.vocab_ids, "storage": storage,
+            "run_name": run_name, "fault": os.environ.get(FAULT_ENV), "progress": board,
+            "steps_per_epoch": steps})
     # A worker orphaned by a killed driver may have finished the run, so this call trained nothing and
     # Ray Train registered nothing new: the newest complete checkpoint in storage is the result.
     ckpt = latest_checkpoint(result.checkpoint, storage, run_name)
@@ -497,3 +490,27 @@ def train_policy(cfg: RunConfig, *, store: DatasetStore, version: int, out_dir: 
         history=history,
         checkpoint_path=ckpt.path,
     )
+
+
+def _fit(cfg: RunConfig, ds, *, run_name: str, storage: str, config: dict[str, Any]):
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    tcfg = cfg.train
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=config,
+        scaling_config=ray.train.ScalingConfig(num_workers=tcfg.num_workers, use_gpu=tcfg.use_gpu,
+                                               resources_per_worker={"CPU": tcfg.cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=run_name,
+            storage_path=storage,
+            failure_config=ray.train.FailureConfig(max_failures=tcfg.max_failures),
+            # Keep the last two: the latest to resume/export from, one more in case it is half-written.
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+        # The default DataConfig splits "train" with streaming_split(num_workers, equal=True): equal row
+        # counts per rank, so with drop_last every rank runs the same number of steps.
+        datasets={"train": ds},
+    )
+    return trainer.fit()

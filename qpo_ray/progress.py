@@ -1,0 +1,47 @@
+"""Progress of a long step, for a person watching the run: a live tqdm bar on a terminal; on anything else
+(CI, ``ray job logs``, a file) the same meter as a plain line every ``every_s`` seconds and at the end."""
+
+from __future__ import annotations
+
+import sys
+from typing import IO, Any
+
+from tqdm import tqdm
+
+PLAIN_EVERY_S = 30.0
+# Without a terminal there is no bar to redraw: count, share, rate, elapsed and ETA in one line.
+PLAIN_FORMAT = "{desc}: {n_fmt}/{total_fmt} {unit} ({percentage:.0f}%), {rate_fmt}, {elapsed} elapsed, ETA {remaining}{postfix}"
+
+
+class _Lines:
+    """A stream for tqdm that turns its carriage-return redraws into whole lines."""
+
+    def __init__(self, stream: IO[str]):
+        self.stream = stream
+
+    def write(self, s: str) -> None:
+        s = s.replace("\r", "").strip()
+        if s:
+            self.stream.write(s + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def _is_tty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # a closed or file-like stream without a terminal
+        return False
+
+
+def bar(total: int, desc: str, unit: str = "it", *, initial: int = 0, stream: IO[str] | None = None,
+        every_s: float = PLAIN_EVERY_S, enabled: bool = True) -> tqdm:
+    """A progress meter for ``total`` units of work (``initial`` already done, e.g. by a resumed run)."""
+    stream = stream if stream is not None else sys.stderr
+    if _is_tty(stream):
+        return tqdm(total=total, desc=desc, unit=unit, initial=initial, file=stream, dynamic_ncols=True,
+                    disable=not enabled)
+    # miniters=0: print whenever every_s has passed, however few units came in since.
+    return tqdm(total=total, desc=desc, unit=unit, initial=initial, file=_Lines(stream), mininterval=every_s,
+                maxinterval=every_s, miniters=0, ascii=True, bar_format=PLAIN_FORMAT, disable=not enabled)

@@ -49,6 +49,7 @@ from ray.serve import Application
 
 from qpo_ray.config import REWARD_SCALE, RunConfig, ServeConfig, build_config, load_config
 from qpo_ray.errors import ConfigError, QPOError
+from qpo_ray.openai_http import TargetUnreachable, apost_json, auth_headers
 from qpo_ray.score.batcher import EngineBatcher
 from qpo_ray.serve.http import check_text, install_error_handlers
 
@@ -361,30 +362,23 @@ class PolicyService:
         return self._task.render(prompt, query, demos)
 
     async def _complete(self, text: str) -> str:
-        """Greedy ``/completions`` on the target; retries transport errors and 5xx, then 502."""
+        """Greedy ``/completions`` on the target under the shared retry policy (``qpo_ray.openai_http``);
+        502 when the target fails."""
         t = self.cfg.target
         if self._http is None:
-            headers = {}
-            if os.environ.get(t.api_key_env):
-                headers["Authorization"] = f"Bearer {os.environ[t.api_key_env]}"
-            self._http = httpx.AsyncClient(timeout=t.timeout_s, headers=headers)
+            self._http = httpx.AsyncClient(timeout=t.timeout_s, headers=auth_headers(t.api_key_env))
         url = t.base_url.rstrip("/") + "/completions"
         body = {"model": t.model, "prompt": text, "max_tokens": t.max_new_tokens, "temperature": 0.0}
-        err = ""
-        for attempt in range(t.retries + 1):
-            try:
-                r = await self._http.post(url, json=body)
-                if r.status_code < 500:
-                    if r.status_code != 200:
-                        raise HTTPException(502, f"target {url} answered {r.status_code}: {r.text[:300]}")
-                    return str(r.json()["choices"][0]["text"])
-                err = f"{r.status_code}: {r.text[:300]}"
-            except httpx.HTTPError as e:
-                err = f"{type(e).__name__}: {e}"
-            except (ValueError, KeyError, IndexError, TypeError):
-                raise HTTPException(502, f"target {url} returned no choices[0].text") from None
-            await asyncio.sleep(min(2.0, 0.2 * 2 ** attempt))
-        raise HTTPException(502, f"target {url} failed after {t.retries + 1} attempt(s): {err}")
+        try:
+            r = await apost_json(self._http, url, body, t.retries)
+        except TargetUnreachable as e:
+            raise HTTPException(502, f"target {url} failed after {e.attempts} attempt(s): {e.last}") from None
+        if r.status_code != 200:
+            raise HTTPException(502, f"target {url} answered {r.status_code}: {r.text[:300]}")
+        try:
+            return str(r.json()["choices"][0]["text"])
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise HTTPException(502, f"target {url} returned no choices[0].text") from None
 
     @api.get("/healthz", summary="liveness and this replica's batching counters")
     async def healthz(self) -> dict[str, Any]:

@@ -6,16 +6,13 @@ verbalizer (located by ``text_offset``). ``max_tokens`` is 1, not 0: vLLM reject
 token lies past the verbalizer, so it is ignored. Math: ``POST /chat/completions`` (the server applies the
 model's chat template), greedy, ``logprobs: true`` for the reply's NLL.
 
-Connection errors, timeouts, 429 and 5xx are retried with exponential backoff; a thread pool bounds the
-requests in flight. The API key comes from the environment variable named by ``target.api_key_env``.
+Connection errors, timeouts, 429 and 5xx are retried with backoff and jitter (``qpo_ray.openai_http``, the
+client the policy service uses too); a thread pool bounds the requests in flight. The API key comes from the environment variable named by ``target.api_key_env``.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import random
-import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -24,6 +21,7 @@ import httpx
 
 from qpo_ray.config import TargetConfig
 from qpo_ray.errors import TargetError
+from qpo_ray.openai_http import TargetUnreachable, auth_headers, post_json
 from qpo_ray.score.engines.base import (
     Components,
     ScoreRequest,
@@ -38,7 +36,6 @@ from qpo_ray.tasks import Task
 
 log = logging.getLogger(__name__)
 ECHO_MAX_TOKENS = 1
-BACKOFF_S = 0.5
 
 
 def label_token_logprobs(logprobs: dict[str, Any], start: int, end: int) -> list[float]:
@@ -57,8 +54,7 @@ class OpenAIEngine:
         self.target = cfg.model
         self.book = TaskBook(tasks)
         self.base_url = cfg.base_url.rstrip("/")
-        key = os.environ.get(cfg.api_key_env, "")
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        headers = auth_headers(cfg.api_key_env)
         limits = httpx.Limits(max_connections=cfg.max_concurrency, max_keepalive_connections=cfg.max_concurrency)
         self.http = httpx.Client(base_url=self.base_url, headers=headers, timeout=cfg.timeout_s, limits=limits)
         self.pool = ThreadPoolExecutor(max_workers=cfg.max_concurrency, thread_name_prefix="qpo-openai")
@@ -75,28 +71,19 @@ class OpenAIEngine:
 
     # -- HTTP -------------------------------------------------------------------------------------
     def post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        """POST with retries on connection errors, timeouts, 429 and 5xx; TargetError when it gives up."""
+        """POST under the shared retry policy (``qpo_ray.openai_http``); TargetError when it gives up."""
         url = f"{self.base_url}{path}"
-        last = ""
-        for attempt in range(self.cfg.retries + 1):
-            if attempt:
-                time.sleep(BACKOFF_S * 2 ** (attempt - 1) * (1 + random.random() * 0.25))
-            try:
-                resp = self.http.post(path, json=body)
-            except httpx.TransportError as e:  # connect/read errors and timeouts
-                last = f"{type(e).__name__}: {e}"
-                continue
-            if resp.status_code == 429 or resp.status_code >= 500:
-                last = f"HTTP {resp.status_code}: {resp.text[:200]}"
-                continue
-            if resp.status_code >= 400:
-                raise TargetError(f"target server {url} rejected the request: HTTP {resp.status_code}: "
-                                  f"{resp.text[:300]}")
-            try:
-                return resp.json()
-            except ValueError:
-                raise TargetError(f"target server {url} sent a non-JSON reply: {resp.text[:200]}") from None
-        raise TargetError(f"target server {url} unreachable after {self.cfg.retries + 1} attempt(s): {last}")
+        try:
+            resp = post_json(self.http, path, body, self.cfg.retries)
+        except TargetUnreachable as e:
+            raise TargetError(f"target server {e}") from None
+        if resp.status_code >= 400:
+            raise TargetError(f"target server {url} rejected the request: HTTP {resp.status_code}: "
+                              f"{resp.text[:300]}")
+        try:
+            return resp.json()
+        except ValueError:
+            raise TargetError(f"target server {url} sent a non-JSON reply: {resp.text[:200]}") from None
 
     # -- scoring ----------------------------------------------------------------------------------
     def score(self, requests: list[ScoreRequest]) -> list[Components]:

@@ -1,0 +1,94 @@
+"""The one HTTP client for OpenAI-compatible servers, sync and async, with one retry policy.
+
+Retried: transport errors (connect/read errors, timeouts), 429 and 5xx, up to ``retries + 1`` attempts with
+exponential backoff and jitter (so many clients that were refused together do not come back together).
+Anything else is the server's answer and goes back to the caller, who decides what it means: the scoring
+engine raises ``TargetError``, the policy service answers 502.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import time
+from typing import Any
+
+import httpx
+
+from qpo_ray.errors import TargetError
+
+BACKOFF_S = 0.5  # the first retry's wait; each later one doubles it
+BACKOFF_MAX_S = 8.0
+JITTER = 0.25  # up to +25% on each wait
+
+
+class TargetUnreachable(TargetError):
+    """Every attempt failed with a retryable error; ``last`` describes the final one."""
+
+    def __init__(self, url: str, attempts: int, last: str):
+        super().__init__(f"{url} unreachable after {attempts} attempt(s): {last}")
+        self.url, self.attempts, self.last = url, attempts, last
+
+
+def auth_headers(api_key_env: str) -> dict[str, str]:
+    """``Authorization: Bearer`` from the variable ``api_key_env`` names; none when it is unset or empty."""
+    key = os.environ.get(api_key_env, "") if api_key_env else ""
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def backoff_s(attempt: int) -> float:
+    """Seconds to wait before attempt number ``attempt`` (1 = the first retry)."""
+    return min(BACKOFF_MAX_S, BACKOFF_S * 2 ** (attempt - 1)) * (1 + random.random() * JITTER)
+
+
+def retryable(resp: httpx.Response) -> bool:
+    return resp.status_code == 429 or resp.status_code >= 500
+
+
+def _describe(resp: httpx.Response) -> str:
+    return f"HTTP {resp.status_code}: {resp.text[:200]}"
+
+
+def _full_url(client: httpx.Client | httpx.AsyncClient, url: str) -> str:
+    # httpx appends a relative path to the base URL's path (``URL.join`` would replace it): say the same here.
+    return url if "://" in url else str(client.base_url).rstrip("/") + "/" + url.lstrip("/")
+
+
+def post_json(client: httpx.Client, url: str, body: dict[str, Any], retries: int) -> httpx.Response:
+    """POST ``body`` to ``url`` (absolute or relative to the client's base URL) under the retry policy.
+
+    Returns the first non-retryable response; raises ``TargetUnreachable`` when every attempt failed."""
+    last = ""
+    for attempt in range(retries + 1):
+        if attempt:
+            time.sleep(backoff_s(attempt))
+        try:
+            resp = client.post(url, json=body)
+        except httpx.TransportError as e:
+            last = f"{type(e).__name__}: {e}"
+            continue
+        if not retryable(resp):
+            return resp
+        last = _describe(resp)
+    raise TargetUnreachable(_full_url(client, url), retries + 1, last)
+
+
+async def apost_json(client: httpx.AsyncClient, url: str, body: dict[str, Any], retries: int) -> httpx.Response:
+    """``post_json`` for an ``httpx.AsyncClient``: the same policy, waiting without blocking the event loop."""
+    last = ""
+    for attempt in range(retries + 1):
+        if attempt:
+            await asyncio.sleep(backoff_s(attempt))
+        try:
+            resp = await client.post(url, json=body)
+        except httpx.TransportError as e:
+            last = f"{type(e).__name__}: {e}"
+            continue
+        if not retryable(resp):
+            return resp
+        last = _describe(resp)
+    raise TargetUnreachable(_full_url(client, url), retries + 1, last)
+
+
+__all__ = ["TargetUnreachable", "apost_json", "auth_headers", "backoff_s", "post_json", "retryable"]

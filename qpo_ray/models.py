@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 from transformers import (
-    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     PreTrainedModel,
@@ -176,8 +175,3 @@ def check_model_spec(spec: str, what: str) -> None:
         return
     if spec.startswith((".", "/", "~")) or spec.count("/") > 1 or "\\" in spec:
         raise ModelSourceError(f"{what} '{spec}': no such folder")
-
-
-def model_config(spec: str):
-    """The model's transformers config without loading weights (tiny specs excluded)."""
-    return AutoConfig.from_pretrained(resolve_path(spec))

@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from qpo_ray.data.importers import ImportOptions, import_to_store
+from qpo_ray.data.store import DatasetStore
 from qpo_ray.errors import DataError
 from qpo_ray.score.replay import MIN_SIMILARITY, ReplayTable, match_prompt, similarity
 
@@ -72,7 +73,7 @@ def test_lookup_means_repeats_and_counts_kinds():
     assert (r.kind, r.correct, r.reward, r.rows) == ("none", None, None, 0)
     assert t.lookup("What is 5+5?", COT).kind == "none"  # unknown query
     assert t.report() == {"exact": 1, "approx": 1, "none": 2, "total": 4}
-    results = t.score([("What is 3+3?", "be concise."), ("What is 3+3?", COT)])
+    results = [t.lookup(q, p) for q, p in [("What is 3+3?", "be concise."), ("What is 3+3?", COT)]]
     assert [x.kind for x in results] == ["exact", "none"]
     assert t.report()["total"] == 6
     t.reset_counts()
@@ -113,11 +114,13 @@ def test_from_jsonl_and_parquet_with_filters(tmp_path):
         ReplayTable.from_file(tmp_path / "bad.jsonl")
 
 
-def test_from_store_replays_an_import(tmp_path):
+def test_replay_of_an_imported_store(tmp_path):
     import_to_store(tmp_path, "oirl", logs=FIX / "logs" / "toy", queries=FIX / "queries",
                     prompts=FIX / "prompts.json",
                     opts=ImportOptions(constants={"target": "m", "task": "toy"}, allow_partial_logs=True))
-    t = ReplayTable.from_store(tmp_path)
+    store = DatasetStore(tmp_path)
+    rows = (r for b in store.iter_batches(store.latest()) for r in b.to_pylist())
+    t = ReplayTable.from_rows(rows)
     assert len(t) == 12
     tom = "Tom has 3.0 apples and gets 4.0 more . How many apples does he have ?"
     assert t.lookup(tom, "The answer is:").correct == 1.0  # (0, True); idx 4's repeat was deduped by the store

@@ -8,7 +8,7 @@ from qpo_ray.config import load_config
 from qpo_ray.data.schema import COLUMNS, pair_key, rows_to_table
 from qpo_ray.score.engines.base import Components, ScoreRequest
 from qpo_ray.score.pairs import score_pairs
-from qpo_ray.score.rewards import compute_rewards, formula_for, prompt_accuracy, rescore_rows, reward
+from qpo_ray.score.rewards import compute_rewards, formula_for, prompt_accuracy, reward
 from qpo_ray.tasks import load_task
 
 
@@ -38,13 +38,12 @@ def test_math_formula():
                                                          10 * acc - 0.9, -2.0])
 
 
-def test_formula_choice_and_rescore():
+def test_formula_choice():
     assert formula_for("classification", "zero_shot") == "zero_shot"
     assert formula_for("classification", "few_shot") == "few_shot"
     assert formula_for("math", "zero_shot") == "math"
     assert reward("few_shot", 1.0, 99.0, 0.5) == pytest.approx(15.0)  # NLL plays no part in few-shot
-    rows = [{"correct": 1.0, "nll": 0.5, "prompt_acc": 0.5, "reward": -1.0}]
-    assert rescore_rows(rows, "classification", "zero_shot")[0]["reward"] == pytest.approx(14.5)
+    assert reward("zero_shot", 1.0, 0.5, 0.5) == pytest.approx(14.5)
 
 
 class TableEngine:

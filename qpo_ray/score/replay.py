@@ -164,20 +164,6 @@ class ReplayTable:
         return cls.from_rows(rows, min_similarity=min_similarity, where=str(p), task=task, target=target,
                              setting=setting)
 
-    @classmethod
-    def from_store(cls, run_dir: str | Path, version: int | None = None, *,
-                   min_similarity: float = MIN_SIMILARITY, **filters: str | None) -> ReplayTable:
-        """A table from a dataset version of a run (default: the latest)."""
-        from qpo_ray.data.store import DatasetStore
-
-        store = DatasetStore(run_dir)
-        v = store.latest() if version is None else version
-        if v is None:
-            raise DataError(f"{run_dir}: no dataset version to replay")
-        cols = ["task", "target", "setting", "query", "prompt", "correct", "reward"]
-        rows = (r for b in store.iter_batches(v, columns=cols) for r in b.to_pylist())
-        return cls.from_rows(rows, min_similarity=min_similarity, where=f"{run_dir} v{v:03d}", **filters)
-
     # -- answering ----------------------------------------------------------------------------------
     def lookup(self, query: str, prompt: str) -> ReplayResult:
         """The recorded outcome of ``(query, prompt)``; counts the match kind."""
@@ -192,10 +178,6 @@ class ReplayTable:
         agg = prompts[m.prompt]
         correct, reward = agg.means()
         return ReplayResult(correct, reward, m.kind, m.prompt, m.similarity, agg.rows)
-
-    def score(self, pairs: Iterable[tuple[str, str]]) -> list[ReplayResult]:
-        """Look up many ``(query, prompt)`` pairs."""
-        return [self.lookup(q, p) for q, p in pairs]
 
     def report(self) -> dict[str, int]:
         """How many lookups matched exactly, approximately or not at all."""

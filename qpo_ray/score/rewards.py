@@ -75,8 +75,3 @@ def compute_rewards(formula: Formula, prompts: Sequence[str], correct: Sequence[
     return [{"reward": reward(formula, c, n, a), "correct": float(c), "nll": float(n), "prompt_acc": a}
             for c, n, a in zip(correct, nll, acc, strict=True)]
 
-
-def rescore_rows(rows: Sequence[dict], task_type: str, setting: str) -> list[dict]:
-    """Recompute ``reward`` of stored rows from their components (after a formula change)."""
-    formula = formula_for(task_type, setting)
-    return [dict(r, reward=reward(formula, r["correct"], r["nll"] or 0.0, r["prompt_acc"])) for r in rows]

@@ -54,12 +54,12 @@ def cmd_demo(args) -> int:
 
 def cmd_bootstrap(args) -> int:
     from qpo_ray.driver import steps
-    from qpo_ray.driver.run import _prepare
+    from qpo_ray.driver.run import prepare_run
     from qpo_ray.driver.session import Session
     from qpo_ray.ray_init import init_ray
 
-    cfg, rd = _prepare(_cfg(args), None) if not Path(_cfg(args).run_dir, "config.yaml").exists() \
-        else _prepare(None, _cfg(args).run_dir)
+    cfg, rd = prepare_run(_cfg(args), None) if not Path(_cfg(args).run_dir, "config.yaml").exists() \
+        else prepare_run(None, _cfg(args).run_dir)
     init_ray()
     s = Session(cfg, rd)
     try:

@@ -27,7 +27,7 @@ log = logging.getLogger("qpo_ray")
 def run(cfg: RunConfig | None = None, *, resume: str | Path | None = None) -> Path:
     """Run (or resume) a QPO run; returns the report's path."""
     t0 = time.time()
-    cfg, rd = _prepare(cfg, resume)
+    cfg, rd = prepare_run(cfg, resume)
     file_log = _log_to_file(rd.path / "logs" / "driver.log")
     init_ray()
     link_ray_logs(rd.path)
@@ -92,7 +92,9 @@ def _save_config(cfg: RunConfig, path: Path) -> None:
     atomic_write_bytes(path, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).encode("utf-8"))
 
 
-def _prepare(cfg: RunConfig | None, resume: str | Path | None) -> tuple[RunConfig, RunDir]:
+def prepare_run(cfg: RunConfig | None, resume: str | Path | None) -> tuple[RunConfig, RunDir]:
+    """The run's config and directory: ``resume``'s saved run, else a new one for ``cfg`` (checked, its
+    config.yaml written); fails before any work when the cluster cannot host it."""
     if resume is not None:
         rd = RunDir(resume)
         cfg = load_run_config(rd)

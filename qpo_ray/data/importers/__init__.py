@@ -41,12 +41,11 @@ from qpo_ray.data.importers.pipeline import (
     split_rows,
 )
 from qpo_ray.data.importers.tabular import parse_mapping, record_to_row
-from qpo_ray.data.schema import normalize_text, split_of  # question identity, re-exported for old callers
 
 __all__ = [
     "CHUNK_ROWS", "DEFAULT_LOG_PATTERN", "FORMATS", "MAPPABLE", "SPLITS", "ImportOptions", "ImportReport",
     "chunk_tables", "corr_files", "count_duplicate_queries", "fill_numbers", "import_to_store", "load_prompts",
-    "load_queries", "log_pattern_regex", "normalize_text", "parse_corr_line", "parse_mapping", "parse_query_rows",
+    "load_queries", "log_pattern_regex", "parse_corr_line", "parse_mapping", "parse_query_rows",
     "read_csv",
-    "read_format", "read_jsonl", "read_oirl", "read_parquet", "record_to_row", "split_of", "split_rows",
+    "read_format", "read_jsonl", "read_oirl", "read_parquet", "record_to_row", "split_rows",
 ]

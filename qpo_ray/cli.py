@@ -10,6 +10,7 @@ from pathlib import Path
 
 from qpo_ray.config import PROFILES, load_config
 from qpo_ray.errors import QPOError
+from qpo_ray.jsonl import read_jsonl, write_jsonl
 
 log = logging.getLogger("qpo_ray")
 
@@ -94,16 +95,14 @@ def _read_queries(path: str) -> list[str]:
     p = Path(path)
     if not p.is_file():
         raise QPOError(f"--in {path}: no such file")
-    lines = [ln for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
     if p.suffix == ".jsonl":
         out = []
-        for i, ln in enumerate(lines, 1):
-            try:
-                out.append(str(json.loads(ln)["query"]))
-            except (ValueError, KeyError, TypeError):
-                raise QPOError(f"{path}: line {i}: expected a JSON object with a 'query' field") from None
+        for n, rec in read_jsonl(p):
+            if "query" not in rec:
+                raise QPOError(f"{path}: line {n}: expected a JSON object with a 'query' field")
+            out.append(str(rec["query"]))
         return out
-    return lines
+    return [ln for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
 
 
 def cmd_generate(args) -> int:
@@ -114,12 +113,13 @@ def cmd_generate(args) -> int:
     policy = QPOPolicy.load(args.policy)
     prompts = generate_prompts(policy, queries, target_reward=args.reward, greedy=not args.sample,
                                top_k=args.top_k, top_p=args.top_p, seed=args.seed, batch_size=args.batch_size)
-    out = open(args.out, "w", encoding="utf-8") if args.out else sys.stdout
-    for q, p in zip(queries, prompts, strict=True):
-        out.write(json.dumps({"query": q, "prompt": p}) + "\n")
+    rows = [{"query": q, "prompt": p} for q, p in zip(queries, prompts, strict=True)]
     if args.out:
-        out.close()
+        write_jsonl(args.out, rows)
         print(f"{len(prompts)} prompts written to {args.out}", file=sys.stderr)
+    else:
+        for r in rows:
+            print(json.dumps(r))
     return 0
 
 

@@ -17,6 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from qpo_ray.atomic import atomic_write_text
 from qpo_ray.errors import ConfigError
 
 # Upper bounds of sizes and counts: far above any real use, low enough that a typo fails instead of hanging.
@@ -333,5 +334,5 @@ def load_config(config: str | Path | None = "tiny", overrides: list[str] | None 
 
 
 def dump_config(cfg: RunConfig, path: str | Path) -> None:
-    """Write the fully resolved config (every default spelled out) as YAML."""
-    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
+    """Write the fully resolved config (every default spelled out) as YAML, replaced atomically."""
+    atomic_write_text(path, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

@@ -1,7 +1,7 @@
 """The run directory: where every step of a run persists its output and marks itself done.
 
-A step's output is written atomically (temp file + rename), then ``steps/<name>.json`` records that it
-finished and what it produced. ``qpo-ray run --resume`` skips steps that have a marker; a step without
+A step's output is written atomically (``qpo_ray.atomic``: temp file, fsync, rename), then
+``steps/<name>.json`` records that it finished and what it produced. ``qpo-ray run --resume`` skips steps that have a marker; a step without
 one is redone from scratch, so a crash can only cost the unfinished step.
 
 A run directory can be moved or copied between steps: nothing in it depends on its absolute path. The config's
@@ -15,14 +15,11 @@ from __future__ import annotations
 import json
 import os
 import signal
-import uuid
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
+from qpo_ray.atomic import atomic_write_bytes, atomic_write_json
 from qpo_ray.data.schema import content_id
 
 FAULT_ENV = "QPO_RAY_FAULT"
@@ -37,29 +34,6 @@ def fault_point(name: str) -> None:
     if os.environ.get(FAULT_ENV) == name:
         print(f"[qpo-ray] fault injection: SIGKILL at '{name}'", flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, json.dumps(obj, indent=1, sort_keys=True, default=str).encode("utf-8"))
-
-
-def atomic_write_table(path: Path, table: pa.Table) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    pq.write_table(table, tmp)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class RunDir:

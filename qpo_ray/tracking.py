@@ -14,6 +14,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from qpo_ray.jsonl import read_jsonl
+
 log = logging.getLogger(__name__)
 
 
@@ -81,7 +83,7 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     p = Path(run_dir) / "metrics.jsonl"
     if not p.is_file():
         return []
-    return [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [rec for _, rec in read_jsonl(p)]
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:

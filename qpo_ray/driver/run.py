@@ -9,9 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from qpo_ray.config import RunConfig, load_config
+from qpo_ray.config import RunConfig, dump_config, load_config
 from qpo_ray.driver import steps
 from qpo_ray.driver.resources import ensure_cluster, run_phases
 from qpo_ray.driver.session import Session, StepTimer
@@ -19,7 +17,7 @@ from qpo_ray.errors import QPOError
 from qpo_ray.evaluate.report import summary_table, write_report
 from qpo_ray.models import check_model_spec
 from qpo_ray.ray_init import init_ray, link_ray_logs
-from qpo_ray.runs import RunDir, atomic_write_bytes, fault_point
+from qpo_ray.runs import RunDir, fault_point
 
 log = logging.getLogger("qpo_ray")
 
@@ -83,13 +81,8 @@ def load_run_config(rd: RunDir, overrides: list[str] | None = None, *, what: str
         log.info("run directory %s was created as %s: it works on %s", rd.path, cfg.run_dir, rd.path)
         cfg = cfg.model_copy(update={"run_dir": str(rd.path)})
         if not overrides:
-            _save_config(cfg, saved)
+            dump_config(cfg, saved)
     return cfg
-
-
-def _save_config(cfg: RunConfig, path: Path) -> None:
-    """The fully resolved config (every default spelled out) as YAML, replaced atomically."""
-    atomic_write_bytes(path, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).encode("utf-8"))
 
 
 def prepare_run(cfg: RunConfig | None, resume: str | Path | None) -> tuple[RunConfig, RunDir]:
@@ -111,7 +104,7 @@ def prepare_run(cfg: RunConfig | None, resume: str | Path | None) -> tuple[RunCo
     # Before the run directory exists: a run the cluster cannot host leaves nothing to clean up.
     ensure_cluster(cfg, run_phases(cfg))
     rd.path.mkdir(parents=True, exist_ok=True)
-    _save_config(cfg, rd.path / "config.yaml")
+    dump_config(cfg, rd.path / "config.yaml")
     _ = rd.run_id  # fixed now, while the run is where it was created
     return cfg, rd
 

@@ -14,10 +14,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from qpo_ray.atomic import atomic_write_table
 from qpo_ray.config import RunConfig
 from qpo_ray.data.schema import SCHEMA, content_id, pair_key, rows_to_table
 from qpo_ray.data.store import DatasetStore
-from qpo_ray.runs import RunDir, atomic_write_table, fault_point
+from qpo_ray.runs import RunDir, fault_point
 from qpo_ray.tracking import Tracker
 
 log = logging.getLogger("qpo_ray")

@@ -8,10 +8,11 @@ from typing import Any
 
 import pyarrow as pa
 
+from qpo_ray.atomic import atomic_write_json, atomic_write_table
 from qpo_ray.collect import pick_collect_queries, sample_prompts
 from qpo_ray.driver.session import Session, read_rows
 from qpo_ray.grow import merge_rows
-from qpo_ray.runs import atomic_write_json, atomic_write_table, fault_point
+from qpo_ray.runs import fault_point
 
 log = logging.getLogger("qpo_ray")
 

@@ -36,6 +36,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from qpo_ray.atomic import atomic_write_bytes, atomic_write_json
 from qpo_ray.config import RunConfig, dump_config
 from qpo_ray.data.schema import SCHEMA, normalize_text, split_of
 from qpo_ray.data.store import DatasetStore, parse_version_path
@@ -52,7 +53,6 @@ from qpo_ray.evaluate.compare import (
 )
 from qpo_ray.evaluate.policy_prompts import METHOD_OF, qpo_prompts
 from qpo_ray.evaluate.report import render_eval
-from qpo_ray.runs import atomic_write_bytes, atomic_write_json
 from qpo_ray.score.replay import MIN_SIMILARITY, ReplayTable
 
 log = logging.getLogger("qpo_ray")

@@ -9,9 +9,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from qpo_ray.atomic import atomic_write_bytes
 from qpo_ray.data.schema import normalize_text
 from qpo_ray.evaluate.compare import BASELINES, COMPARED_WITH, QPO_METHODS
-from qpo_ray.runs import atomic_write_bytes
 
 ORDER = (*QPO_METHODS, *BASELINES)
 EXAMPLES_PER_KIND = 3

@@ -8,7 +8,6 @@ when missing) and ``source`` (default ``offline:scored``). Output: rows of the d
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 import uuid
@@ -17,9 +16,11 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
+from qpo_ray.atomic import atomic_write_table
 from qpo_ray.config import RunConfig
 from qpo_ray.data.schema import rows_to_table
 from qpo_ray.errors import DataError
+from qpo_ray.jsonl import read_jsonl, write_jsonl
 from qpo_ray.score.pairs import score_pairs
 from qpo_ray.tasks import load_task
 
@@ -34,13 +35,7 @@ def read_pairs(path: str | Path) -> list[dict[str, Any]]:
     if p.suffix.lower() == ".parquet":
         rows = pq.read_table(p).to_pylist()
     else:
-        rows = []
-        for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{p}: line {n}: not valid JSON ({e.msg})") from None
+        rows = [rec for _, rec in read_jsonl(p)]
     for i, r in enumerate(rows):
         for col in ("query", "prompt"):
             if not isinstance(r, dict) or not isinstance(r.get(col), str):
@@ -50,14 +45,12 @@ def read_pairs(path: str | Path) -> list[dict[str, Any]]:
 
 def write_rows(rows: list[dict[str, Any]], path: str | Path) -> None:
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
     table = rows_to_table(rows, source=str(p))
-    tmp = p.with_name(f".{p.name}.tmp-{uuid.uuid4().hex[:8]}")
+    # Either way the output appears complete or not at all.
     if p.suffix.lower() == ".parquet":
-        pq.write_table(table, tmp)
+        atomic_write_table(p, table)
     else:
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in table.to_pylist()), encoding="utf-8")
-    tmp.replace(p)  # the output appears complete or not at all
+        write_jsonl(p, table.to_pylist())
 
 
 def score_file(cfg: RunConfig, in_path: str | Path, out_path: str | Path, *, local: bool = False,

@@ -24,7 +24,6 @@ An unmatched pair has ``correct = reward = None``; the caller decides what that 
 from __future__ import annotations
 
 import difflib
-import json
 import re
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
@@ -36,6 +35,7 @@ import pyarrow.parquet as pq
 
 from qpo_ray.data.schema import normalize_text  # the same identity the import split uses
 from qpo_ray.errors import DataError
+from qpo_ray.jsonl import read_jsonl
 
 MIN_SIMILARITY = 0.5
 MatchKind = Literal["exact", "approx", "none"]
@@ -160,7 +160,7 @@ class ReplayTable:
         p = Path(path)
         if not p.exists():
             raise DataError(f"replay table not found: {p}")
-        rows = _jsonl_rows(p) if p.suffix.lower() in (".jsonl", ".json") else _parquet_rows(p)
+        rows = (r for _, r in read_jsonl(p)) if p.suffix.lower() in (".jsonl", ".json") else _parquet_rows(p)
         return cls.from_rows(rows, min_similarity=min_similarity, where=str(p), task=task, target=target,
                              setting=setting)
 
@@ -219,23 +219,6 @@ def _parquet_rows(path: Path) -> Iterator[dict[str, Any]]:
         cols = [c for c in ("task", "target", "setting", "query", "prompt", "correct", "reward") if c in names]
         for batch in pf.iter_batches(columns=cols):
             yield from batch.to_pylist()
-
-
-def _jsonl_rows(path: Path) -> Iterator[dict[str, Any]]:
-    with open(path, encoding="utf-8") as f:
-        try:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path} line {n}: not JSON ({e.msg})") from None
-                if not isinstance(rec, dict):
-                    raise DataError(f"{path} line {n}: expected a JSON object")
-                yield rec
-        except UnicodeDecodeError as e:
-            raise DataError(f"{path}: not valid UTF-8 ({e.reason})") from None
 
 
 __all__ = ["KINDS", "MIN_SIMILARITY", "Match", "ReplayResult", "ReplayTable", "match_prompt", "similarity"]

@@ -34,6 +34,7 @@ import yaml
 
 from qpo_ray.data.schema import content_id
 from qpo_ray.errors import ConfigError, DataError
+from qpo_ray.jsonl import read_jsonl
 
 TaskType = Literal["classification", "math"]
 SPLITS = ("train", "collect", "test")
@@ -234,13 +235,7 @@ def _examples(data: Mapping[str, Any], source: str, base_dir: Path, kind: str,
         path = base_dir / _need(data, "queries_file", str, source)
         if not path.is_file():
             raise ConfigError(f"{source}: key 'queries_file': {path} not found")
-        rows = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append((f"{path}: line {n}", json.loads(line)))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}: line {n}: not valid JSON ({e.msg})") from None
+        rows = [(f"{path}: line {n}", rec) for n, rec in read_jsonl(path)]
     out: list[Example] = []
     seen: dict[str, tuple[str, str]] = {}
     for where, row in rows:

@@ -33,10 +33,11 @@ from typing import Any, Literal
 
 import numpy as np
 
+from qpo_ray.atomic import atomic_write_json
 from qpo_ray.config import RunConfig, TrainConfig
 from qpo_ray.data.store import DatasetStore
 from qpo_ray.errors import DataError
-from qpo_ray.runs import FAULT_ENV, atomic_write_json, fault_point
+from qpo_ray.runs import FAULT_ENV, fault_point
 from qpo_ray.train.progress import StepPoster, training_progress
 
 log = logging.getLogger(__name__)

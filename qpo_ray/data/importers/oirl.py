@@ -26,9 +26,10 @@ from typing import Any
 
 from qpo_ray.data.importers.common import DEFAULT_LOG_PATTERN, BadRow, ImportOptions, ImportReport
 from qpo_ray.data.importers.oirl_inputs import QueryRow, count_duplicate_queries, load_prompts, load_queries
-from qpo_ray.data.importers.records import count_lines, text_lines
+from qpo_ray.data.importers.records import count_lines
 from qpo_ray.data.schema import SETTINGS, normalize_row
 from qpo_ray.errors import ConfigError, DataError
+from qpo_ray.jsonl import text_lines
 
 log = logging.getLogger(__name__)
 

@@ -12,16 +12,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from qpo_ray.data.importers.common import BadRow, ImportOptions, ImportReport
-from qpo_ray.data.importers.records import (
-    DuplicateKey,
-    csv_header,
-    csv_records,
-    jsonl_records,
-    loads_strict,
-    require_file,
-)
+from qpo_ray.data.importers.records import csv_header, csv_records, jsonl_records, require_file
 from qpo_ray.data.schema import normalize_text
 from qpo_ray.errors import DataError
+from qpo_ray.jsonl import DuplicateKey, loads_strict
 
 _PLACEHOLDER = re.compile(r"number(\d+)")
 _FOLD = re.compile(r"^fold(\d+)$")

@@ -7,10 +7,8 @@ into :meth:`DatasetStore.commit`. An import that adds no row the latest version 
 
 from __future__ import annotations
 
-import io
 import json
 import logging
-import os
 from collections.abc import Iterable, Iterator, Mapping
 from itertools import chain
 from pathlib import Path
@@ -19,6 +17,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from qpo_ray.atomic import AtomicFile
 from qpo_ray.data.importers.common import CHUNK_ROWS, FORMATS, ImportOptions, ImportReport
 from qpo_ray.data.importers.oirl import oirl_rows
 from qpo_ray.data.importers.tabular import csv_rows, jsonl_rows, parquet_rows
@@ -30,35 +29,27 @@ log = logging.getLogger(__name__)
 
 
 class _EvalQueryWriter:
-    """Writes each unique test-split query once (JSONL) to a temporary file, renamed into place at close."""
+    """Writes each unique test-split query once (JSONL), atomically (``qpo_ray.atomic``) at close; with no
+    test queries the file is still written (empty), so callers can rely on it."""
 
     def __init__(self, path: str | None):
-        self.path = Path(path) if path else None
-        self.tmp = self.path.with_name(self.path.name + ".tmp") if self.path else None
-        self.fh: io.TextIOBase | None = None
+        self.out = AtomicFile(path, "w") if path else None
         self.count = 0
 
     def add(self, row: Mapping[str, Any]) -> None:
-        if self.tmp is None:
+        if self.out is None:
             return
-        if self.fh is None:
-            self.tmp.parent.mkdir(parents=True, exist_ok=True)
-            self.fh = open(self.tmp, "w", encoding="utf-8")
         rec = {k: row[k] for k in ("task", "query_id", "query", "label")}
-        self.fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        self.out.file.write(json.dumps(rec, ensure_ascii=False) + "\n")
         self.count += 1
 
     def close(self, ok: bool) -> None:
-        if self.tmp is None:
+        if self.out is None:
             return
-        if self.fh is None:  # no test queries: still leave an (empty) file, so callers can rely on it
-            self.tmp.parent.mkdir(parents=True, exist_ok=True)
-            self.fh = open(self.tmp, "w", encoding="utf-8")
-        self.fh.close()
         if ok:
-            os.replace(self.tmp, self.path)
+            self.out.commit()
         else:
-            self.tmp.unlink(missing_ok=True)
+            self.out.discard()
 
 
 def split_rows(rows: Iterable[dict[str, Any]], opts: ImportOptions, report: ImportReport) -> Iterator[dict[str, Any]]:

@@ -7,13 +7,13 @@ the file and line (or raise in strict mode).
 from __future__ import annotations
 
 import csv
-import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from qpo_ray.errors import DataError
+from qpo_ray.jsonl import jsonl_lines, text_lines
 
 _SURROGATE = re.compile("[\udc80-\udcff]")  # what surrogateescape makes of bytes that are not UTF-8
 
@@ -32,45 +32,9 @@ def require_file(path: str | Path, what: str) -> Path:
     return p
 
 
-def text_lines(path: Path) -> Iterator[tuple[int, str | None, str | None]]:
-    """Yield ``(line number, text, None)`` per line, or ``(n, None, why)`` for a line that is not UTF-8.
-
-    Decoded line by line (strict) so one bad byte costs one line, not the file."""
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                yield n, None, f"not valid UTF-8 ({e.reason} at byte {e.start})"
-                continue
-            if n == 1:
-                text = text.lstrip("\ufeff")
-            yield n, text.rstrip("\r\n"), None
-
-
 def count_lines(path: Path) -> int:
     """Non-blank lines of a text file (a line that is not UTF-8 counts: it is a line of the log)."""
     return sum(1 for _, text, why in text_lines(path) if why is not None or text.strip())
-
-
-class DuplicateKey(ValueError):
-    """A JSON object names one key twice; which value is meant is ambiguous."""
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise DuplicateKey(k)
-        out[k] = v
-    return out
-
-
-def loads_strict(text: str) -> Any:
-    """``json.loads`` that raises DuplicateKey (carrying the key) where an object repeats a key.
-
-    The json module keeps the last value of a repeated key; here that would silently pick one label."""
-    return json.loads(text, object_pairs_hook=_unique_keys)
 
 
 def duplicate_names(names: list[str]) -> list[str]:
@@ -86,20 +50,7 @@ def duplicate_names(names: list[str]) -> list[str]:
 
 def jsonl_records(path: Path) -> Iterator[Record]:
     """One record per non-blank line of a JSONL file; a line that is not one JSON object is a bad record."""
-    for n, text, why in text_lines(path):
-        if why is None and not text.strip():
-            continue
-        rec = None
-        if why is None:
-            try:
-                rec = loads_strict(text)
-            except json.JSONDecodeError as e:
-                why = f"not JSON ({e.msg} at column {e.colno})"
-            except DuplicateKey as e:
-                why = f"key '{e}' appears twice in the JSON object"
-            else:
-                if not isinstance(rec, dict):
-                    why, rec = f"expected a JSON object, got {type(rec).__name__}", None
+    for n, rec, why in jsonl_lines(path):
         yield str(path), "line", n, rec, why
 
 

@@ -202,8 +202,8 @@ def _http_app():
     from fastapi import FastAPI, Request
 
     from qpo_ray.score.server import CompletionBody, read_body
-    from qpo_ray.serve.app import PromptRequest
     from qpo_ray.serve.http import install_error_handlers
+    from qpo_ray.serve.messages import PromptRequest
 
     app = FastAPI()
     install_error_handlers(app)

@@ -218,7 +218,7 @@ def test_a_request_that_fails_in_generation_fails_alone(policy_dir):
     """Past the request checks, inside one batch: requests the policy cannot encode or compute get their own
     error, their batch mates their prompts (the replica's batch function behind the replica's batcher)."""
     from qpo_ray.score.batcher import EngineBatcher
-    from qpo_ray.serve.app import generate_batch
+    from qpo_ray.serve.deployment import generate_batch
 
     policy = QPOPolicy.load(policy_dir)
     cfg = load_config("tiny")
@@ -239,7 +239,7 @@ def test_generate_batch_serves_the_configured_method(tmp_path):
     """The service's method (eval.method) is the evaluation's: the policy's own prompt (greedy or beam),
     best-of-N by r̂, or the policy's training prompts reranked by r̂."""
     from qpo_ray.policy.generate import best_of_n, rerank
-    from qpo_ray.serve.app import generate_batch
+    from qpo_ray.serve.deployment import generate_batch
 
     cfg = load_config("tiny", ["policy.reward_head=last_prompt"])
     policy = QPOPolicy.from_config(cfg.policy, seed=0).eval()

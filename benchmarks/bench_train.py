@@ -115,10 +115,10 @@ def baseline(args: argparse.Namespace, store, cfg) -> dict:
     from qpo_ray.policy.model import QPOPolicy
     from qpo_ray.policy.tokenize import encode_rows
     from qpo_ray.train.loader import READ_COLUMNS
-    from qpo_ray.train.trainer import _seed_everything, grad_accum_steps, step_lr
+    from qpo_ray.train.worker import grad_accum_steps, seed_everything, step_lr
 
     tcfg, pcfg = cfg.train, cfg.policy
-    _seed_everything(tcfg.seed)
+    seed_everything(tcfg.seed)
     policy = QPOPolicy.from_config(pcfg, seed=tcfg.seed)
     policy.train()
     params = [p for p in policy.parameters() if p.requires_grad]

@@ -19,16 +19,9 @@ from qpo_ray.config import load_config
 from qpo_ray.data.schema import rows_to_table
 from qpo_ray.data.store import DatasetStore
 from qpo_ray.errors import DataError
-from qpo_ray.train.trainer import (
-    COMPLETE_DIR,
-    EPOCH_FILE,
-    deepspeed_config,
-    grad_accum_steps,
-    newest_complete_checkpoint,
-    step_lr,
-    storage_path,
-    train_policy,
-)
+from qpo_ray.train.checkpoints import COMPLETE_DIR, EPOCH_FILE, newest_complete_checkpoint
+from qpo_ray.train.trainer import storage_path, train_policy
+from qpo_ray.train.worker import deepspeed_config, grad_accum_steps, step_lr
 
 PROMPTS = ["Classify the emotion of the text.", "Which feeling is expressed?", "Answer with one word.", ""]
 FEELINGS = ["happy", "sad", "angry", "calm"]

@@ -215,7 +215,7 @@ def _train(cfg: RunConfig, store: DatasetStore, out_dir: Path) -> dict[str, Any]
         return {**info, "reused": True}
     from qpo_ray.ray_init import init_ray
     from qpo_ray.train import train_policy
-    from qpo_ray.train.trainer import grad_accum_steps
+    from qpo_ray.train.worker import grad_accum_steps
 
     tcfg = cfg.train
     rows = store.manifest(0).rows

@@ -15,8 +15,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from qpo_ray.cli import main
+from qpo_ray.data.integrity import sha256_file
 from qpo_ray.data.schema import SCHEMA, rows_to_table
-from qpo_ray.data.store import DatasetStore, _sha256
+from qpo_ray.data.store import DatasetStore
 
 MAP = "query=question,prompt=instruction,reward=score,label=gold"
 
@@ -61,7 +62,7 @@ def _version(tmp_path, rows: int = 20, **damage) -> str:
     if damage.get("no_files"):
         m["files"], m["rows"] = [], 0
     else:
-        m["files"][0]["sha256"] = _sha256(part)
+        m["files"][0]["sha256"] = sha256_file(part)
     mpath.write_text(json.dumps(m))
     return str(store.path(0))
 

@@ -115,7 +115,7 @@ def test_normalize_reward():
 
 
 def test_keyset_keeps_first_occurrences_and_answers_membership():
-    from qpo_ray.data.store import KeySet
+    from qpo_ray.data.keyset import KeySet
 
     ks = KeySet()
     np.testing.assert_array_equal(ks.add_new(["b", "a", "b", "é"]), [True, True, False, True])
@@ -137,7 +137,7 @@ def _relist(store: DatasetStore, version: int, **entry) -> None:
 def _tamper(store: DatasetStore, version: int, data: bytes) -> None:
     """Replace the version's first file and update its checksum (and row count, when still parquet) to match:
     damage that a checksum check alone cannot see."""
-    from qpo_ray.data.store import _sha256
+    from qpo_ray.data.integrity import sha256_file
 
     f = Path(store.files(version)[0])
     f.write_bytes(data)
@@ -145,13 +145,13 @@ def _tamper(store: DatasetStore, version: int, data: bytes) -> None:
         rows = pq.ParquetFile(f).metadata.num_rows
     except Exception:
         rows = store.manifest(version).files[0].rows
-    _relist(store, version, sha256=_sha256(f), rows=rows)
+    _relist(store, version, sha256=sha256_file(f), rows=rows)
 
 
 @pytest.mark.parametrize("name", ["../../../outside.parquet", "../v001/part-00000.parquet", "/tmp/x.parquet",
                                   "sub/part-00000.parquet", "..", "", "link.parquet"])
 def test_manifest_file_names_cannot_leave_the_version_folder(tmp_path, name):
-    from qpo_ray.data.store import _sha256
+    from qpo_ray.data.integrity import sha256_file
 
     run = tmp_path / "a" / "b" / "run"
     store = DatasetStore(run)
@@ -161,7 +161,7 @@ def test_manifest_file_names_cannot_leave_the_version_folder(tmp_path, name):
     outside.write_bytes(part.read_bytes())
     if name == "link.parquet":
         (part.parent / name).symlink_to(outside)
-    _relist(store, 0, name=name, sha256=_sha256(part))
+    _relist(store, 0, name=name, sha256=sha256_file(part))
     with pytest.raises(DataError, match="is not a file of the version folder"):
         store.verify(0)
     with pytest.raises(DataError, match="is not a file of the version folder"):

@@ -18,7 +18,6 @@ when a checksum was updated to match the damage.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -31,12 +30,12 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from qpo_ray.data.schema import COLUMNS, OPTIONAL_FLOATS, SCHEMA, SETTINGS, check_table
+from qpo_ray.data.integrity import read_checked, sha256_file
+from qpo_ray.data.keyset import KeySet
+from qpo_ray.data.schema import COLUMNS, SCHEMA, check_table
 from qpo_ray.errors import DataError
 from qpo_ray.runs import fault_point
 
@@ -49,46 +48,6 @@ ROWS_PER_FILE = 250_000
 # Readers decode a row group at a time (Ray Data reads ahead several): small groups keep a reader's
 # memory small whatever the size of the chunks handed to commit.
 ROW_GROUP_ROWS = 8192
-
-
-class KeySet:
-    """A set of pair keys held as one sorted bytes array: ~32 bytes a key where a ``set[str]`` takes ~120, so
-    deduplicating a million-row version costs tens of MiB, not hundreds."""
-
-    def __init__(self) -> None:
-        self._sorted = np.array([], dtype=np.bytes_)
-
-    def _has(self, keys: np.ndarray) -> np.ndarray:
-        if not len(self._sorted):
-            return np.zeros(len(keys), dtype=bool)
-        at = np.minimum(np.searchsorted(self._sorted, keys), len(self._sorted) - 1)
-        return self._sorted[at] == keys
-
-    def add_new(self, keys) -> np.ndarray:
-        """Add ``keys``; True where a key was not in the set before (for repeats within ``keys``: the first)."""
-        arr = _utf8(keys)
-        uniq, first = np.unique(arr, return_index=True)
-        fresh = ~self._has(uniq)
-        mask = np.zeros(len(arr), dtype=bool)
-        mask[first[fresh]] = True
-        if fresh.any():
-            # Two sorted runs: the stable sort merges them in about linear time.
-            self._sorted = np.sort(np.concatenate([self._sorted, uniq[fresh]]), kind="stable")
-        return mask
-
-    def __contains__(self, key: str) -> bool:
-        return bool(self._has(_utf8([key]))[0])
-
-    def __len__(self) -> int:
-        return len(self._sorted)
-
-    def __iter__(self) -> Iterator[str]:
-        return (k.decode("utf-8") for k in self._sorted.tolist())
-
-
-def _utf8(keys) -> np.ndarray:
-    arr = np.asarray(keys)
-    return np.char.encode(arr.astype(np.str_), "utf-8") if arr.dtype.kind in "UO" else arr.astype(np.bytes_)
 
 
 @dataclass
@@ -134,57 +93,6 @@ def parse_version_path(path: str | Path) -> tuple[Path, int] | None:
     if m is None or p.parent.name != "data":
         return None
     return p.parent.parent, int(m.group(1))
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _check_rows(batch: pa.RecordBatch, where: Path, offset: int) -> None:
-    """The schema's row rules, vectorised (``check_table`` converts rows to Python: too slow for a version)."""
-    def fail(column: str, bad: pa.Array, why: str) -> None:
-        i = pc.index(bad, True).as_py()
-        if i >= 0:
-            value = batch.column(column)[i].as_py()
-            raise DataError(f"{where}: row {offset + i}, column '{column}': {value!r} {why}")
-
-    for f in SCHEMA:
-        if not f.nullable:
-            fail(f.name, pc.is_null(batch.column(f.name)), "is missing (null)")
-    for col in ("reward", *OPTIONAL_FLOATS):
-        fail(col, pc.invert(pc.fill_null(pc.is_finite(batch.column(col)), True)), "is not a finite number")
-    for col in ("task", "target", "query", "label", "source"):
-        fail(col, pc.equal(pc.utf8_trim_whitespace(batch.column(col)), ""), "is empty")
-    fail("setting", pc.invert(pc.is_in(batch.column("setting"), value_set=pa.array(SETTINGS))),
-         f"is not one of {SETTINGS}")
-    fail("loop", pc.less(batch.column("loop"), 0), "is negative")
-
-
-def _read_checked(path: Path, rows: int) -> None:
-    """Read a parquet file whole, batch by batch: readable, SCHEMA's columns and types, ``rows`` valid rows."""
-    try:
-        pf = pq.ParquetFile(path)
-        schema = pf.schema_arrow
-        for f in SCHEMA:
-            if f.name not in schema.names:
-                raise DataError(f"{path}: missing column '{f.name}'")
-            if schema.field(f.name).type != f.type:
-                raise DataError(f"{path}: column '{f.name}' has type {schema.field(f.name).type}, expected {f.type}")
-        n = pf.metadata.num_rows
-        if n != rows:
-            raise DataError(f"{path}: {n} rows, manifest says {rows}")
-        seen = 0
-        for batch in pf.iter_batches(batch_size=65536, columns=list(COLUMNS)):
-            _check_rows(batch, path, seen)
-            seen += batch.num_rows
-    except (pa.ArrowException, OSError) as e:  # truncated or not parquet at all
-        raise DataError(f"{path}: not a readable parquet file ({type(e).__name__}: {e})") from None
-    if seen != rows:
-        raise DataError(f"{path}: {seen} readable rows, manifest says {rows}")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -281,9 +189,9 @@ class DatasetStore:
             p = self.file_path(version, f)
             if not p.is_file():
                 raise DataError(f"{p}: listed in the manifest but missing")
-            if _sha256(p) != f.sha256:
+            if sha256_file(p) != f.sha256:
                 raise DataError(f"{p}: checksum mismatch (file changed or corrupt)")
-            _read_checked(p, f.rows)
+            read_checked(p, f.rows)
             total += f.rows
         if total != m.rows:
             raise DataError(f"v{version:03d}: files hold {total} rows, manifest says {m.rows}")
@@ -417,7 +325,7 @@ class DatasetStore:
     def _entry(path: Path, rows: int) -> FileEntry:
         with open(path, "rb+") as f:
             os.fsync(f.fileno())
-        return FileEntry(name=path.name, rows=rows, sha256=_sha256(path))
+        return FileEntry(name=path.name, rows=rows, sha256=sha256_file(path))
 
 
 __all__ = ["COLUMNS", "DatasetStore", "Manifest", "normalize_reward"]

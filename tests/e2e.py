@@ -1,10 +1,17 @@
-"""Helpers for end-to-end tests: run the real CLI in a subprocess (so a SIGKILL hits only the driver)."""
+"""Helpers for end-to-end tests: run the real CLI in a subprocess (so a SIGKILL hits only the driver), and a
+private local Ray head (own ports, own temp dir, own auth token) stopped by signalling its own process,
+never with `ray stop` (which would stop every Ray instance on the machine)."""
 
 from __future__ import annotations
 
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -12,6 +19,8 @@ import pyarrow.parquet as pq
 from qpo_ray.data.store import DatasetStore
 
 REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent  # the venv running the tests: its `ray`, and `python` for a job
+RAY = BIN / "ray"
 
 
 def qpo(*args: str, fault: str | None = None, timeout: float = 900, check: bool = True) -> subprocess.CompletedProcess:
@@ -54,3 +63,102 @@ def scored_keys(run_dir: Path) -> list[str]:
     for f in sorted((run_dir / "scores").glob("*.parquet")):
         keys += pq.read_table(f, columns=["key"]).column("key").to_pylist()
     return keys
+
+
+# -- a private Ray head ------------------------------------------------------------------------------------
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free TCP ports on 127.0.0.1."""
+    socks = []
+    try:
+        for _ in range(n):  # held open together so the n ports differ
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def ray_env(token: str) -> dict[str, str]:
+    """The environment for a private Ray head and its clients: the venv's PATH, our own auth token."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    env.update({
+        # The entrypoint's `python` must be the venv's: the raylet passes its PATH on to the job.
+        "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+        # A token of our own (not ~/.ray/auth_token): the head and every client of it agree on it.
+        "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
+        "RAY_USAGE_STATS_ENABLED": "0",
+    })
+    return env
+
+
+def ray_cli(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run the venv's ``ray`` command line."""
+    return subprocess.run([str(RAY), *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+@contextmanager
+def ray_head(temp_dir: Path, env: dict[str, str], num_cpus: int = 4) -> Iterator[str]:
+    """A head node with a dashboard on free ports; yields the job-submission address."""
+    gcs, dash, client, agent_http, agent_grpc, metrics, rt_env, nm, om = free_ports(9)
+    log = open(temp_dir.parent / "head.log", "w")
+    head = subprocess.Popen(
+        [str(RAY), "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dash}",
+         "--dashboard-host=127.0.0.1", "--include-dashboard=true", f"--ray-client-server-port={client}",
+         f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
+         f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={rt_env}", f"--node-manager-port={nm}",
+         f"--object-manager-port={om}", f"--num-cpus={num_cpus}", f"--temp-dir={temp_dir}"],
+        env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        deadline = time.time() + 180
+        while True:
+            if head.poll() is not None:
+                raise RuntimeError(f"ray start exited with {head.returncode}: {log_tail(temp_dir.parent / 'head.log')}")
+            if ray_cli(env, "job", "list", "--address", address, timeout=60).returncode == 0:
+                break
+            if time.time() > deadline:
+                raise TimeoutError(f"the dashboard at {address} did not come up: {log_tail(temp_dir.parent / 'head.log')}")
+            time.sleep(2)
+        yield address
+    finally:
+        stop_head(head, temp_dir)
+        log.close()
+
+
+def stop_head(head: subprocess.Popen, temp_dir: Path) -> None:
+    """Stop a head started with ``ray start --block`` and every process still using its temp dir."""
+    # `ray start --block` kills the processes it started when it gets SIGTERM; its process group and any
+    # process still naming our temp dir (workers) are cleaned up after it, by id.
+    if head.poll() is None:
+        head.send_signal(signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait(timeout=30)
+    for pid in pids_using(temp_dir):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def pids_using(temp_dir: Path) -> list[int]:
+    mine, out = str(temp_dir).encode(), []
+    for p in Path("/proc").glob("[0-9]*"):
+        try:
+            if mine in (p / "cmdline").read_bytes():
+                out.append(int(p.name))
+        except OSError:
+            continue
+    return [pid for pid in out if pid != os.getpid()]
+
+
+def log_tail(path: Path, n: int = 4000) -> str:
+    """The last ``n`` characters of a log file, or a placeholder when it cannot be read."""
+    try:
+        return path.read_text(errors="replace")[-n:]
+    except OSError:
+        return "<no log>"

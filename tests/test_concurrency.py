@@ -27,8 +27,17 @@ import pytest
 
 from qpo_ray.data.schema import content_id
 from qpo_ray.data.store import DatasetStore
-from tests.e2e import REPO, dataset_rows, same_rows, scored_keys
-from tests.test_job_submit import RAY, _env, _free_ports, _stop_head, _tail
+from tests.e2e import (
+    RAY,
+    REPO,
+    dataset_rows,
+    free_ports,
+    log_tail,
+    ray_env,
+    same_rows,
+    scored_keys,
+    stop_head,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -40,7 +49,7 @@ RUN_TIMEOUT_S = 1200
 @contextmanager
 def gcs_head(temp_dir: Path, env: dict[str, str], num_cpus: int) -> Iterator[str]:
     """A head node without a dashboard on free ports; yields its GCS address (what RAY_ADDRESS names)."""
-    gcs, client, agent_http, agent_grpc, metrics, rt_env, nm, om = _free_ports(8)
+    gcs, client, agent_http, agent_grpc, metrics, rt_env, nm, om = free_ports(8)
     log_path = temp_dir.parent / "head.log"
     log = open(log_path, "w")
     head = subprocess.Popen(
@@ -54,13 +63,13 @@ def gcs_head(temp_dir: Path, env: dict[str, str], num_cpus: int) -> Iterator[str
         deadline = time.time() + 180
         while "Ray runtime started" not in log_path.read_text(errors="replace"):  # printed once it is up
             if head.poll() is not None:
-                raise RuntimeError(f"ray start exited with {head.returncode}: {_tail(log_path)}")
+                raise RuntimeError(f"ray start exited with {head.returncode}: {log_tail(log_path)}")
             if time.time() > deadline:
-                raise TimeoutError(f"the Ray head did not come up: {_tail(log_path)}")
+                raise TimeoutError(f"the Ray head did not come up: {log_tail(log_path)}")
             time.sleep(0.5)
         yield f"127.0.0.1:{gcs}"
     finally:
-        _stop_head(head, temp_dir)
+        stop_head(head, temp_dir)
         log.close()
 
 
@@ -70,7 +79,7 @@ def head() -> Iterator[tuple[Path, dict[str, str]]]:
     with ExitStack() as stack:
         # Short root: Ray's unix sockets live under the temp dir and have a ~107-byte path limit.
         root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="qc", dir="/tmp")))
-        env = _env(secrets.token_hex(16))
+        env = ray_env(secrets.token_hex(16))
         address = stack.enter_context(gcs_head(root / "r", env, num_cpus=16))
         env.update(RAY_ADDRESS=address, PYTHONUNBUFFERED="1")
         env.pop("QPO_RAY_FAULT", None)
@@ -128,7 +137,7 @@ def test_two_drivers_start_scoring_pools_at_the_same_moment(head):
     cmds = [[sys.executable, "-c", POOL_DRIVER, str(barrier), str(i), str(RUNS)] for i in range(RUNS)]
     logs = [root / f"pool{i}.log" for i in range(RUNS)]
     codes = _run_together(cmds, env, logs, timeout=600)
-    outs = [_tail(log, 6000) for log in logs]
+    outs = [log_tail(log, 6000) for log in logs]
     for code, out in zip(codes, outs, strict=True):
         assert code == 0, out
     assert sorted("started Serve True" in out for out in outs) == [False, True], outs
@@ -151,7 +160,7 @@ def concurrent_runs(head) -> tuple[list[Path], list[int], list[str]]:
              f"loops={n}"] for d, n in zip(run_dirs, LOOPS, strict=True)]
     logs = [root / f"run{i}.log" for i in range(RUNS)]
     codes = _run_together(cmds, env, logs, timeout=RUN_TIMEOUT_S)
-    return run_dirs, codes, [_tail(log, 6000) for log in logs]
+    return run_dirs, codes, [log_tail(log, 6000) for log in logs]
 
 
 @pytest.mark.timeout(RUN_TIMEOUT_S + 600)

@@ -1,0 +1,375 @@
+"""Validators for the manifests in cluster/ against qpo_ray itself (``qpo_problems``: shared volume, images,
+GPUs, entrypoint, Serve app) and the helpers that read the package's code the manifests name;
+``all_problems`` runs these and the generic KubeRay checks (``tests.kuberay_checks``).
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import math
+import shlex
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+from tests.kuberay_checks import (
+    as_int,
+    cluster_spec,
+    embedded_problems,
+    groups,
+    kuberay_rule_problems,
+    pod_spec,
+    ray_container,
+    serve_config,
+)
+from tests.kuberay_schema import REPO, schema_errors, unknown_keys
+
+# What the rest of the project promises (DESIGN §3, the CLI): the manifests must name exactly these.
+ENTRYPOINT_MODULE = "qpo_ray.jobs.run"
+SERVE_IMPORT_PATH = "qpo_ray.serve.app:build_app"
+SHARED_PVC = "qpo-runs"
+SHARED_MOUNT = "/mnt/qpo"
+GPU = "nvidia.com/gpu"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# check 5: consistent with qpo_ray (shared volume, images, GPUs, entrypoint, Serve app)
+# ---------------------------------------------------------------------------------------------------------
+def _cpu(q: Any) -> float:
+    s = str(q)
+    return float(s[:-1]) / 1000 if s.endswith("m") else float(s)
+
+
+def _gpus(container: dict[str, Any]) -> int:
+    limits = (container.get("resources") or {}).get("limits") or {}
+    try:
+        return int(limits.get(GPU, 0))
+    except (TypeError, ValueError):
+        return 0
+
+
+def parse_entrypoint(entrypoint: str) -> tuple[str | None, str, list[str], list[str]]:
+    """`python -m MODULE --config C --set k=v …` → (module, config, overrides, flags used)."""
+    argv = shlex.split(entrypoint)
+    module = argv[2] if len(argv) > 2 and argv[0] in ("python", "python3") and argv[1] == "-m" else None
+    config, overrides, flags = "tiny", [], []
+    rest = argv[3:]
+    i = 0
+    while i < len(rest):
+        arg = rest[i]
+        if arg.startswith("--"):
+            flag, eq, inline = arg.partition("=")
+            flags.append(flag)
+            value = inline if eq else (rest[i + 1] if i + 1 < len(rest) else "")
+            i += 1 if eq else 2
+            if flag == "--config":
+                config = value
+            elif flag == "--set":
+                overrides.append(value)
+        else:
+            i += 1
+    return module, config, overrides, flags
+
+
+def gpus_needed(cfg: Any) -> int:
+    """Peak GPUs of a run: the scoring pool stays up, Train workers and sampling actors take turns."""
+    replicas = cfg.target.num_replicas
+    if cfg.target.autoscaling:
+        replicas = max(replicas, int(cfg.target.autoscaling.get("max_replicas", replicas)))
+    pool = replicas * cfg.target.num_gpus_per_replica
+    train = cfg.train.num_workers if cfg.train.use_gpu else 0
+    collect = cfg.collect.num_actors * cfg.collect.num_gpus_per_actor
+    return math.ceil(pool + max(train, collect))
+
+
+def gpu_capacity(doc: dict[str, Any]) -> int:
+    cs = cluster_spec(doc)
+    autoscaling = cs.get("enableInTreeAutoscaling") is True
+    total = 0
+    for name, group in groups(doc):
+        if name == "head":
+            continue
+        pods = as_int(group.get("maxReplicas" if autoscaling else "replicas")) or 0
+        total += pods * (as_int(group.get("numOfHosts")) or 1) * _gpus(ray_container(group))
+    return total
+
+
+def _under_mount(path: str) -> bool:
+    return path == SHARED_MOUNT or path.startswith(SHARED_MOUNT + "/")
+
+
+def qpo_problems(doc: dict[str, Any]) -> list[str]:
+    from qpo_ray.config import load_config
+
+    kind = doc.get("kind")
+    spec = doc.get("spec") or {}
+    cs = cluster_spec(doc)
+    out = []
+    ray_version = str(cs.get("rayVersion", ""))
+    if not ray_version:
+        out.append("rayVersion: must be set (and match the images)")
+    has_cpu_group = has_gpu_group = False
+    for name, group in groups(doc):
+        where = "headGroupSpec" if name == "head" else f"workerGroupSpecs[{name}]"
+        pod, c = pod_spec(group), ray_container(group)
+        gpus = _gpus(c)
+        if name != "head":
+            has_gpu_group |= gpus > 0
+            has_cpu_group |= gpus == 0
+        # Shared storage: the run directory and Train storage are read and written from every Pod.
+        pvc_volumes = {
+            v.get("name")
+            for v in pod.get("volumes") or []
+            if isinstance(v, dict) and (v.get("persistentVolumeClaim") or {}).get("claimName") == SHARED_PVC
+        }
+        if not any(
+            m.get("name") in pvc_volumes and m.get("mountPath") == SHARED_MOUNT
+            for m in c.get("volumeMounts") or []
+        ):
+            out.append(f"{where}: the Ray container must mount PVC '{SHARED_PVC}' at {SHARED_MOUNT}")
+        image = str(c.get("image", ""))
+        repo, _, tag = image.rpartition(":")
+        if repo != "rayproject/ray" or not tag.startswith(ray_version + "-"):
+            out.append(
+                f"{where}: image {image!r} is not rayproject/ray:{ray_version}-… (rayVersion must match)"
+            )
+        elif tag.endswith("-gpu") != (gpus > 0):
+            out.append(f"{where}: image {image!r}: use the -gpu image exactly on GPU groups")
+        res = c.get("resources") or {}
+        for part in ("requests", "limits"):
+            missing = {"cpu", "memory"} - set(res.get(part) or {})
+            if missing:
+                out.append(f"{where}: resources.{part} lacks {sorted(missing)}")
+        if name == "head":
+            if str((group.get("rayStartParams") or {}).get("num-cpus")) != "0":
+                out.append('headGroupSpec.rayStartParams: num-cpus must be "0" (no work on the head)')
+            if gpus:
+                out.append("headGroupSpec: the head must not take a GPU")
+        if gpus:
+            tolerations = pod.get("tolerations") or []
+            if not any(isinstance(t, dict) and t.get("key") == GPU for t in tolerations):
+                out.append(f"{where}: GPU Pods need a toleration for the {GPU} taint")
+
+    if kind in ("RayCluster", "RayJob"):
+        if not (has_cpu_group and has_gpu_group):
+            out.append("workerGroupSpecs: need a CPU group and a GPU group")
+    if kind == "RayCluster":
+        need = gpus_needed(load_config("paper"))
+        if gpu_capacity(doc) < need:
+            out.append(f"GPU groups hold {gpu_capacity(doc)} GPUs, the `paper` profile needs {need}")
+    if kind == "RayJob":
+        module, config, overrides, _ = parse_entrypoint(str(spec.get("entrypoint", "")))
+        if module != ENTRYPOINT_MODULE:
+            out.append(f"spec.entrypoint: must run `python -m {ENTRYPOINT_MODULE}`, runs {module!r}")
+        try:
+            cfg = load_config(config, overrides)
+        except Exception as e:  # ConfigError names the bad key
+            out.append(f"spec.entrypoint: the config does not load: {e}")
+        else:
+            if not _under_mount(cfg.run_dir):
+                out.append(
+                    f"spec.entrypoint: run_dir {cfg.run_dir!r} is not on the shared volume {SHARED_MOUNT}"
+                )
+            storage = cfg.train.storage_path or cfg.run_dir
+            if not (_under_mount(storage) or storage.startswith(("s3://", "gs://"))):
+                out.append(
+                    f"spec.entrypoint: train.storage_path {storage!r} is neither under {SHARED_MOUNT} nor s3:// / gs://"
+                )
+            need = gpus_needed(cfg)
+            if gpu_capacity(doc) < need:
+                out.append(
+                    f"GPU groups hold at most {gpu_capacity(doc)} GPUs, profile '{config}' needs {need}"
+                )
+        if not spec.get("shutdownAfterJobFinishes"):
+            out.append("spec.shutdownAfterJobFinishes: should be true (a finished pipeline frees its GPUs)")
+    if kind == "RayService":
+        cfg = serve_config(doc) if isinstance(spec.get("serveConfigV2"), str) else None
+        apps = (cfg.get("applications") or []) if isinstance(cfg, dict) else []
+        head_ports = {
+            p.get("containerPort") for p in ray_container(cs.get("headGroupSpec") or {}).get("ports") or []
+        }
+        if 8000 not in head_ports:
+            out.append("headGroupSpec: the Ray container should expose the Serve port 8000")
+        worker_cpus = [
+            _cpu(((ray_container(g).get("resources") or {}).get("limits") or {}).get("cpu", 0))
+            for n, g in groups(doc)
+            if n != "head"
+        ]
+        for i, app in enumerate(apps):
+            where = f"serveConfigV2.applications[{i}]"
+            if not isinstance(app, dict):
+                continue
+            if app.get("import_path") != SERVE_IMPORT_PATH:
+                out.append(f"{where}.import_path: must be {SERVE_IMPORT_PATH}")
+            policy_dir = str((app.get("args") or {}).get("policy_dir", ""))
+            if not _under_mount(policy_dir):
+                out.append(f"{where}.args.policy_dir {policy_dir!r}: must be a folder under {SHARED_MOUNT}")
+            for dep in app.get("deployments") or []:
+                if not isinstance(dep, dict):
+                    continue
+                opts = dep.get("ray_actor_options") or {}
+                if float(opts.get("num_cpus", 1)) > max(worker_cpus, default=0):
+                    out.append(
+                        f"{where}: deployment {dep.get('name')} wants more CPUs than any worker Pod has"
+                    )
+                if float(opts.get("num_gpus", 0)) > 0 and not has_gpu_group:
+                    out.append(
+                        f"{where}: deployment {dep.get('name')} wants a GPU but no worker group has one"
+                    )
+    return out
+
+
+def all_problems(doc: dict[str, Any], schema: dict[str, Any] | None) -> list[str]:
+    out = []
+    if schema is not None:
+        out += schema_errors(doc, schema) + unknown_keys(doc, schema)
+    for check in (kuberay_rule_problems, embedded_problems, qpo_problems):
+        try:
+            out += check(doc)
+        except Exception as e:  # a broken manifest must produce problems, not crash the checker
+            out.append(f"{check.__name__} could not read the manifest: {type(e).__name__}: {e}")
+    return out
+
+
+def env_var_literals_in_package() -> set[str]:
+    """Env var names qpo_ray passes in `{"env_vars": {...}}` literals (e.g. ray.init's runtime_env)."""
+    names = set()
+    for path in (REPO / "qpo_ray").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Dict):
+                for k, v in zip(node.keys, node.values, strict=True):
+                    if isinstance(k, ast.Constant) and k.value == "env_vars" and isinstance(v, ast.Dict):
+                        names |= {kk.value for kk in v.keys if isinstance(kk, ast.Constant)}
+    return names
+
+
+def pydantic_model(annotation: Any) -> type | None:
+    """The pydantic model a field holds: directly, in a list, or as one member of a Union."""
+    from pydantic import BaseModel
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    origin = typing.get_origin(annotation)
+    if origin in (list, typing.Union, types.UnionType, typing.Annotated):
+        for arg in typing.get_args(annotation):
+            model = pydantic_model(arg)
+            if model is not None:
+                return model
+    return None
+
+
+def unknown_model_keys(value: Any, model: type, path: str) -> list[str]:
+    if isinstance(value, list):
+        return [p for i, v in enumerate(value) for p in unknown_model_keys(v, model, f"{path}[{i}]")]
+    if not isinstance(value, dict):
+        return []
+    out = []
+    for key, sub in value.items():
+        field = model.model_fields.get(key)
+        if field is None:
+            close = difflib.get_close_matches(str(key), list(model.model_fields), n=1)
+            out.append(
+                f"{path}.{key}: not a field of {model.__name__}"
+                + (f" (did you mean '{close[0]}'?)" if close else "")
+            )
+            continue
+        inner = pydantic_model(field.annotation)
+        if inner is not None:
+            out += unknown_model_keys(sub, inner, f"{path}.{key}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the code the manifests name
+# ---------------------------------------------------------------------------------------------------------
+def module_file(dotted: str) -> Path | None:
+    base = REPO.joinpath(*dotted.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__main__.py", base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def module_path(dotted: str) -> Path:
+    """The file of module ``dotted`` in this repository; an assertion error when there is none (a manifest
+    names it, so it must exist)."""
+    path = module_file(dotted)
+    assert path is not None, f"{dotted}: no such module in {REPO} (a manifest names it)"
+    return path
+
+
+def reachable_strings(path: Path) -> set[str]:
+    """String constants of a module and of every qpo_ray module it imports, transitively (imports inside
+    functions included: the job modules import the CLI lazily)."""
+    seen: set[Path] = set()
+    strings: set[str] = set()
+    todo = [path]
+    while todo:
+        current = todo.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        package = current.parent.relative_to(REPO).parts
+        for node in ast.walk(ast.parse(current.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                strings.add(node.value)
+            names = []
+            if isinstance(node, ast.ImportFrom):
+                base = ".".join(package[: len(package) - node.level + 1]) if node.level else ""
+                module = ".".join(p for p in (base, node.module or "") if p)
+                names = [module] + [f"{module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            for name in names:
+                dep = module_file(name) if name.startswith("qpo_ray") else None
+                if dep is not None and dep not in seen:
+                    todo.append(dep)
+    return strings
+
+
+def serve_package_trees() -> list[tuple[Path, ast.Module]]:
+    pkg = REPO / "qpo_ray" / "serve"
+    return [(p, ast.parse(p.read_text(encoding="utf-8"))) for p in sorted(pkg.rglob("*.py"))]
+
+
+def deployment_names(trees: list[tuple[Path, ast.Module]]) -> set[str]:
+    """Names of Serve deployments: @serve.deployment classes/functions (or name=...), .options(name=...)."""
+
+    def is_deployment(dec: ast.expr) -> bool:
+        target = dec.func if isinstance(dec, ast.Call) else dec
+        return (isinstance(target, ast.Attribute) and target.attr == "deployment") or (
+            isinstance(target, ast.Name) and target.id == "deployment"
+        )
+
+    names = set()
+    for _, tree in trees:
+        # Module-level string constants, for `name=DEPLOYMENT_NAME`.
+        consts = {
+            t.id: node.value.value
+            for node in tree.body
+            if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant)
+            for t in node.targets
+            if isinstance(t, ast.Name) and isinstance(node.value.value, str)
+        }
+
+        def name_kw(call: ast.Call, consts: dict[str, str] = consts) -> str | None:
+            for kw in call.keywords:
+                if kw.arg == "name" and isinstance(kw.value, ast.Constant):
+                    return kw.value.value
+                if kw.arg == "name" and isinstance(kw.value, ast.Name):
+                    return consts.get(kw.value.id)
+            return None
+
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                for dec in node.decorator_list:
+                    if is_deployment(dec):
+                        names.add((name_kw(dec) if isinstance(dec, ast.Call) else None) or node.name)
+            elif isinstance(node, ast.Call):
+                func = node.func
+                if (isinstance(func, ast.Attribute) and func.attr == "options") or is_deployment(node):
+                    if name_kw(node):
+                        names.add(name_kw(node))
+    return names

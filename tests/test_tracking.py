@@ -1,7 +1,9 @@
 """Tracker: metrics.jsonl and the TensorBoard event files carry the same scalars at the same global steps.
 
 `tensorboard` (and its event reader) is not a dependency, so the event files are read back here with a small
-TFRecord reader over tensorboardX's own protobufs, checking every record's CRCs.
+TFRecord reader over tensorboardX's protobufs. The reader checks every record's CRCs with a CRC-32C of its
+own, itself checked against the standard check value and against tensorboardX's writer; what it reads is
+checked against content known in advance (the file-version record every event file starts with).
 """
 
 from __future__ import annotations
@@ -11,12 +13,36 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from tensorboardX.proto.event_pb2 import Event
+from tensorboardX.record_writer import masked_crc32c as tbx_masked_crc32c
 
-pytest.importorskip("tensorboardX")
-from tensorboardX.proto.event_pb2 import Event  # noqa: E402
-from tensorboardX.record_writer import masked_crc32c  # noqa: E402
+from qpo_ray.tracking import Tracker, read_metrics
 
-from qpo_ray.tracking import Tracker, read_metrics  # noqa: E402
+
+def _crc32c_table() -> list[int]:
+    table = []
+    for i in range(256):
+        c = i
+        for _ in range(8):
+            c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1  # Castagnoli polynomial, reflected
+        table.append(c)
+    return table
+
+
+_CRC32C_TABLE = _crc32c_table()
+
+
+def crc32c(data: bytes) -> int:
+    crc = 0xFFFFFFFF
+    for b in data:
+        crc = _CRC32C_TABLE[(crc ^ b) & 0xFF] ^ (crc >> 8)
+    return crc ^ 0xFFFFFFFF
+
+
+def masked_crc32c(data: bytes) -> int:
+    """TFRecord's masked CRC: rotate right by 15, add a constant (tensorflow/core/lib/hash/crc32c.h)."""
+    crc = crc32c(data)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
 
 def read_events(path: Path) -> list[Event]:
@@ -63,6 +89,23 @@ def _train_loop(tracker: Tracker, loop: int, base: int, losses: list[float]) -> 
         tracker.log("train", {"loss": loss, "lr": 1e-3 / loop, "epoch": i + 1, "note": "text", "ok": True},
                     loop=loop, global_step=base + i + 1)
     return base + len(losses)
+
+
+def test_crc_is_the_standard_crc32c_and_tensorboardx_agrees():
+    assert crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value (RFC 3720, B.4)
+    assert crc32c(b"") == 0
+    for data in (b"", b"a", b"123456789", bytes(range(256)) * 3):
+        assert masked_crc32c(data) == tbx_masked_crc32c(data)
+
+
+def test_every_event_file_starts_with_its_file_version(tmp_path):
+    t = Tracker(tmp_path, {}, None)
+    t.log("train", {"loss": 2.5}, loop=1, global_step=7)
+    t.close()
+    (f,) = (tmp_path / "tb").rglob("events.out.tfevents.*")
+    first, *rest = read_events(f)
+    assert first.file_version == "brain.Event:2"  # what TensorBoard requires first in a file
+    assert [(v.tag, ev.step, v.simple_value) for ev in rest for v in ev.summary.value] == [("train/loss", 7, 2.5)]
 
 
 def test_jsonl_and_tensorboard_agree_across_loops_and_a_resume(tmp_path):

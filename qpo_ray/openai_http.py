@@ -12,6 +12,7 @@ import asyncio
 import os
 import random
 import time
+from collections.abc import Callable, Generator
 from typing import Any
 
 import httpx
@@ -46,8 +47,10 @@ def retryable(resp: httpx.Response) -> bool:
     return resp.status_code == 429 or resp.status_code >= 500
 
 
-def _describe(resp: httpx.Response) -> str:
-    return f"HTTP {resp.status_code}: {resp.text[:200]}"
+def _describe(outcome: httpx.Response | httpx.TransportError) -> str:
+    if isinstance(outcome, httpx.Response):
+        return f"HTTP {outcome.status_code}: {outcome.text[:200]}"
+    return f"{type(outcome).__name__}: {outcome}"
 
 
 def _full_url(client: httpx.Client | httpx.AsyncClient, url: str) -> str:
@@ -55,40 +58,55 @@ def _full_url(client: httpx.Client | httpx.AsyncClient, url: str) -> str:
     return url if "://" in url else str(client.base_url).rstrip("/") + "/" + url.lstrip("/")
 
 
+# The policy is written once, as a generator: it yields how long to wait before each attempt, is sent that
+# attempt's outcome, and returns the final response (or raises). The sync and async callers only do the I/O.
+Outcome = httpx.Response | httpx.TransportError
+
+
+def _policy(url: str, retries: int) -> Generator[float, Outcome, httpx.Response]:
+    last = ""
+    for attempt in range(retries + 1):
+        outcome = yield backoff_s(attempt) if attempt else 0.0
+        if isinstance(outcome, httpx.Response) and not retryable(outcome):
+            return outcome
+        last = _describe(outcome)
+    raise TargetUnreachable(url, retries + 1, last)
+
+
+def _attempt(send: Callable[[], httpx.Response]) -> Outcome:
+    try:
+        return send()
+    except httpx.TransportError as e:  # connect/read errors and timeouts
+        return e
+
+
 def post_json(client: httpx.Client, url: str, body: dict[str, Any], retries: int) -> httpx.Response:
     """POST ``body`` to ``url`` (absolute or relative to the client's base URL) under the retry policy.
 
     Returns the first non-retryable response; raises ``TargetUnreachable`` when every attempt failed."""
-    last = ""
-    for attempt in range(retries + 1):
-        if attempt:
-            time.sleep(backoff_s(attempt))
-        try:
-            resp = client.post(url, json=body)
-        except httpx.TransportError as e:
-            last = f"{type(e).__name__}: {e}"
-            continue
-        if not retryable(resp):
-            return resp
-        last = _describe(resp)
-    raise TargetUnreachable(_full_url(client, url), retries + 1, last)
+    policy = _policy(_full_url(client, url), retries)
+    try:
+        wait = next(policy)
+        while True:
+            time.sleep(wait)
+            wait = policy.send(_attempt(lambda: client.post(url, json=body)))
+    except StopIteration as done:
+        return done.value
 
 
 async def apost_json(client: httpx.AsyncClient, url: str, body: dict[str, Any], retries: int) -> httpx.Response:
     """``post_json`` for an ``httpx.AsyncClient``: the same policy, waiting without blocking the event loop."""
-    last = ""
-    for attempt in range(retries + 1):
-        if attempt:
-            await asyncio.sleep(backoff_s(attempt))
-        try:
-            resp = await client.post(url, json=body)
-        except httpx.TransportError as e:
-            last = f"{type(e).__name__}: {e}"
-            continue
-        if not retryable(resp):
-            return resp
-        last = _describe(resp)
-    raise TargetUnreachable(_full_url(client, url), retries + 1, last)
+    policy = _policy(_full_url(client, url), retries)
+    outcome: Outcome | None = None
+    try:
+        while True:
+            await asyncio.sleep(next(policy) if outcome is None else policy.send(outcome))
+            try:
+                outcome = await client.post(url, json=body)
+            except httpx.TransportError as e:
+                outcome = e
+    except StopIteration as done:
+        return done.value
 
 
 __all__ = ["TargetUnreachable", "apost_json", "auth_headers", "backoff_s", "post_json", "retryable"]

@@ -53,8 +53,7 @@ class Session:
 
             # Named after where the run is: a copy of the run resumed beside it gets its own pool.
             self._pool = ScoringPool(self.cfg.target, self.task,
-                                     app_name=f"qpo-target-{content_id(str(self.run.path), n=8)}")
-            self._pool.__enter__()
+                                     app_name=f"qpo-target-{content_id(str(self.run.path), n=8)}").start()
         return self._pool
 
     def _load_cache(self) -> dict[str, dict[str, Any]]:
@@ -97,16 +96,24 @@ class Session:
             log.info("[%s] scoring %d new pair(s) (%d already known)", tag, len(todo), len(pairs) - len(todo))
             with self.pool.progress(len(todo) * requests_per_pair(self.cfg, phase), f"score {tag}"):
                 for chunk in _chunks_by_prompt(todo, SCORE_CHUNK):
-                    self._score_chunk(chunk, tag, cache, known, phase=phase, source=source, loop=loop)
+                    # prompt_acc counts every pair of the step with that prompt, also those scored before
+                    # (score_pairs' definition, as in `qpo-ray score`): they ride along, at no call.
+                    prompts = {p["prompt"] for p in chunk}
+                    scored = [(p, k) for p, k in zip(pairs, keys, strict=True) if k in known and p["prompt"] in prompts]
+                    self._score_chunk(chunk, scored, tag, cache, known, phase=phase, source=source, loop=loop)
         # A reused row is labelled with the step that asked for it; rows already in the dataset are
         # dropped by the merge rule, so a label never changes a stored row.
         return [dict(known[k], source=source, loop=loop) for k in keys]
 
-    def _score_chunk(self, chunk, tag: str, cache: dict, known: dict, *, phase: str, source: str, loop: int) -> None:
+    def _score_chunk(self, chunk, scored, tag: str, cache: dict, known: dict, *, phase: str, source: str,
+                     loop: int) -> None:
+        """Score ``chunk`` (new pairs) beside ``scored`` (pairs, keys known already); persist the new rows."""
         from qpo_ray.score.pool import score_pairs
 
         before = self.pool.stats.copy()
-        rows = score_pairs(self.pool, self.task, self.cfg, chunk, phase=phase, source=source, loop=loop)
+        context = {k: known[k] for _, k in scored}
+        rows = score_pairs(self.pool, self.task, self.cfg, chunk + [p for p, _ in scored], context, phase=phase,
+                           source=source, loop=loop)[: len(chunk)]
         after = self.pool.stats
         self.calls += after["calls"] - before["calls"]
         self.tokens += after["tokens"] - before["tokens"]
@@ -119,7 +126,7 @@ class Session:
 
     def close(self) -> None:
         if self._pool is not None:
-            self._pool.__exit__(None, None, None)
+            self._pool.close()
             self._pool = None
         self.tracker.close()
 

@@ -126,7 +126,8 @@ class ScoringPool:
         self._lock = threading.Lock()
 
     # -- lifecycle ----------------------------------------------------------------------------------
-    def __enter__(self) -> ScoringPool:
+    def start(self) -> ScoringPool:
+        """Deploy the pool's Serve application and wait until it answers; returns self."""
         init_ray()
         # Handle-only traffic: start Serve without HTTP proxies unless something already started it.
         self._started_serve = _start_serve()
@@ -136,15 +137,16 @@ class ScoringPool:
             self.handle = serve.run(app, name=self.app_name, route_prefix=None)
         except Exception as e:  # e.g. the model cannot be loaded: one clear line, not a replica traceback
             reason = _root_cause(self._deployment_message() or str(e))
-            self.handle = object()  # so that __exit__ cleans up
-            self.__exit__(None, None, None)
+            self.handle = object()  # so that close() cleans up
+            self.close()
             raise TargetError(f"scoring pool '{self.app_name}' did not start ({self.cfg.engine}, "
                               f"{self.cfg.model}): {reason}") from e
         log.info("scoring pool '%s' ready in %.1fs (%s, %s)", self.app_name, time.time() - t0, self.cfg.engine,
                  self.cfg.model)
         return self
 
-    def __exit__(self, *exc) -> None:
+    def close(self) -> None:
+        """Delete the application (and Serve, when this pool started it on a Ray of this process)."""
         if self.handle is not None:
             self.handle = None
             try:
@@ -157,6 +159,12 @@ class ScoringPool:
                     serve.shutdown()
             except Exception as e:  # the cluster may already be gone at interpreter exit
                 log.warning("could not delete Serve app '%s': %s", self.app_name, e)
+
+    def __enter__(self) -> ScoringPool:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def _deployment_message(self) -> str:
         try:
@@ -212,7 +220,7 @@ class ScoringPool:
         """Components of every request, in input order. Progress goes to the block's meter inside
         ``progress()``, else to a meter of this call's own."""
         if self.handle is None:
-            raise TargetError("ScoringPool.score called outside its context (use `with ScoringPool(...)`)")
+            raise TargetError("ScoringPool.score called before start() (or `with ScoringPool(...)`)")
         t0 = time.time()
         results: list[Components | None] = [None] * len(requests)
         meter = self.meter or bar(len(requests), "score", unit="req", enabled=progress)

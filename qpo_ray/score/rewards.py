@@ -9,9 +9,12 @@ so a stored dataset can be re-rewarded after a formula changes.
 - math:                      ``r = 10·correct + 10·avg_acc − mean NLL of the response tokens``
 
 ``acc(p)`` / ``avg_acc`` / ``avg_acc_fs(p)`` (the ``prompt_acc`` column) is the mean ``correct`` over the
-pairs with prompt ``p`` in the same scoring call (``score_pairs``). That is the reference's "accuracy over
-the evaluation batch the prompt was scored with": it depends on which queries share the call, and for a
-prompt seen with a single query it equals that query's ``correct``.
+distinct pairs with prompt ``p`` in one scoring request, those scored before included (``score_pairs`` with
+``known``). A request is one driver step (``Session.score``: bootstrap, a loop's score step, an eval) or one
+``source`` group of a ``qpo-ray score`` input; both count the same pairs, so a pair gets the same reward
+either way. That is the reference's "accuracy over the evaluation batch the prompt was scored with": it
+depends on which queries share the request, and for a prompt seen with a single query it equals that
+query's ``correct``.
 """
 
 from __future__ import annotations

@@ -274,7 +274,7 @@ class RssSampler:
                 "worker_uss_peak_mib": r(self.worker_uss_peak), "sum_pss_peak_mib": r(self.pss_sum_peak),
                 "sum_rss_peak_mib": r(self.rss_sum_peak), "max_processes": self.max_procs, "samples": self.samples,
                 # Where the peak Σ PSS sits: the biggest processes at that sample (PSS, MiB).
-                "pss_at_peak_mib": [[name, r(v)] for name, v in self.at_peak[:8]],
+                "pss_at_peak_mib": [[name, r(v)] for name, v in self.at_peak[:16]],
                 "phases_mib": {k: {kk: (vv if kk == "processes" else r(vv)) for kk, vv in v.items()}
                                for k, v in self.phases.items()}}
 

@@ -3,7 +3,7 @@
 Ours: ``generate_prompts(policy, queries, batch_size=B)`` (KV-cache decoding of B rows together), sampled
 with the collect settings (top-k, top-p, temperature, target reward). Baseline: the same call with
 ``batch_size=1``. Same policy object, same queries, same seed, same thread count; one untimed warm-up
-call on each side. Sampled texts differ between batch sizes (the generator is consumed in another order),
+call of one batch on each side. Sampled texts differ between batch sizes (the generator is consumed in another order),
 so equality is checked on greedy decoding: batched and unbatched greedy prompts must be identical.
 
 Limit: a plain batched generate of the same policy over the same tokens: the queries tokenised beforehand,
@@ -147,7 +147,8 @@ def run(args: argparse.Namespace) -> dict:
                 target_reward=ccfg.target_reward, max_new_tokens=n_new, seed=0)
 
     def timed(bs: int, clock: ModelClock | None = None) -> tuple[float, list[str]]:
-        generate_prompts(policy, queries[:2], batch_size=bs, **samp)  # warm-up, untimed
+        # Warm-up, untimed, at the timed batch shape: a first batch of new shapes pays allocator growth.
+        generate_prompts(policy, queries[:bs], batch_size=bs, **samp)
         if clock is not None:
             clock.__enter__()
         try:
@@ -160,7 +161,7 @@ def run(args: argparse.Namespace) -> dict:
 
     clock = ModelClock(policy)
     t_batched, p_batched = timed(args.batch_size, clock)
-    plain_generate(policy, queries[:2], args.batch_size, clock.steps[:1], ccfg.target_reward)  # warm-up
+    plain_generate(policy, queries[:args.batch_size], args.batch_size, clock.steps[:1], ccfg.target_reward)  # warm-up
     t_limit = plain_generate(policy, queries, args.batch_size, clock.steps, ccfg.target_reward)
     t_single, p_single = timed(1)
     ours, base, limit = len(queries) / t_batched, len(queries) / t_single, len(queries) / t_limit

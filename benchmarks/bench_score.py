@@ -136,9 +136,12 @@ def plain_forward(lm, tok, task, texts: list[str], batch_size: int) -> tuple[flo
 
 def limited_by(vs_limit: float, pool_s: float, busy_s: float, limit_s: float) -> str:
     busy = busy_s / pool_s
+    if vs_limit >= 1.05:
+        return (f"compute-bound: the replica's engine was busy {busy:.0%} of the pool's {pool_s:.1f} s, and it beats "
+                f"the plain batched forward ({vs_limit:.2f}×) by running each prompt's shared prefix once")
     if vs_limit >= 0.9:
-        return (f"compute-bound: matches the plain batched forward ({vs_limit:.2f}); the replica's engine was busy "
-                f"{busy:.0%} of the pool's {pool_s:.1f} s")
+        return (f"compute-bound: on par with the plain batched forward ({vs_limit:.2f}); the replica's engine was "
+                f"busy {busy:.0%} of the pool's {pool_s:.1f} s")
     if busy < 0.85:
         return (f"per-request Serve overhead: the replica's engine was busy {busy_s:.1f} s of the pool's "
                 f"{pool_s:.1f} s ({busy:.0%}); the rest is request round trips and batch forming")

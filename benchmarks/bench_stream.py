@@ -224,7 +224,7 @@ def run(args: argparse.Namespace) -> dict:
                   units=f"MiB peak Σ PSS, driver + Ray ({big['rows']:,} vs {small['rows']:,} rows; "
                         f"{big['end_to_end_rows_per_s']:,} rows/s)",
                   raw=raw, notes=notes, ok=ok, goal_text=f"≤ {GOAL:.2f}, peak < 2 GiB",
-                  limited_by=limited_by(big, split["big"], raw["project_share_ratio"]))
+                  limited_by=limited_by(big, small, split["big"], raw["project_share_ratio"]))
 
 
 def shares(r: dict) -> dict:
@@ -233,11 +233,25 @@ def shares(r: dict) -> dict:
     return {"ray_idle_mib": idle, "project_mib": round(r["sum_pss_peak_mib"] - idle, 1)}
 
 
-def limited_by(big: dict, split: dict, project_ratio: float) -> str:
-    top = ", ".join(f"{name.split('/')[-1][:40]} {mib:.0f}" for name, mib in big["pss_at_peak_mib"][:3])
+def growth(big: dict, small: dict) -> list[tuple[str, float]]:
+    """Where the big run's peak exceeds the small one's: PSS at each peak summed per process name (Ray names a
+    worker by what it runs), biggest increase first; a name only one run has counts in full."""
+    def by_name(r: dict) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for name, mib in r["pss_at_peak_mib"]:
+            out[name] = out.get(name, 0.0) + mib
+        return out
+
+    b, s = by_name(big), by_name(small)
+    diff = {n: b.get(n, 0.0) - s.get(n, 0.0) for n in set(b) | set(s)}
+    return sorted(((n, d) for n, d in diff.items() if d > 0), key=lambda x: -x[1])
+
+
+def limited_by(big: dict, small: dict, split: dict, project_ratio: float) -> str:
+    grew = ", ".join(f"{n.split('/')[-1][:40]} +{d:.0f}" for n, d in growth(big, small)[:3]) or "nothing"
     return (f"memory: peak {big['sum_pss_peak_mib']:.0f} MiB = Ray's idle session {split['ray_idle_mib']:.0f} + "
-            f"the project's {split['project_mib']:.0f} (×{project_ratio:.2f} vs the small run; biggest at the peak, "
-            f"MiB: {top}); speed: one tokenise task, {big['iterate_rows_per_s']:,} rows/s")
+            f"the project's {split['project_mib']:.0f} (×{project_ratio:.2f} vs the small run); grown from the small "
+            f"run's peak, MiB: {grew}; speed: one tokenise task, {big['iterate_rows_per_s']:,} rows/s")
 
 
 if __name__ == "__main__":

@@ -111,9 +111,13 @@ class RssSampler:
     store or libtorch, count once per process) and of PSS (shared pages split between their users: the
     memory the session really occupies). Peaks are also kept per phase (``mark``). ``watch`` (substring of a
     process name) records the OMP_NUM_THREADS of matching processes (e.g. ``RayTrainWorker``).
+
+    With ``cpu``, it also keeps each process's CPU time (user + system) at its first and its last sample, so
+    ``cpu_seconds`` can say which processes took the cores while the sampler ran (a process seen only after
+    the first sample started after it: its whole CPU time counts).
     """
 
-    def __init__(self, interval: float = 0.5, watch: str | None = None, pss: bool = True):
+    def __init__(self, interval: float = 0.5, watch: str | None = None, pss: bool = True, cpu: bool = False):
         import psutil
 
         self.psutil = psutil
@@ -134,12 +138,18 @@ class RssSampler:
         self.at_peak: list[tuple[str, int]] = []  # (process, PSS) at the sample of the peak Σ PSS
         self.phase = "start"
         self.phases: dict[str, dict[str, int]] = {}
+        self.cpu = cpu
+        self._cpu_first: dict[int, float] = {}
+        self._cpu_last: dict[int, float] = {}
+        self._cpu_names: dict[int, set[str]] = {}  # every title a process had: Ray workers rename themselves
+        self._started = False
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="rss-sampler", daemon=True)
 
     def __enter__(self) -> RssSampler:
         self.sample()
+        self._started = True
         self._thread.start()
         return self
 
@@ -176,6 +186,7 @@ class RssSampler:
         except ps.Error:
             procs = []
         driver, driver_pss, driver_uss = self._mem(self.me)
+        self._cpu_time(self.me, "driver")
         rss_sum, pss_sum = driver, driver_pss
         each = [("driver", driver_pss)]
         self.driver_peak = max(self.driver_peak, driver)
@@ -186,6 +197,7 @@ class RssSampler:
             except ps.Error:
                 continue
             self.worker_uss_peak = max(self.worker_uss_peak, uss)
+            self._cpu_time(p, None)
             rss_sum += rss
             pss_sum += pss
             each.append((self._name(p), pss))
@@ -201,11 +213,37 @@ class RssSampler:
             self.pss_sum_peak, self.at_peak = pss_sum, sorted(each, key=lambda x: -x[1])
         self.max_procs = max(self.max_procs, len(procs) + 1)
         self.samples += 1
-        ph = self.phases.setdefault(self.phase, {"driver_rss": 0, "sum_pss": 0, "sum_rss": 0, "processes": 0})
+        ph = self.phases.setdefault(self.phase, {"driver_rss": 0, "sum_pss": 0, "ray_pss": 0, "sum_rss": 0,
+                                                 "processes": 0})
         ph["driver_rss"] = max(ph["driver_rss"], driver)
         ph["sum_pss"] = max(ph["sum_pss"], pss_sum)
+        ph["ray_pss"] = max(ph["ray_pss"], pss_sum - driver_pss)  # every process but the driver
         ph["sum_rss"] = max(ph["sum_rss"], rss_sum)
         ph["processes"] = max(ph["processes"], len(procs) + 1)
+
+    def _cpu_time(self, p, name: str | None) -> None:
+        if not self.cpu:
+            return
+        try:
+            t = p.cpu_times()
+        except self.psutil.Error:
+            return
+        used = t.user + t.system
+        self._cpu_first.setdefault(p.pid, used if not self._started else 0.0)
+        self._cpu_last[p.pid] = used
+        self._cpu_names.setdefault(p.pid, set()).add(name or self._name(p))
+
+    def cpu_seconds(self, groups: dict[str, str]) -> dict[str, float]:
+        """CPU seconds used while sampling, summed per group: ``groups`` maps a group to a substring of a
+        process's name (any name it had); the driver is ``driver``, everything else ``other``."""
+        out = {g: 0.0 for g in (*groups, "driver", "other")}
+        with self._lock:
+            for pid, last in self._cpu_last.items():
+                names = self._cpu_names[pid]
+                group = "driver" if "driver" in names else next(
+                    (g for g, sub in groups.items() if any(sub in n for n in names)), "other")
+                out[group] += max(0.0, last - self._cpu_first.get(pid, 0.0))
+        return {g: round(v, 1) for g, v in out.items()}
 
     def mark(self, phase: str) -> None:
         """Attribute the following samples to ``phase`` (peaks are kept per phase too)."""
@@ -236,7 +274,7 @@ class RssSampler:
                 "worker_uss_peak_mib": r(self.worker_uss_peak), "sum_pss_peak_mib": r(self.pss_sum_peak),
                 "sum_rss_peak_mib": r(self.rss_sum_peak), "max_processes": self.max_procs, "samples": self.samples,
                 # Where the peak Σ PSS sits: the biggest processes at that sample (PSS, MiB).
-                "pss_at_peak_mib": [[name, r(v)] for name, v in self.at_peak[:8]],
+                "pss_at_peak_mib": [[name, r(v)] for name, v in self.at_peak[:16]],
                 "phases_mib": {k: {kk: (vv if kk == "processes" else r(vv)) for kk, vv in v.items()}
                                for k, v in self.phases.items()}}
 
@@ -249,12 +287,24 @@ def passes(ratio: float, goal: float, op: str) -> bool:
 
 
 def result(name: str, *, ratio: float, goal: float, op: str, ours: float, baseline: float, units: str,
-           raw: dict[str, Any], notes: list[str] | None = None, ok: bool | None = None,
-           goal_text: str | None = None) -> dict[str, Any]:
-    return {"name": name, "ratio": ratio, "goal": goal, "goal_op": op,
-            "goal_text": goal_text or f"{GOAL_SYMBOL[op]} {_goal(goal)}",
-            "ok": passes(ratio, goal, op) if ok is None else bool(ok), "ours": ours, "baseline": baseline,
-            "units": units, "raw": raw, "notes": notes or []}
+           raw: dict[str, Any], limited_by: str, notes: list[str] | None = None, ok: bool | None = None,
+           goal_text: str | None = None, limit: float | None = None, limit_goal: float | None = None,
+           limit_what: str = "") -> dict[str, Any]:
+    """One benchmark's result. ``limited_by``: one line on what bounds ours (measured, not guessed).
+
+    ``limit`` is the second baseline of a throughput benchmark: the same work done the plainest fast way
+    (no Ray, no Serve), i.e. how far ours is from what the machine can do; ``limit_ratio = ours / limit``
+    must reach ``limit_goal`` as well for ``ok``."""
+    res = {"name": name, "ratio": ratio, "goal": goal, "goal_op": op,
+           "goal_text": goal_text or f"{GOAL_SYMBOL[op]} {_goal(goal)}",
+           "ok": passes(ratio, goal, op) if ok is None else bool(ok), "ours": ours, "baseline": baseline,
+           "units": units, "limited_by": limited_by, "raw": raw, "notes": notes or []}
+    if limit is not None and limit_goal is not None:
+        limit_ratio = ours / limit if limit else float("nan")
+        res.update(limit=limit, limit_what=limit_what, limit_ratio=limit_ratio, limit_goal=limit_goal,
+                   limit_goal_op=">=", limit_goal_text=f"≥ {_goal(limit_goal)}")
+        res["ok"] = res["ok"] and passes(limit_ratio, limit_goal, ">=")
+    return res
 
 
 def _goal(g: float) -> str:
@@ -280,8 +330,18 @@ def line(res: dict[str, Any]) -> str:
             f"baseline={num(res['baseline'])} {res['units']}")
 
 
+def limit_line(res: dict[str, Any]) -> str | None:
+    """``vs limit: ours/limit=X.XX (goal ≥ G) | limit=… units (what)`` for a benchmark with a second baseline."""
+    if "limit_ratio" not in res:
+        return None
+    return (f"vs limit: ours/limit={res['limit_ratio']:.2f} (goal {res['limit_goal_text']}) | "
+            f"limit={num(res['limit'])} {res['units']} ({res['limit_what']})")
+
+
 def raw_lines(res: dict[str, Any]) -> list[str]:
-    out = []
+    out = [f"    {x}" for x in (limit_line(res),) if x]
+    if res.get("limited_by"):
+        out.append(f"    limited by: {res['limited_by']}")
     for k, v in res["raw"].items():
         if isinstance(v, float):
             v = round(v, 4)
@@ -343,17 +403,22 @@ def workdir(args: argparse.Namespace, tag: str):
 
 def emotion_pairs(n: int, seed: int = 0) -> list[dict[str, Any]]:
     """``n`` realistic (query, prompt, label) rows from the emotion task (its queries × its prompt pool)."""
+    return task_pairs("emotion", n, seed)
+
+
+def task_pairs(task_name: str, n: int, seed: int = 0, fits: Callable[[str], bool] | None = None) -> list[dict[str, Any]]:
+    """``n`` distinct (query, prompt, label) rows of a task (its queries × its prompt pool), shuffled; only
+    prompts for which ``fits`` holds (e.g. within the policy's prompt budget, so training drops no row)."""
     import random
 
     from qpo_ray.tasks import load_task
 
-    task = load_task("emotion")
-    qs = task.queries()
-    ps = [t for _, t in task.prompts]
-    combos = [(q, lab, p) for q, lab in qs for p in ps]
+    task = load_task(task_name)
+    ps = [t for _, t in task.prompts if fits is None or fits(t)]
+    combos = [(q, lab, p) for q, lab in task.queries() for p in ps]
     random.Random(seed).shuffle(combos)
     if n > len(combos):
-        raise ValueError(f"at most {len(combos)} distinct emotion pairs, {n} asked")
+        raise ValueError(f"at most {len(combos)} distinct {task_name} pairs, {n} asked")
     return [{"query": q, "label": lab, "prompt": p} for q, lab, p in combos[:n]]
 
 

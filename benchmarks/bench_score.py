@@ -1,4 +1,4 @@
-"""score — pairs/s of the Ray Serve scoring pool vs one ``model.generate`` call per pair.
+"""score — pairs/s of the Ray Serve scoring pool vs one ``model.generate`` call per pair, and vs the limit.
 
 Ours: ``score_pairs`` over a ``ScoringPool`` (transformers engine, the ``demo`` profile's target settings:
 replicas, engine batch size, client in-flight bound). For single-token verbalizers the engine reads every
@@ -8,6 +8,12 @@ Baseline: the naive client: for each (query, prompt), render the same text, ``mo
 few new tokens with batch size 1, and parse the label out of the reply text. Same model, same thread count
 (the replica inherits ``OMP_NUM_THREADS``), same pairs. Warm-up (Serve start, model load, first calls) is
 excluded on both sides.
+
+Limit: a plain batched forward of the same model over the same tokens, in this process (no Serve, no Ray):
+the pairs in the order the pool gets them, in batches of the pool's engine batch size, each text encoded as
+the engine encodes it, left-padded, one forward each reading the labels' first tokens at the last position.
+Each engine batch inside the replica is timed too: the engine's busy time against the pool's wall time
+separates Serve's per-request overhead from the engine's own work, which is what ``limited by`` reports.
 
 Agreement: the pool's predicted label (``Components.pred``, the verbalizer with the lowest NLL) vs the
 label parsed from the baseline's greedy reply, over all pairs (a reply that names no label counts as a
@@ -28,6 +34,7 @@ from benchmarks._common import main, result, smollm2_available, start_ray, stop_
 
 NAME = "score"
 GOAL = 5.0
+LIMIT_GOAL = 0.7
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -48,18 +55,21 @@ def quick(args: argparse.Namespace) -> None:
 
 def batch_log_factory(path: str):
     """Engine factory for the replicas: the stock engine (make_engine), plus one line per engine batch with
-    its size, so the report can say how big the batches really were."""
+    its size and seconds, so the report can say how big the batches were and how busy the engine was."""
 
     def factory(cfg, tasks):
+        import time
+
         from qpo_ray.score.engines import make_engine
 
         engine = make_engine(cfg, tasks)
         inner = engine.score
 
         def score(reqs):
+            t0 = time.perf_counter()
             out = inner(reqs)
             with open(path, "a") as f:
-                f.write(f"{len(reqs)}\n")
+                f.write(f"{len(reqs)} {time.perf_counter() - t0:.4f}\n")
             return out
 
         engine.score = score
@@ -98,6 +108,47 @@ def pairs_for(task, n_queries: int, n_prompts: int) -> list[dict]:
     return [{"query": q, "label": lab, "prompt": p} for p in prompts for q, lab in qs[:n_queries]], qs[-2:]
 
 
+def plain_forward(lm, tok, task, texts: list[str], batch_size: int) -> tuple[float, list[str], int]:
+    """The limit: batched forwards over the texts in order, labels read from the last position's logits.
+    Returns the seconds, the predicted labels and the tokens run (padding included)."""
+    import torch
+
+    from qpo_ray.score.engines.base import encode
+
+    first = torch.tensor([encode(tok, task.verbalizers[lab], special=False)[0] for lab in task.labels])
+    encoded = [encode(tok, t, special=True) for t in texts]  # tokenised beforehand, like the engine's input
+    preds, ran = [], 0
+    t0 = time.perf_counter()
+    for i in range(0, len(encoded), batch_size):
+        seqs = encoded[i:i + batch_size]
+        width = max(map(len, seqs))
+        ids = torch.full((len(seqs), width), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for r, x in enumerate(seqs):
+            ids[r, width - len(x):], mask[r, width - len(x):] = torch.tensor(x), 1
+        with torch.inference_mode():
+            logits = lm(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                        logits_to_keep=1, use_cache=False).logits[:, -1, :]
+        preds += [task.labels[j] for j in logits.index_select(-1, first).argmax(-1).tolist()]
+        ran += ids.numel()
+    return time.perf_counter() - t0, preds, ran
+
+
+def limited_by(vs_limit: float, pool_s: float, busy_s: float, limit_s: float) -> str:
+    busy = busy_s / pool_s
+    if vs_limit >= 1.05:
+        return (f"compute-bound: the replica's engine was busy {busy:.0%} of the pool's {pool_s:.1f} s, and it beats "
+                f"the plain batched forward ({vs_limit:.2f}×) by running each prompt's shared prefix once")
+    if vs_limit >= 0.9:
+        return (f"compute-bound: on par with the plain batched forward ({vs_limit:.2f}); the replica's engine was "
+                f"busy {busy:.0%} of the pool's {pool_s:.1f} s")
+    if busy < 0.85:
+        return (f"per-request Serve overhead: the replica's engine was busy {busy_s:.1f} s of the pool's "
+                f"{pool_s:.1f} s ({busy:.0%}); the rest is request round trips and batch forming")
+    return (f"the engine's own work: busy {busy_s:.1f} s of the pool's {pool_s:.1f} s, against {limit_s:.1f} s "
+            f"for the plain forward of the same texts")
+
+
 def run(args: argparse.Namespace) -> dict:
     import torch
 
@@ -129,14 +180,20 @@ def run(args: argparse.Namespace) -> dict:
                 rows = score_pairs(rec, task, cfg, pairs, {}, source="bench", phase="collect")
                 t_pool = time.perf_counter() - t0
                 stats = {k: pool.stats[k] - before[k] for k in before}
-            batches = [int(x) for x in log.read_text().split()]
+            logged = [line.split() for line in log.read_text().splitlines() if line.strip()]
+            batches, busy = [int(n) for n, _ in logged], sum(float(t) for _, t in logged)
         finally:
             stop_ray()
 
-    # Baseline: the same model in this process, one generate() per pair.
+    # Both baselines run the same model in this process, after Ray has stopped.
     tok = load_tokenizer(None, model)
     lm = load_causal_lm(model).eval()
     eos = lm.generation_config.eos_token_id
+    reqs = [ScoreRequest(task.name, cfg.task.setting, p["query"], p["prompt"], p["label"]) for p in pairs]
+    texts = [request_text(task, r) for r in reqs]  # the pool's order: Session.score's, prompt-major
+
+    plain_forward(lm, tok, task, [request_text(task, r) for r in warm_reqs], cfg.target.max_batch_size)  # warm-up
+    t_limit, limit_pred, limit_tokens = plain_forward(lm, tok, task, texts, cfg.target.max_batch_size)
 
     def generate(text: str) -> str:
         ids = tok(text, add_special_tokens=True)["input_ids"]  # exactly how the engine encodes the text
@@ -149,10 +206,7 @@ def run(args: argparse.Namespace) -> dict:
     for r in warm_reqs:
         generate(request_text(task, r))
     t0 = time.perf_counter()
-    replies = []
-    for p in pairs:
-        req = ScoreRequest(task.name, cfg.task.setting, p["query"], p["prompt"], p["label"])
-        replies.append(generate(request_text(task, req)))
+    replies = [generate(t) for t in texts]
     t_base = time.perf_counter() - t0
 
     pred = {(r.query, r.prompt): c.pred for r, c in zip(rec.requests, rec.comps, strict=True)}
@@ -161,15 +215,18 @@ def run(args: argparse.Namespace) -> dict:
     agree = sum(pred[(p["query"], p["prompt"])] == lab for p, lab in zip(pairs, parsed, strict=True))
     agree_correct = sum(float(row_by_pair[(p["query"], p["prompt"])]["correct"]) == float(lab == p["label"])
                         for p, lab in zip(pairs, parsed, strict=True))
+    limit_agree = sum(pred[(p["query"], p["prompt"])] == lab for p, lab in zip(pairs, limit_pred, strict=True))
     n = len(pairs)
-    ours, base = n / t_pool, n / t_base
+    ours, base, limit = n / t_pool, n / t_base, n / t_limit
     raw = {"model": model + ("" if model == "smollm2" else " (random weights: agreement is not meaningful)"),
            "pairs": n, "queries": args.queries, "prompts": args.prompts, "pool_s": round(t_pool, 2),
+           "engine_busy_s": round(busy, 2), "limit_s": round(t_limit, 2), "limit_tokens": limit_tokens,
            "baseline_s": round(t_base, 2), "baseline_max_new_tokens": args.max_new_tokens,
            "replicas": cfg.target.num_replicas, "max_batch_size": cfg.target.max_batch_size,
-           "max_in_flight": cfg.target.max_in_flight,
+           "max_in_flight": cfg.target.max_in_flight, "share_prefix": cfg.target.share_prefix,
            "engine_batches": len(batches), "mean_engine_batch": round(sum(batches) / max(1, len(batches)), 2),
            "pool_requests": int(stats["requests"]), "pool_target_tokens": int(stats["tokens"]),
+           "limit_label_agreement": round(limit_agree / n, 3),
            "label_agreement": round(agree / n, 3),
            "label_agreement_where_parsed": round(agree / max(1, sum(x is not None for x in parsed)), 3),
            "correct_agreement": round(agree_correct / n, 3),
@@ -180,8 +237,12 @@ def run(args: argparse.Namespace) -> dict:
     notes = []
     if int(stats["requests"]) != n:
         notes.append(f"the pool served {int(stats['requests'])} requests for {n} pairs")
+    if limit_agree != n:
+        notes.append(f"the plain forward's label differs from the pool's for {n - limit_agree} of {n} pairs")
     return result(NAME, ratio=ours / base, goal=GOAL, op=">=", ours=ours, baseline=base, units="pairs/s", raw=raw,
-                  notes=notes)
+                  notes=notes, limit=limit, limit_goal=LIMIT_GOAL,
+                  limit_what=f"plain batched forward, batches of {cfg.target.max_batch_size}, no Serve, no Ray",
+                  limited_by=limited_by(ours / limit, t_pool, busy, t_limit))
 
 
 if __name__ == "__main__":

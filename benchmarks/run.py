@@ -2,12 +2,13 @@
 
     python -m benchmarks.run                          # everything, default sizes (what `make bench` runs)
     python -m benchmarks.run --only train,score --quick
-    python -m benchmarks.run --only stream --stream-args="--rows 1000000"
+    python -m benchmarks.run --only stream --stream-args="--rows 300000"
 
-Each benchmark prints ``NAME: ratio=X.XX (goal ≥ G) | ours=… baseline=… units`` plus its raw figures; the
-runner ends with a table. A benchmark's full log (Ray, Serve, DeepSpeed chatter) goes to
-``benchmarks/results/<name>.log``. Exit status: 0 when every benchmark ran (goals met or not; the table
-says), 1 when one crashed or timed out, or with ``--strict`` when a goal was missed.
+Each benchmark prints ``NAME: ratio=X.XX (goal ≥ G) | ours=… baseline=… units``, its ratio to the machine's
+limit where it has one, one line on what limits it, and its raw figures; the runner ends with a table. A
+benchmark's full log (Ray, Serve, DeepSpeed chatter) goes to ``benchmarks/results/<name>.log``. Exit status:
+0 when every benchmark ran (goals met or not; the table says), 1 when one crashed or timed out, or with
+``--strict`` when a goal was missed.
 """
 
 from __future__ import annotations
@@ -90,22 +91,26 @@ def run_one(name: str, args: argparse.Namespace, logs: Path) -> dict:
 
 
 def table(results: dict[str, dict]) -> str:
-    head = ("benchmark", "ratio", "goal", "ours", "baseline", "status", "time")
+    from benchmarks._common import num
+
+    head = ("benchmark", "ratio", "goal", "ours", "baseline", "vs limit", "status", "time")
     rows = []
     for name, r in results.items():
         if "error" in r:
-            rows.append((name, "-", "-", "-", "-", "ERROR", f"{r['wall_s']:.0f}s"))
+            rows.append((name, "-", "-", "-", "-", "-", "ERROR", f"{r['wall_s']:.0f}s"))
             continue
-        from benchmarks._common import num
-
-        rows.append((name, f"{r['ratio']:.2f}", r["goal_text"], num(r["ours"]), num(r["baseline"]),
+        vs_limit = f"{r['limit_ratio']:.2f} ({r['limit_goal_text']})" if "limit_ratio" in r else "-"
+        rows.append((name, f"{r['ratio']:.2f}", r["goal_text"], num(r["ours"]), num(r["baseline"]), vs_limit,
                      "ok" if r["ok"] else "MISS", f"{r['wall_s']:.0f}s"))
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows, strict=True)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     out = [fmt.format(*head), fmt.format(*("-" * w for w in widths))]
     out += [fmt.format(*r) for r in rows]
-    units = {n: r["units"] for n, r in results.items() if "units" in r}
-    out += [f"  {n}: {u}" for n, u in units.items()]
+    for n, r in results.items():
+        if "units" in r:
+            limit = f"; limit = {r['limit_what']}" if "limit_what" in r else ""
+            out.append(f"  {n}: {r['units']}{limit}")
+    out += [f"  {n} limited by: {r['limited_by']}" for n, r in results.items() if r.get("limited_by")]
     return "\n".join(out)
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,48 +27,50 @@ def run(cfg: RunConfig | None = None, *, resume: str | Path | None = None) -> Pa
     """Run (or resume) a QPO run; returns the report's path."""
     t0 = time.time()
     cfg, rd = prepare_run(cfg, resume)
-    file_log = _log_to_file(rd.path / "logs" / "driver.log")
-    init_ray()
-    link_ray_logs(rd.path)
-    s = Session(cfg, rd)
-    try:
-        def step(name: str, fn: Callable[[], dict[str, Any]]) -> None:
-            if rd.done(name) is not None:
-                log.info("[%s] done earlier: skipped", name)
-                return
-            log.info("[%s] start", name)
-            with StepTimer(s) as t:
-                info = fn()
-            fault_point(f"{name}.before-mark")
-            rd.mark(name, {**info, **t.info, "step": name, "finished": time.time()})
-            fault_point(f"{name}.done")
-            log.info("[%s] done in %.1f s (%d target calls)", name, t.info["wall_s"], t.info["target_calls"])
+    with _logging_to(rd.path / "logs" / "driver.log"):
+        init_ray()
+        link_ray_logs(rd.path)
+        s = Session(cfg, rd)
+        try:
+            def step(name: str, fn: Callable[[], dict[str, Any]]) -> None:
+                if rd.done(name) is not None:
+                    log.info("[%s] done earlier: skipped", name)
+                    return
+                log.info("[%s] start", name)
+                with StepTimer(s) as t:
+                    info = fn()
+                fault_point(f"{name}.before-mark")
+                rd.mark(name, {**info, **t.info, "step": name, "finished": time.time()})
+                fault_point(f"{name}.done")
+                log.info("[%s] done in %.1f s (%d target calls)", name, t.info["wall_s"], t.info["target_calls"])
 
-        step("bootstrap", lambda: steps.bootstrap(s))
-        step("eval-0", lambda: steps.evaluate(s, 0))
-        for t in range(1, cfg.loops + 1):
-            step(f"loop-{t}.train", lambda t=t: steps.train(s, t))
-            step(f"loop-{t}.collect", lambda t=t: steps.collect(s, t))
-            step(f"loop-{t}.score", lambda t=t: steps.score(s, t))
-            step(f"loop-{t}.merge", lambda t=t: steps.merge(s, t))
-            step(f"loop-{t}.eval", lambda t=t: steps.evaluate(s, t))
-        path = report(s)
-    finally:
-        s.close()  # stops the scoring pool first: Serve's shutdown messages come before the summary
-        logging.getLogger().removeHandler(file_log)
-        file_log.close()
+            step("bootstrap", lambda: steps.bootstrap(s))
+            step("eval-0", lambda: steps.evaluate(s, 0))
+            for t in range(1, cfg.loops + 1):
+                step(f"loop-{t}.train", lambda t=t: steps.train(s, t))
+                step(f"loop-{t}.collect", lambda t=t: steps.collect(s, t))
+                step(f"loop-{t}.score", lambda t=t: steps.score(s, t))
+                step(f"loop-{t}.merge", lambda t=t: steps.merge(s, t))
+                step(f"loop-{t}.eval", lambda t=t: steps.evaluate(s, t))
+            path = report(s)
+        finally:
+            s.close()  # stops the scoring pool first: Serve's shutdown messages come before the summary
     print_summary(rd, path, started=t0, calls_here=s.calls)
     return path
 
 
-def _log_to_file(path: Path) -> logging.Handler:
-    """What the driver logs (INFO, or DEBUG with -v), appended to the run's ``logs/driver.log``."""
+@contextmanager
+def _logging_to(path: Path) -> Iterator[None]:
+    """Inside the block, what the driver logs (INFO, or DEBUG with -v) is appended to ``path`` too."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    handler.setLevel(logging.DEBUG)
     logging.getLogger().addHandler(handler)
-    return handler
+    try:
+        yield
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
 
 
 def load_run_config(rd: RunDir, overrides: list[str] | None = None, *, what: str = "--resume") -> RunConfig:

@@ -10,6 +10,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
 from qpo_ray.config import RunConfig, dump_config, load_config
 from qpo_ray.driver import steps
 from qpo_ray.driver.resources import ensure_cluster, run_phases
@@ -143,15 +145,10 @@ def print_summary(rd: RunDir, path: Path, *, started: float | None = None, calls
     evals, step_infos = _results(rd)
     steps_wall = sum(i.get("wall_s", 0.0) for i in step_infos)
     calls = sum(i.get("target_calls", 0) for i in step_infos)
-    wall = f"{_hms(time.time() - started)} this invocation, " if started is not None else ""
+    wall = f"{tqdm.format_interval(time.time() - started)} this invocation, " if started is not None else ""
     here = f" ({calls_here:,} by this invocation)" if calls_here is not None else ""
     print("\n" + summary_table(evals) + "\n", flush=True)
     print(f"report:       {path}\n"
-          f"wall time:    {wall}{_hms(steps_wall)} in the run's steps\n"
+          f"wall time:    {wall}{tqdm.format_interval(steps_wall)} in the run's steps\n"
           f"target calls: {calls:,}{here}\n"
           f"logs:         {rd.path / 'logs'}", flush=True)
-
-
-def _hms(seconds: float) -> str:
-    m, sec = divmod(int(round(seconds)), 60)
-    return f"{m // 60}:{m % 60:02d}:{sec:02d}" if m >= 60 else f"{m}:{sec:02d}"

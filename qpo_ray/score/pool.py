@@ -223,7 +223,8 @@ class ScoringPool:
             raise TargetError("ScoringPool.score called before start() (or `with ScoringPool(...)`)")
         t0 = time.time()
         results: list[Components | None] = [None] * len(requests)
-        meter = self.meter or bar(len(requests), "score", unit="req", enabled=progress)
+        # `is None`, not truthiness: a tqdm of total 0 is falsy.
+        meter = self.meter if self.meter is not None else bar(len(requests), "score", unit="req", enabled=progress)
         with ThreadPoolExecutor(max_workers=self.cfg.max_in_flight, thread_name_prefix="qpo-pool") as ex:
             pending = {ex.submit(self._one, r): i for i, r in enumerate(requests)}
             try:

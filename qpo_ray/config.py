@@ -173,6 +173,17 @@ class EvalConfig(_Section):
     # What "QPO" means in headlines, the policy service and the demo's summary: the policy's own prompt
     # ("greedy", decoded with num_beams), "best_of_n", or "rerank" (the pool prompt r̂ rates highest).
     method: Literal["greedy", "best_of_n", "rerank"] = "greedy"
+    # Rerank keeps the best single prompt on train unless a candidate's r̂ beats it by more than this margin
+    # (normalised reward units); 0 = plain argmax. "fit" (replay only): the margin that does best on
+    # val_fraction of the train queries, held out of training (qpo_ray.evaluate.margin).
+    rerank_margin: float | Literal["fit"] = 0.0
+    val_fraction: float = Field(0.1, gt=0, lt=0.5)
+
+    @model_validator(mode="after")
+    def _check_margin(self) -> EvalConfig:
+        if self.rerank_margin != "fit" and not 0.0 <= self.rerank_margin <= REWARD_SCALE[1]:
+            raise ValueError(f"eval.rerank_margin={self.rerank_margin}: must be 'fit' or within [0, {REWARD_SCALE[1]:g}]")
+        return self
 
 
 class ServeConfig(_Section):

@@ -49,6 +49,9 @@ def test_overrides_are_typed():
         ("train.micro_batch_size=2000000", "'train.micro_batch_size': Input should be less than or equal"),
         ("collect.target_reward=101", "'collect.target_reward': Input should be less than or equal to 100"),
         ("resource_wait_s=-1", "'resource_wait_s': Input should be greater than or equal to 0"),
+        ("eval.rerank_margin=-0.5", "eval.rerank_margin=-0.5: must be 'fit' or within"),
+        ("eval.rerank_margin=fitted", "Input should be 'fit'"),
+        ("eval.val_fraction=0.6", "'eval.val_fraction'"),
     ],
 )
 def test_bad_config_names_the_key(override, message):
@@ -75,3 +78,14 @@ def test_config_that_is_a_directory(tmp_path):
         load_config(tmp_path)
     with pytest.raises(ConfigError, match="is a directory"):
         load_config(str(tmp_path) + "/")
+
+
+def test_a_fitted_rerank_margin_is_for_replay_only(tmp_path):
+    from qpo_ray.driver.run import prepare_run
+
+    assert load_config("offline").eval.rerank_margin == "fit" and load_config("demo").eval.rerank_margin == 0.0
+    cfg = load_config("tiny", [f"run_dir={tmp_path / 'run'}", "policy.reward_head=last_prompt",
+                               "eval.method=rerank", "eval.rerank_margin=fit"])
+    with pytest.raises(ConfigError, match="only `qpo-ray eval --target replay`"):
+        prepare_run(cfg, None)
+    assert not (tmp_path / "run").exists()  # refused before anything was written

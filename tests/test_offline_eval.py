@@ -121,6 +121,13 @@ def test_split_is_by_unique_query_with_zero_overlap(tmp_path):
     assert len(split.test_queries) == len(test_q)  # one representative text per unique test query
     assert set(split.train_acc) == train_q and set(split.test_acc) == test_q
     assert split.prompt_text[normalize_text(A)] == A
+    # Held out for rerank's margin: a seeded share of the train queries leaves the training rows only.
+    split.hold_out(0.25, seed=1)
+    val = set(split.val_acc)
+    assert val and val < train_q and {normalize_text(q) for q in split.val_queries} == val
+    assert {normalize_text(q) for q in split.train.column("query").to_pylist()} == train_q - val
+    assert set(split.train_acc) == train_q  # the best single prompt is still chosen on every train query
+    assert split.train.num_rows + split.val_rows + len(split.test_rows) == len(rows)
     other = OfflineSplit(store, 0, 0.3, seed=2)  # another seed, another split
     assert {normalize_text(q) for q in other.test_queries} != test_q
 
@@ -200,8 +207,12 @@ def test_replay_eval_end_to_end_on_synthetic_logs(tmp_path, ray_local):
     train_q = {normalize_text(q) for q in DatasetStore(out).read_table(0, columns=["query"]).column("query").to_pylist()}
     saved = json.loads((out / "offline_eval.json").read_text())
     test_q = {normalize_text(x["query"]) for x in saved["per_query"]}
-    assert not train_q & test_q and train_q | test_q == {normalize_text(r["query"]) for r in rows}
-    assert s["train_rows"] + s["test_rows"] == len(rows) == res["data"]["rows"] and s["query_overlap"] == 0
+    # The offline profile fits rerank's margin on train-side queries held out of training.
+    val_q = {normalize_text(r["query"]) for r in rows} - train_q - test_q
+    assert val_q and all(split_of(q, cfg.eval.val_fraction, 1) == "test" for q in val_q)
+    assert not train_q & test_q and len(val_q) == s["val_queries"] == res["rerank"]["val_queries"]
+    assert s["train_rows"] + s["val_rows"] + s["test_rows"] == len(rows) == res["data"]["rows"]
+    assert s["query_overlap"] == 0 and res["rerank"]["fitted"] and res["rerank"]["margin"] >= 0
 
     # Every method judged on every test query; the JSON holds every prompt and correctness.
     test_acc = accuracy_table([r for r in rows if normalize_text(r["query"]) in test_q])

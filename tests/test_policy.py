@@ -303,6 +303,12 @@ def test_last_prompt_head_is_blind_to_r_and_ranks():
         *(torch.as_tensor(a) for a in encode_prompts(policy.tokenizer, cands[0], LP))))
     best = rerank(policy, queries, cands)
     assert best == [cands[0][max(range(3), key=scores.__getitem__)], "Describe it."]
+    # With a default prompt: kept unless the best beats it by more than the margin.
+    worst = cands[0][min(range(3), key=scores.__getitem__)]
+    gap = max(scores[:3]) - min(scores[:3])
+    assert gap > 0
+    assert rerank(policy, queries, cands, default=[worst, worst], margin=gap * 1.01) == [worst, "Describe it."]
+    assert rerank(policy, queries, cands, default=[worst, None], margin=gap * 0.99) == best
     # best-of-N = rerank over the query's own samples (seeded, so the same samples both times)
     picked = best_of_n(policy, queries, 4, top_k=50, seed=0, max_new_tokens=4)
     samples = generate_prompts(policy, [q for q in queries for _ in range(4)], greedy=False, top_k=50, top_p=0.9, seed=0,

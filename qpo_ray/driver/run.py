@@ -16,7 +16,7 @@ from qpo_ray.config import RunConfig, dump_config, load_config
 from qpo_ray.driver import steps
 from qpo_ray.driver.resources import ensure_cluster, run_phases
 from qpo_ray.driver.session import Session, StepTimer
-from qpo_ray.errors import QPOError
+from qpo_ray.errors import ConfigError, QPOError
 from qpo_ray.evaluate.report import summary_table, write_report
 from qpo_ray.models import check_model_spec
 from qpo_ray.ray_init import init_ray, link_ray_logs
@@ -117,6 +117,9 @@ def prepare_run(cfg: RunConfig | None, resume: str | Path | None) -> tuple[RunCo
 def _preflight(cfg: RunConfig) -> None:
     """Errors that would otherwise surface only after minutes of work (the cluster's size: ``ensure_cluster``)."""
     check_model_spec(cfg.policy.model, "policy.model")
+    if cfg.eval.rerank_margin == "fit":
+        raise ConfigError("eval.rerank_margin='fit' is fitted on recorded logs held out of training, which only "
+                          "`qpo-ray eval --target replay` has; a live run needs a number (0 = plain rerank)")
     if cfg.target.engine in ("transformers", "vllm"):
         check_model_spec(cfg.target.model, "target.model")
 

@@ -49,11 +49,14 @@ def evaluate_loop(session, loop: int) -> dict[str, Any]:
     table = pool_table(queries, pool, judge)
     qpo: dict[str, list[str]] = {}
     took: dict[str, Any] = {}
+    best = best_single_on_train(train_acc, pool)
     if loop >= 1:
         log.info("[eval %d] writing the policy's prompts for %d test queries", loop, len(queries))
+        # prepare_run refuses rerank_margin="fit" for live runs: it is a number here.
         qpo, took = qpo_prompts(session.run.policy_dir(loop), [q.query for q in queries], cfg.eval, cfg.collect,
-                                candidates=[pool] * len(queries), seed=cfg.seed)
-    result = compare(queries, pool, table, judge, qpo, best=best_single_on_train(train_acc, pool),
-                     default_method=METHOD_OF[cfg.eval.method], seed=cfg.seed)
+                                candidates=[pool] * len(queries), default=best["prompt"] if best else None,
+                                margin=float(cfg.eval.rerank_margin), seed=cfg.seed)
+    result = compare(queries, pool, table, judge, qpo, best=best, default_method=METHOD_OF[cfg.eval.method],
+                     seed=cfg.seed)
     return {"loop": loop, "target": "live", **result, "names": names, "generation_s": took,
             "num_beams": cfg.eval.num_beams, "best_of_n": cfg.eval.best_of_n}

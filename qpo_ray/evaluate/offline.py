@@ -9,8 +9,11 @@ No target LLM is called: the logs (e.g. the Prompt-OIRL MAWPS/SVAMP correctness 
    shuffles locally) become dataset v000 of a new run directory ``out_dir``; the policy is trained there
    with Ray Train + DeepSpeed (``train_policy``, schedule ``scratch``). A rerun with the same ``out_dir``
    reuses the finished policy, or resumes an interrupted training from its checkpoint.
+   With ``eval.rerank_margin: fit``, ``eval.val_fraction`` of the train queries (another seeded hash) are held
+   out of training: rerank's margin is fitted on them after training (``qpo_ray.evaluate.margin``).
 3. **Prompts.** The QPO methods (``qpo_ray.evaluate.policy_prompts``) write one prompt per test query; rerank
-   ranks the prompts recorded for that query.
+   ranks the prompts recorded for that query, keeping the best single prompt on train unless r̂ beats it by
+   more than the margin.
 4. **Judge.** A pool prompt's correctness on a test query is its mean recorded correctness there (``None``
    when it was not recorded on that query). A QPO prompt is answered by a ``ReplayTable`` of the TEST rows
    (exact match, else the most similar recorded prompt of that query; below the similarity bar it is
@@ -51,6 +54,7 @@ from qpo_ray.evaluate.compare import (
     compare,
     prompt_names,
 )
+from qpo_ray.evaluate.margin import fit_margin
 from qpo_ray.evaluate.policy_prompts import METHOD_OF, qpo_prompts
 from qpo_ray.evaluate.report import render_eval
 from qpo_ray.score.replay import MIN_SIMILARITY, ReplayTable
@@ -160,12 +164,31 @@ class OfflineSplit:
             rep.setdefault(normalize_text(r["query"]), r["query"])
         self.test_queries = [rep[k] for k in sorted(rep)]
 
-    def limit_train(self, n: int, seed: int) -> None:
-        """Keep the rows of a seeded sample of ``n`` unique train queries (``task.max_train_queries``)."""
-        keep = set(random.Random(f"{seed}:train").sample(sorted(self.train_acc), n))
+        self.val_acc: AccTable = {}  # train-side queries held out of training (hold_out)
+        self.val_queries: list[str] = []
+        self.val_rows = 0
+
+    def hold_out(self, fraction: float, seed: int) -> None:
+        """Move a seeded ``fraction`` of the train queries out of the training rows, for fitting rerank's margin.
+        They stay in ``train_acc``: the best single prompt on train is chosen over every train-side query."""
+        self.val_acc = {q: v for q, v in self.train_acc.items() if split_of(q, fraction, seed + 1) == "test"}
         qs = self.train.column("query").to_pylist()
-        self.train = self.train.filter(pa.array([normalize_text(q) in keep for q in qs]))
-        self.train_acc = {q: v for q, v in self.train_acc.items() if q in keep}
+        is_val = [normalize_text(q) in self.val_acc for q in qs]
+        rep: dict[str, str] = {}
+        for q, v in zip(qs, is_val, strict=True):
+            if v:
+                rep.setdefault(normalize_text(q), q)
+        self.val_queries = [rep[k] for k in sorted(rep)]
+        self.train = self.train.filter(pc.invert(pa.array(is_val, type=pa.bool_())))
+        self.val_rows = sum(is_val)
+
+    def limit_train(self, n: int, seed: int) -> None:
+        """Keep the rows of a seeded sample of ``n`` unique training queries (``task.max_train_queries``)."""
+        trainable = sorted(q for q in self.train_acc if q not in self.val_acc)
+        keep = set(random.Random(f"{seed}:train").sample(trainable, n))
+        qs = self.train.column("query").to_pylist()
+        self.train = self.train.filter(pa.array([normalize_text(q) in keep for q in qs], type=pa.bool_()))
+        self.train_acc = {q: v for q, v in self.train_acc.items() if q in keep or q in self.val_acc}
 
 
 def _commit_train(store: DatasetStore, train: pa.Table, seed: int, source: str,
@@ -191,7 +214,7 @@ def _prepare_out(out_dir: Path, data_dir: Path, meta: dict[str, Any]) -> Dataset
     if meta_path.is_file():
         old = json.loads(meta_path.read_text(encoding="utf-8"))
         for key, what in (("data_fingerprint", "dataset"), ("test_fraction", "test fraction"), ("seed", "seed"),
-                          ("max_train_queries", "task.max_train_queries"),
+                          ("max_train_queries", "task.max_train_queries"), ("val_fraction", "eval.val_fraction"),
                           ("config_fingerprint", "policy/train config")):
             if old.get(key) != meta[key]:
                 raise ConfigError(f"--out {out_dir}: was built with another {what} ({old.get(key)} != "
@@ -237,6 +260,27 @@ def _train(cfg: RunConfig, store: DatasetStore, out_dir: Path) -> dict[str, Any]
     return {**info, "reused": False}
 
 
+def _fit_margin(policy_dir: Path, split: OfflineSplit, default: str | None) -> dict[str, Any]:
+    """Rerank's margin fitted on the held-out validation queries (``qpo_ray.evaluate.margin``)."""
+    from qpo_ray.policy.generate import candidate_scores
+    from qpo_ray.policy.model import QPOPolicy
+
+    norm = [normalize_text(q) for q in split.val_queries]
+    keys = [sorted(split.val_acc[q]) for q in norm]
+    scores = candidate_scores(QPOPolicy.load(policy_dir), split.val_queries,
+                              [[split.prompt_text[k] for k in ks] for ks in keys])
+    correct = [[split.val_acc[q][k] for k in ks] for q, ks in zip(norm, keys, strict=True)]
+    dkey = normalize_text(default) if default is not None else None
+    fitted = fit_margin(scores, correct, [ks.index(dkey) if dkey in ks else None for ks in keys])
+    if fitted["val_queries"]:
+        log.info("offline eval: rerank's margin %.3f: it leaves the best single prompt on %.0f%% of %d validation "
+                 "queries, %+.2f pts there", fitted["margin"], 100 * fitted["switch_share"], fitted["val_queries"],
+                 fitted["val_gain_pts"])
+    else:
+        log.warning("offline eval: no validation query has the best single prompt recorded; rerank's margin is 0")
+    return {**fitted, "fitted": True}
+
+
 def evaluate_offline(cfg: RunConfig, data_run_dir: str | Path, out_dir: str | Path, *, version: int | None = None,
                      test_fraction: float = 0.2, seed: int = 0, min_train_coverage: float = MIN_TRAIN_COVERAGE,
                      min_similarity: float = MIN_SIMILARITY) -> dict[str, Any]:
@@ -265,8 +309,13 @@ def evaluate_offline(cfg: RunConfig, data_run_dir: str | Path, out_dir: str | Pa
     if split.train.num_rows == 0:
         raise DataError(f"--data {data_run_dir} v{version:03d}: no train rows with test fraction {test_fraction} "
                         f"and seed {seed} (all {len(split.test_acc)} unique queries are in test)")
+    fit = cfg.eval.rerank_margin == "fit" and cfg.policy.reward_head == "last_prompt"
+    if fit:
+        split.hold_out(cfg.eval.val_fraction, seed)
+        log.info("offline eval: %d of the %d train queries are held out of training to fit rerank's margin "
+                 "(eval.val_fraction %.2f)", len(split.val_acc), len(split.train_acc), cfg.eval.val_fraction)
     limit = cfg.task.max_train_queries
-    train_queries_all = len(split.train_acc)
+    train_queries_all = len(split.train_acc) - len(split.val_acc)
     if limit is not None and limit < train_queries_all:
         split.limit_train(limit, seed)
         log.info("offline eval: task.max_train_queries = %d: training on %d of %d train queries (%d rows)",
@@ -274,12 +323,12 @@ def evaluate_offline(cfg: RunConfig, data_run_dir: str | Path, out_dir: str | Pa
     cfg = cfg.model_copy(update={"run_dir": str(out)})
     meta = {"data_run_dir": str(data_dir), "version": version, "data_fingerprint": _data_fingerprint(data_store, version),
             "test_fraction": test_fraction, "seed": seed, "max_train_queries": limit,
-            "config_fingerprint": _config_fingerprint(cfg)}
+            "val_fraction": cfg.eval.val_fraction if fit else None, "config_fingerprint": _config_fingerprint(cfg)}
     store = _prepare_out(out, data_dir, meta)
     dump_config(cfg, out / "config.yaml")
     if store.latest() is None:
         log.info("offline eval: committing %d train rows (%d unique queries) to %s", split.train.num_rows,
-                 len(split.train_acc), store.root)
+                 len(split.train_acc) - len(split.val_acc), store.root)
         dm = data_store.manifest(version)
         _commit_train(store, split.train, seed, f"{data_dir} v{version:03d}", (dm.reward_min, dm.reward_max))
     training = _train(cfg, store, out)
@@ -307,15 +356,21 @@ def evaluate_offline(cfg: RunConfig, data_run_dir: str | Path, out_dir: str | Pa
              len(queries), cfg.eval.target_reward, f", best-of-{cfg.eval.best_of_n}" if cfg.eval.best_of_n > 1 else "",
              ", rerank" if cfg.policy.reward_head == "last_prompt" else "")
     recorded = [[split.prompt_text[p] for p in sorted(split.test_acc[q], key=pool_keys.index)] for q in norm_q]
-    qpo, took = qpo_prompts(out / POLICY_SUBDIR, queries, cfg.eval, cfg.collect, candidates=recorded, seed=seed)
     best = best_single_on_train(split.train_acc, pool, min_train_coverage)
+    best_prompt = best["prompt"] if best else None
+    margin = (_fit_margin(out / POLICY_SUBDIR, split, best_prompt) if fit
+              else {"margin": float(cfg.eval.rerank_margin), "fitted": False})
+    qpo, took = qpo_prompts(out / POLICY_SUBDIR, queries, cfg.eval, cfg.collect, candidates=recorded,
+                            default=best_prompt, margin=margin["margin"], seed=seed)
     result = compare(tq, pool, table, judge, qpo, best=best, default_method=METHOD_OF[cfg.eval.method], seed=seed)
     matches = {m: dict(Counter(row["methods"][m]["match"] for row in result["per_query"])) for m in qpo}
     result.update({
         "target": "replay", "names": split.names, "num_beams": cfg.eval.num_beams, "best_of_n": cfg.eval.best_of_n,
         "data": {"run_dir": str(data_dir), "version": version, "rows": split.rows, "task": split.task,
                  "target": split.target, "setting": split.setting},
-        "split": {"test_fraction": test_fraction, "seed": seed, "train_queries": len(split.train_acc),
+        "split": {"test_fraction": test_fraction, "seed": seed,
+                  "train_queries": len(split.train_acc) - len(split.val_acc), "val_queries": len(split.val_acc),
+                  "val_rows": split.val_rows,
                   "train_queries_available": train_queries_all, "max_train_queries": limit,
                   "test_queries": len(split.test_acc), "train_rows": split.train.num_rows,
                   "test_rows": len(split.test_rows), "query_overlap": 0, "evaluated_test_queries": len(queries)},
@@ -323,7 +378,7 @@ def evaluate_offline(cfg: RunConfig, data_run_dir: str | Path, out_dir: str | Pa
                    "max_query_tokens": cfg.policy.max_query_tokens, "max_prompt_tokens": cfg.policy.max_prompt_tokens,
                    "prompt_vocab": cfg.policy.prompt_vocab, "reward_head": cfg.policy.reward_head,
                    "target_reward": cfg.eval.target_reward, "policy_dir": str(out / POLICY_SUBDIR)},
-        "training": training, "generation_s": took,
+        "training": training, "generation_s": took, "rerank": margin,
         "replay": {"min_similarity": min_similarity, "matches": matches, "unmatched_count_as_incorrect": True},
         "min_train_coverage": min_train_coverage,
         "per_prompt": per_prompt_accuracy(split.train_acc, split.test_acc, pool_keys, split.names),
@@ -354,6 +409,17 @@ def _f(x: Any) -> str:
     return "–" if x is None else (f"{x:.3f}" if isinstance(x, float) else str(x))
 
 
+def _margin_fact(m: Mapping[str, Any]) -> str:
+    if not m.get("fitted"):
+        return f"- **rerank margin**: {m['margin']:g} (eval.rerank_margin)"
+    if not m["val_queries"]:
+        return "- **rerank margin**: 0 (no validation query has the best single prompt recorded)"
+    return (f"- **rerank margin**: {m['margin']:.3f}, fitted on {m['val_queries']} validation queries held out of "
+            f"training: there rerank leaves the best single prompt on {100 * m['switch_share']:.0f}% of them, "
+            f"{m['val_gain_pts']:+.2f} pts (margin 0: {100 * m['curve'][0]['switch_share']:.0f}%, "
+            f"{m['curve'][0]['gain_pts']:+.2f} pts)")
+
+
 def render_report(result: Mapping[str, Any]) -> str:
     d, s, tr = result["data"], result["split"], result["training"]
     pol = result["policy"]
@@ -361,6 +427,8 @@ def render_report(result: Mapping[str, Any]) -> str:
         f"- **data**: `{d['run_dir']}` v{d['version']:03d}, {d['rows']} rows",
         f"- **split** by unique query text (seed {s['seed']}, test fraction {s['test_fraction']}): "
         f"train {s['train_queries']} queries / {s['train_rows']} rows"
+        + (f", and {s['val_queries']} more queries held out of training to fit rerank's margin"
+           if s.get("val_queries") else "")
         + (f" (a seeded sample of the {s['train_queries_available']} train queries: task.max_train_queries)"
            if s["train_queries"] < s["train_queries_available"] else "")
         + f", test {s['test_queries']} queries / {s['test_rows']} rows, 0 queries in both; evaluated on "
@@ -372,6 +440,7 @@ def render_report(result: Mapping[str, Any]) -> str:
         + (" (reused from an earlier run)" if tr.get("reused") else "")
         + (f", resumed from epoch {tr['resumed_from_epoch']}" if tr.get("resumed_from_epoch") else "")
         + f"; final loss {_f(tr['final_metrics'].get('loss'))}",
+        _margin_fact(result["rerank"]),
         "- **prompt writing**: " + ", ".join(f"{k} {v:.1f} s" for k, v in result["generation_s"].items()),
         "- **replay of QPO prompts** (exact / approx = the most similar recorded prompt of that query with "
         f"token Jaccard ≥ {result['replay']['min_similarity']} / none = unmatched, counted incorrect): "

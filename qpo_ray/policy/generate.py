@@ -186,9 +186,9 @@ def reward_estimates(policy: QPOPolicy, queries: Sequence[str], prompts: Sequenc
     return out
 
 
-def rerank(policy: QPOPolicy, queries: Sequence[str], candidates: Sequence[Sequence[str]], *,
-           batch_size: int = 256) -> list[str]:
-    """Per query, the candidate prompt with the highest ``r̂(q, p)`` (ties: the earlier candidate)."""
+def candidate_scores(policy: QPOPolicy, queries: Sequence[str], candidates: Sequence[Sequence[str]], *,
+                     batch_size: int = 256) -> list[list[float]]:
+    """``r̂(q, p)`` of every candidate prompt of every query, in the candidates' order."""
     if len(queries) != len(candidates):
         raise ValueError(f"{len(queries)} queries but {len(candidates)} candidate lists")
     empty = [i for i, c in enumerate(candidates) if not c]
@@ -196,11 +196,28 @@ def rerank(policy: QPOPolicy, queries: Sequence[str], candidates: Sequence[Seque
         raise ValueError(f"query {empty[0]} has no candidate prompt to rank")
     pairs = [(q, c) for q, cs in zip(queries, candidates, strict=True) for c in cs]
     scores = iter(reward_estimates(policy, [q for q, _ in pairs], [c for _, c in pairs], batch_size=batch_size))
-    best = []
-    for cs in candidates:
-        s = [next(scores) for _ in cs]
-        best.append(cs[max(range(len(cs)), key=s.__getitem__)])
-    return best
+    return [[next(scores) for _ in cs] for cs in candidates]
+
+
+def pick(candidates: Sequence[str], scores: Sequence[float], default: str | None = None, margin: float = 0.0) -> str:
+    """The candidate with the highest score (ties: the earlier one); with a ``default`` among the candidates,
+    that one unless the best beats it by more than ``margin`` (an abstaining rerank: r̂ must be sure)."""
+    best = max(range(len(candidates)), key=scores.__getitem__)
+    if default is None or default not in candidates:
+        return candidates[best]
+    d = candidates.index(default)
+    return candidates[best] if scores[best] - scores[d] > margin else default
+
+
+def rerank(policy: QPOPolicy, queries: Sequence[str], candidates: Sequence[Sequence[str]], *,
+           default: Sequence[str | None] | None = None, margin: float = 0.0, batch_size: int = 256) -> list[str]:
+    """Per query, the candidate prompt with the highest ``r̂(q, p)`` (ties: the earlier candidate); with
+    ``default`` (one prompt or None per query), :func:`pick`'s abstaining choice with ``margin``."""
+    if default is not None and len(default) != len(queries):
+        raise ValueError(f"{len(queries)} queries but {len(default)} default prompts")
+    scores = candidate_scores(policy, queries, candidates, batch_size=batch_size)
+    defaults = default if default is not None else [None] * len(queries)
+    return [pick(cs, s, d, margin) for cs, s, d in zip(candidates, scores, defaults, strict=True)]
 
 
 def best_of_n(policy: QPOPolicy, queries: Sequence[str], n: int, *, target_reward: float = 100.0, top_k: int = 2,

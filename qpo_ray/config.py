@@ -98,6 +98,9 @@ class TrainConfig(_Section):
     # differences between them; on logs where questions differ far more in difficulty than prompts differ
     # in effect (MAWPS), r̂ spent its capacity on difficulty and ranked prompts by noise.
     reward_target: Literal["reward", "advantage"] = "reward"
+    # A worker whose share of the tokenised rows fits in this many MiB reads it once and shuffles it in memory
+    # every epoch; a bigger one is streamed by Ray Data every epoch (bounded memory). 0 = always stream.
+    cache_mib: int = Field(512, ge=0, le=_1M)
     max_failures: int = Field(2, ge=0, le=_4K)  # Ray Train FailureConfig: worker restarts from the latest checkpoint
     # Ray Train storage (checkpoints). None = <run_dir>/train; a relative path is relative to run_dir (a moved run
     # finds its checkpoints). Must be shared (NFS, s3://, gs://) on multi-node.

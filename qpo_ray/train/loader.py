@@ -49,6 +49,42 @@ def train_batches(data, micro_batch_size: int, shuffle_seed: int):
     )
 
 
+def row_bytes(pcfg: PolicyConfig) -> int:
+    """Bytes of one tokenised training row as the pipeline delivers it (``WIRE_DTYPES``)."""
+    return (pcfg.max_query_tokens + pcfg.max_prompt_tokens + 1) * (4 + 1) + 2 * 4
+
+
+def cache_shard(shard) -> dict[str, np.ndarray]:
+    """Every tokenised row of a worker's shard, read once (one Ray Data execution), in a canonical order.
+
+    The rows are sorted by their bytes, so the epochs that follow (``cached_batches``) depend on which rows
+    the shard holds, not on the order Ray Data delivered them: a restarted worker trains on the same batches."""
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in TRAIN_COLUMNS}
+    for b in shard.iter_batches(batch_size=None, batch_format="numpy"):
+        for k in TRAIN_COLUMNS:
+            parts[k].append(np.asarray(b[k], dtype=WIRE_DTYPES[k]))
+    if not parts["reward"]:
+        return {k: np.empty((0,), WIRE_DTYPES[k]) for k in TRAIN_COLUMNS}
+    rows = {k: np.concatenate(v) for k, v in parts.items()}
+    n = len(rows["reward"])
+    flat = np.hstack([np.ascontiguousarray(rows[k]).reshape(n, -1).view(np.uint8) for k in TRAIN_COLUMNS])
+    order = np.argsort(np.ascontiguousarray(flat).view(np.dtype((np.void, flat.shape[1]))).ravel(), kind="stable")
+    return {k: v[order] for k, v in rows.items()}
+
+
+def cached_batches(rows: dict[str, np.ndarray], micro_batch_size: int, shuffle_seed: int):
+    """``train_batches`` over rows held in memory: a seeded permutation of all of them (a global shuffle),
+    the same tensors and dtypes, the last partial batch dropped."""
+    import torch
+
+    n = len(rows["reward"])
+    perm = np.random.default_rng(shuffle_seed).permutation(n)
+    for i in range(0, n - micro_batch_size + 1, micro_batch_size):
+        idx = perm[i:i + micro_batch_size]
+        yield {k: torch.from_numpy(v[idx].astype(np.float32 if k.startswith("reward") else np.int64))
+               for k, v in rows.items()}
+
+
 @functools.lru_cache(maxsize=4)
 def _tokenizer(source: tuple) -> Any:
     # Ray reuses its task worker processes, so each process builds a tokenizer once, not once per batch or

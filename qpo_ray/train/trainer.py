@@ -80,7 +80,7 @@ def train_policy(cfg: RunConfig, *, store: DatasetStore, version: int, out_dir: 
 
     from qpo_ray.models import load_tokenizer
     from qpo_ray.policy.model import CANDIDATES
-    from qpo_ray.train.loader import plan_prompts, training_dataset
+    from qpo_ray.train.loader import plan_prompts, row_bytes, training_dataset
 
     if schedule not in ("scratch", "finetune"):
         raise ValueError(f"schedule must be 'scratch' or 'finetune', not {schedule!r}")
@@ -108,15 +108,19 @@ def train_policy(cfg: RunConfig, *, store: DatasetStore, version: int, out_dir: 
                           tokenize_tasks=tcfg.num_workers, query_means=plan.query_means)
     call_id = uuid.uuid4().hex
     storage = storage_path(cfg)
-    log.info("training %s on v%03d (%d rows, %d steps/epoch, %d epochs, ZeRO-%d, %d worker(s)), run '%s'",
-             schedule, version, rows, steps, sched.epochs, tcfg.zero_stage, tcfg.num_workers, run_name)
+    shard_mib = rows / tcfg.num_workers * row_bytes(cfg.policy) / 2**20
+    cache = sched.epochs > 1 and shard_mib <= tcfg.cache_mib
+    log.info("training %s on v%03d (%d rows, %d steps/epoch, %d epochs, ZeRO-%d, %d worker(s)), run '%s'; "
+             "%s", schedule, version, rows, steps, sched.epochs, tcfg.zero_stage, tcfg.num_workers, run_name,
+             f"each worker holds its ~{shard_mib:.0f} MiB shard in memory after one pass" if cache else
+             f"streamed every epoch (a ~{shard_mib:.0f} MiB shard, train.cache_mib={tcfg.cache_mib})")
     with training_progress(f"train {schedule} v{version:03d}", epochs=sched.epochs, steps_per_epoch=steps,
                            enabled=progress) as board:
         result = _fit(cfg, ds, run_name=run_name, storage=storage, config={
             "cfg": cfg, "schedule": schedule, "lr": sched.lr, "epochs": sched.epochs, "init_policy": init,
             "call_id": call_id, "version": version, "vocab_ids": plan.vocab_ids, "storage": storage,
             "run_name": run_name, "fault": os.environ.get(FAULT_ENV), "progress": board,
-            "steps_per_epoch": steps})
+            "steps_per_epoch": steps, "cache_rows": cache})
     # A worker orphaned by a killed driver may have finished the run, so this call trained nothing and
     # Ray Train registered nothing new: the newest complete checkpoint in storage is the result.
     ckpt = latest_checkpoint(result.checkpoint, storage, run_name)

@@ -146,18 +146,27 @@ def _export_policy(engine, stage: int, dest: Path, rank: int) -> None:
                     p.data = v
 
 
-def _run_epoch(engine, shard, *, epoch: int, tcfg: TrainConfig, gas: int, rank: int,
+def _epoch_batches(shard, cached: dict | None, *, epoch: int, tcfg: TrainConfig, rank: int):
+    """This rank's micro-batches of one epoch: from the rows it holds in memory, else streamed by Ray Data."""
+    from qpo_ray.train.loader import cached_batches, train_batches
+
+    seed = tcfg.seed * 1_000_003 + epoch * 1009 + rank
+    if cached is not None:
+        return cached_batches(cached, tcfg.micro_batch_size, seed)
+    return train_batches(shard, tcfg.micro_batch_size, seed)
+
+
+def _run_epoch(engine, batches, *, epoch: int, tcfg: TrainConfig, gas: int, rank: int,
                on_step: Callable[..., None] | None = None) -> dict[str, float]:
-    """One pass over this rank's shard. Micro-batches are applied in groups of ``gas`` so every optimizer
-    step sees a full accumulation window; a trailing partial window is dropped (identically on every rank,
-    since the shards are equal) instead of leaking its gradients into the next epoch."""
+    """One pass over this rank's micro-batches (``batches``, an iterator started by the first ``next``, so
+    that streaming's start-up counts in the epoch's time). Micro-batches are applied in groups of ``gas`` so
+    every optimizer step sees a full accumulation window; a trailing partial window is dropped (identically on
+    every rank, since the shards are equal) instead of leaking its gradients into the next epoch."""
     from qpo_ray.policy.loss import qpo_loss
-    from qpo_ray.train.loader import train_batches
 
     sums = {"loss": 0.0, "ce": 0.0, "mse": 0.0, "lambda": 0.0}
     micro, tokens, pending = 0, 0.0, []
     start = time.perf_counter()
-    batches = train_batches(shard, tcfg.micro_batch_size, tcfg.seed * 1_000_003 + epoch * 1009 + rank)
     for batch in batches:
         pending.append(batch)
         if len(pending) < gas:
@@ -242,6 +251,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             log.info("qpo-ray train: resumed from epoch %d (%s)", start_epoch, ckpt.path)
 
     shard = ray.train.get_dataset_shard("train")
+    cached = None
+    if config.get("cache_rows"):
+        # A shard that fits train.cache_mib is read once: every epoch after that is a permutation in memory
+        # instead of a new Ray Data execution (read, tokenise, split) competing with training for the CPUs.
+        from qpo_ray.train.loader import cache_shard
+
+        t0 = time.perf_counter()
+        cached = cache_shard(shard)
+        if rank == 0:
+            log.info("qpo-ray train: %d rows in memory (%.1f MiB), read in %.1f s", len(cached["reward"]),
+                     sum(v.nbytes for v in cached.values()) / 2**20, time.perf_counter() - t0)
     poster = StepPoster(config["progress"], config["steps_per_epoch"]) if rank == 0 and config.get("progress") else None
     if config.get("fault"):  # fault-injection drills reach the workers through their config
         os.environ[FAULT_ENV] = config["fault"]
@@ -253,7 +273,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # Seeded per (rank, epoch), not once per call: a run resumed at epoch k draws the dropout masks an
         # uninterrupted run would, so resuming changes no weight. Ranks differ, as in plain DDP.
         seed_everything(tcfg.seed + 7919 * (rank + 1) + 104_729 * epoch)
-        metrics = _run_epoch(engine, shard, epoch=epoch, tcfg=tcfg, gas=gas, rank=rank, on_step=poster)
+        metrics = _run_epoch(engine, _epoch_batches(shard, cached, epoch=epoch, tcfg=tcfg, rank=rank), epoch=epoch,
+                             tcfg=tcfg, gas=gas, rank=rank, on_step=poster)
         if epoch > start_epoch:  # a drill kills a worker that has trained on since its last restart
             fault_point(f"train.epoch-{epoch + 1}.end")
         # Read back from the engine: proves the ZeRO optimizer wrapper saw the new value.

@@ -238,6 +238,21 @@ def test_replay_eval_end_to_end_on_synthetic_logs(tmp_path, ray_local):
         cmp = res["methods"][name]["vs"]["best_single"]
         assert cmp["lo"] <= cmp["diff"] <= cmp["hi"] and cmp["n"] == s["evaluated_test_queries"]
 
+    # Rerank left the best single prompt only where r̂ rated another higher by more than the fitted margin.
+    from qpo_ray.policy.generate import candidate_scores
+    from qpo_ray.policy.model import QPOPolicy
+
+    margin, default = res["rerank"]["margin"], best["prompt"]
+    per_q = saved["per_query"]
+    cands = [[p for p in (A, B, C) if normalize_text(p) in test_acc[normalize_text(r["query"])]] for r in per_q]
+    scores = candidate_scores(QPOPolicy.load(out / "policy"), [r["query"] for r in per_q], cands)
+    for r, cs, sc in zip(per_q, cands, scores, strict=True):
+        chosen = r["methods"]["qpo_rerank"]["prompt"]
+        if default in cs:
+            gap = max(sc) - sc[cs.index(default)]
+            assert (chosen != default) == (gap > margin), (chosen, gap, margin)
+    assert "rerank margin" in (out / "offline_report.md").read_text()
+
     # Training ran through Ray Train; the report shows the intervals.
     tr = res["training"]
     assert tr["epochs_run"] == 2 and not tr["reused"] and (out / "policy" / "policy_config.json").is_file()

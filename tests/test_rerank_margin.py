@@ -21,23 +21,34 @@ def test_pick_keeps_the_default_unless_the_best_beats_it_by_more_than_the_margin
 def test_fit_margin_switches_only_where_it_paid_off_on_validation():
     # Large r̂ gaps mark real gains (+1), small ones losses (-1): the margin must sit between them.
     scores, correct, default = [], [], []
-    for gap, gain in [(3.0, 1.0), (2.5, 1.0), (2.0, 1.0), (0.5, -1.0), (0.4, -1.0), (0.3, -1.0), (0.2, -1.0)]:
+    for gap, gain in [(3.0, 1.0), (2.5, 1.0), (2.0, 1.0), (0.5, -1.0), (0.4, -1.0), (0.3, -1.0), (0.2, -1.0)] * 10:
         scores.append([0.0, gap])
         correct.append([0.5, 0.5 + gain / 2])
         default.append(0)
-    scores.append([1.0, 0.0])  # the default is already r̂'s best: never a switch
-    correct.append([1.0, 0.0])
-    default.append(0)
+    scores += [[1.0, 0.0]] * 10  # the default is already r̂'s best: never a switch
+    correct += [[1.0, 0.0]] * 10
+    default += [0] * 10
     scores.append([0.0, 9.0])  # no default among the candidates: not counted
     correct.append([0.0, 1.0])
     default.append(None)
     res = fit_margin(scores, correct, default)
-    assert res["val_queries"] == 8
+    assert res["val_queries"] == 80
     assert 0.5 <= res["margin"] < 2.0
     assert res["val_gain_pts"] == pytest.approx(100 * 1.5 / 8) and res["switch_share"] == pytest.approx(3 / 8)
+    assert 0 < res["val_gain_ci_pts"][0] < res["val_gain_pts"] < res["val_gain_ci_pts"][1]
     zero = res["curve"][0]
     assert zero["margin"] == 0.0 and zero["gain_pts"] == pytest.approx(100 * (1.5 - 2.0) / 8)
-    assert res["curve"][-1] == {"margin": 3.0, "switch_share": 0.0, "gain_pts": 0.0}  # "never switch"
+    never = res["curve"][-1]  # above the largest gap: never switch
+    assert never["margin"] == 3.0 and never["switch_share"] == 0.0 and never["gain_pts"] == 0.0
+
+
+def test_fit_margin_does_not_switch_on_a_gain_inside_its_interval():
+    # One query in eight gains (+1 on 8 queries): positive on average, but a tie by its interval.
+    scores = [[0.0, 1.0]] * 8
+    correct = [[0.0, 1.0]] + [[0.0, 0.0]] * 7
+    res = fit_margin(scores, correct, [0] * 8)
+    assert res["curve"][0]["gain_pts"] > 0 and res["curve"][0]["gain_ci_pts"][0] <= 0
+    assert res["switch_share"] == 0.0 and res["margin"] == 1.0
 
 
 def test_fit_margin_abstains_when_switching_never_helped():

@@ -61,7 +61,9 @@ def zero2(run_dir, ray_quiet):
     every epoch here, so the resumed epoch must derive its own learning rate."""
     store = DatasetStore(run_dir)
     kw = dict(store=store, version=0, schedule="scratch", run_name="z2", out_dir=run_dir / "policy-z2")
-    common = ("train.num_workers=2", "train.zero_stage=2", "train.lr_step_epochs=1", "train.lr_gamma=0.5")
+    # Streamed every epoch (cache_mib=0); the worker-kill drill below trains from the in-memory shard.
+    common = ("train.num_workers=2", "train.zero_stage=2", "train.lr_step_epochs=1", "train.lr_gamma=0.5",
+              "train.cache_mib=0")
     first = train_policy(_cfg(run_dir, *common, "train.scratch.epochs=1"), **kw)
     second = train_policy(_cfg(run_dir, *common, "train.scratch.epochs=2"), **kw)
     return first, second
@@ -169,6 +171,51 @@ def test_plan_prompts_counts_drops_and_builds_the_vocabulary(tmp_path):
                 for r in rows}
     assert plan.query_means == pytest.approx({q: sum(v) / len(v) for q, v in by_query.items() if v})
     assert plan_prompts(store, 0, tok, pcfg.model_copy(update={"prompt_vocab": "full"})).vocab_ids is None
+
+
+class _Shard:
+    """What ``cache_shard`` reads: a Train worker's shard yields numpy batches in whatever order Ray Data ran."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def iter_batches(self, batch_size=None, batch_format="numpy"):
+        assert batch_size is None and batch_format == "numpy"
+        yield from self.batches
+
+
+def test_cached_shard_is_canonical_and_every_epoch_is_a_seeded_permutation():
+    from qpo_ray.train.loader import TRAIN_COLUMNS, cache_shard, cached_batches
+
+    rng = np.random.default_rng(0)
+    n = 40
+    rows = {"query_ids": rng.integers(0, 500, (n, 6)), "query_mask": rng.integers(0, 2, (n, 6)),
+            "prompt_ids": rng.integers(0, 500, (n, 5)), "prompt_mask": rng.integers(0, 2, (n, 5)),
+            "reward": rng.uniform(0, 100, n).astype(np.float32), "reward_target": rng.normal(size=n).astype(np.float32)}
+    rows["query_ids"][:, 0] = np.arange(n)  # every row distinct
+
+    def batches(order, cuts):
+        return [{k: v[order[a:b]] for k, v in rows.items()} for a, b in zip(cuts, cuts[1:], strict=False)]
+
+    one = cache_shard(_Shard(batches(np.arange(n), [0, 7, 30, n])))
+    other = cache_shard(_Shard(batches(rng.permutation(n), [0, 25, n])))  # another order and batching
+    for k in TRAIN_COLUMNS:
+        np.testing.assert_array_equal(one[k], other[k])
+    assert one["query_ids"].dtype == np.int32 and one["prompt_mask"].dtype == np.uint8
+    assert sorted(one["query_ids"][:, 0].tolist()) == list(range(n))
+
+    def epoch(seed):
+        return list(cached_batches(one, 8, seed))
+
+    e1, e2 = epoch(11), epoch(12)
+    assert len(e1) == n // 8 and all(b["query_ids"].shape == (8, 6) for b in e1)
+    assert e1[0]["query_ids"].dtype == torch.long and e1[0]["reward"].dtype == torch.float32
+    seen = torch.cat([b["query_ids"][:, 0] for b in e1])
+    assert sorted(seen.tolist()) == list(range(n))  # each row once per epoch
+    assert torch.equal(seen, torch.cat([b["query_ids"][:, 0] for b in epoch(11)]))  # seeded
+    assert not torch.equal(seen, torch.cat([b["query_ids"][:, 0] for b in e2]))  # reshuffled per epoch
+    assert len(list(cached_batches(one, 16, 0))) == 2  # the last partial batch is dropped
+    assert list(cached_batches(cache_shard(_Shard([])), 8, 0)) == []
 
 
 def test_train_policy_checks_arguments(tmp_path):

@@ -358,8 +358,10 @@ def evaluate_offline(cfg: RunConfig, data_run_dir: str | Path, out_dir: str | Pa
     recorded = [[split.prompt_text[p] for p in sorted(split.test_acc[q], key=pool_keys.index)] for q in norm_q]
     best = best_single_on_train(split.train_acc, pool, min_train_coverage)
     best_prompt = best["prompt"] if best else None
+    # "fit" without the last_prompt head: there is no rerank, so no margin to fit.
     margin = (_fit_margin(out / POLICY_SUBDIR, split, best_prompt) if fit
-              else {"margin": float(cfg.eval.rerank_margin), "fitted": False})
+              else {"margin": 0.0 if cfg.eval.rerank_margin == "fit" else float(cfg.eval.rerank_margin),
+                    "fitted": False})
     qpo, took = qpo_prompts(out / POLICY_SUBDIR, queries, cfg.eval, cfg.collect, candidates=recorded,
                             default=best_prompt, margin=margin["margin"], seed=seed)
     result = compare(tq, pool, table, judge, qpo, best=best, default_method=METHOD_OF[cfg.eval.method], seed=seed)
@@ -414,10 +416,12 @@ def _margin_fact(m: Mapping[str, Any]) -> str:
         return f"- **rerank margin**: {m['margin']:g} (eval.rerank_margin)"
     if not m["val_queries"]:
         return "- **rerank margin**: 0 (no validation query has the best single prompt recorded)"
+    zero = m["curve"][0]
     return (f"- **rerank margin**: {m['margin']:.3f}, fitted on {m['val_queries']} validation queries held out of "
-            f"training: there rerank leaves the best single prompt on {100 * m['switch_share']:.0f}% of them, "
-            f"{m['val_gain_pts']:+.2f} pts (margin 0: {100 * m['curve'][0]['switch_share']:.0f}%, "
-            f"{m['curve'][0]['gain_pts']:+.2f} pts)")
+            f"training (the largest gain whose 95% interval is above 0, else never switch): there rerank leaves the "
+            f"best single prompt on {100 * m['switch_share']:.0f}% of them, {m['val_gain_pts']:+.2f} pts (margin 0: "
+            f"{100 * zero['switch_share']:.0f}%, {zero['gain_pts']:+.2f} pts "
+            f"[{zero['gain_ci_pts'][0]:+.2f}, {zero['gain_ci_pts'][1]:+.2f}])")
 
 
 def render_report(result: Mapping[str, Any]) -> str:

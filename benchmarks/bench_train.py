@@ -8,9 +8,9 @@ Setups (``--setups``), each trained with its profile's own policy and train sett
 * ``offline``: the CPU policy of the ``offline`` profile ("QPO must learn"): tiny-gpt2 d64 × 2 layers with
   GPT-2's vocabulary, prompt vocabulary from the data, "last_prompt" head, advantage targets for r̂.
 
-Ours: ``qpo_ray.train.train_policy`` on a DatasetStore version (1 worker, ZeRO 0, CPU): Ray Data streams and
-tokenises the rows every epoch, the Train worker runs a DeepSpeed engine, checkpoints every epoch and
-exports the policy. Its per-epoch history reports ``tokens_per_s`` (prompt + query tokens of the applied
+Ours: ``qpo_ray.train.train_policy`` on a DatasetStore version (1 worker, ZeRO 0, CPU): Ray Data reads and
+tokenises the rows (once: the shard fits ``train.cache_mib``), the Train worker runs a DeepSpeed engine,
+checkpoints every epoch and exports the policy. Its per-epoch history reports ``tokens_per_s`` (prompt + query tokens of the applied
 micro-batches / the epoch's loop time, checkpoint excluded).
 
 Baseline: what the Train worker computes, in a plain ``for`` loop in this process: the same policy

@@ -112,8 +112,8 @@ def train_policy(cfg: RunConfig, *, store: DatasetStore, version: int, out_dir: 
     cache = sched.epochs > 1 and shard_mib <= tcfg.cache_mib
     log.info("training %s on v%03d (%d rows, %d steps/epoch, %d epochs, ZeRO-%d, %d worker(s)), run '%s'; "
              "%s", schedule, version, rows, steps, sched.epochs, tcfg.zero_stage, tcfg.num_workers, run_name,
-             f"each worker holds its ~{shard_mib:.0f} MiB shard in memory after one pass" if cache else
-             f"streamed every epoch (a ~{shard_mib:.0f} MiB shard, train.cache_mib={tcfg.cache_mib})")
+             f"each worker holds its ~{shard_mib:.1f} MiB shard in memory after one pass" if cache else
+             f"streamed every epoch (a ~{shard_mib:.1f} MiB shard, train.cache_mib={tcfg.cache_mib})")
     with training_progress(f"train {schedule} v{version:03d}", epochs=sched.epochs, steps_per_epoch=steps,
                            enabled=progress) as board:
         result = _fit(cfg, ds, run_name=run_name, storage=storage, config={

@@ -158,7 +158,7 @@ def plain_data(cfg, store, plan) -> dict[str, Any]:
     import numpy as np
     import torch
 
-    from qpo_ray.train.loader import READ_COLUMNS, tokenize_batch, tokenizer_source
+    from qpo_ray.train.loader import READ_COLUMNS, model_dtypes, tokenize_batch, tokenizer_source
 
     m = store.manifest(0)
     table = store.read_table(0, columns=READ_COLUMNS)
@@ -166,9 +166,8 @@ def plain_data(cfg, store, plan) -> dict[str, Any]:
     enc = tokenize_batch(batch, source=tokenizer_source(cfg.policy.tokenizer, cfg.policy.model),
                          max_query_tokens=cfg.policy.max_query_tokens, max_prompt_tokens=cfg.policy.max_prompt_tokens,
                          reward_min=m.reward_min, reward_max=m.reward_max, query_means=plan.query_means)
-    # The dtypes train_batches hands the model.
-    return {k: torch.from_numpy(np.ascontiguousarray(v)).to(torch.float32 if k.startswith("reward") else torch.long)
-            for k, v in enc.items()}
+    dtypes = model_dtypes()  # what train_batches hands the model
+    return {k: torch.from_numpy(np.ascontiguousarray(v)).to(dtypes[k]) for k, v in enc.items()}
 
 
 def baseline(args: argparse.Namespace, cfg, store) -> dict:

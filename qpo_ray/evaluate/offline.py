@@ -168,6 +168,11 @@ class OfflineSplit:
         self.val_queries: list[str] = []
         self.val_rows = 0
 
+    @property
+    def trained_queries(self) -> int:
+        """Unique train queries whose rows train the policy (the held-out ones excluded)."""
+        return len(self.train_acc) - len(self.val_acc)
+
     def hold_out(self, fraction: float, seed: int) -> None:
         """Move a seeded ``fraction`` of the train queries out of the training rows, for fitting rerank's margin.
         They stay in ``train_acc``: the best single prompt on train is chosen over every train-side query."""
@@ -315,7 +320,7 @@ def evaluate_offline(cfg: RunConfig, data_run_dir: str | Path, out_dir: str | Pa
         log.info("offline eval: %d of the %d train queries are held out of training to fit rerank's margin "
                  "(eval.val_fraction %.2f)", len(split.val_acc), len(split.train_acc), cfg.eval.val_fraction)
     limit = cfg.task.max_train_queries
-    train_queries_all = len(split.train_acc) - len(split.val_acc)
+    train_queries_all = split.trained_queries
     if limit is not None and limit < train_queries_all:
         split.limit_train(limit, seed)
         log.info("offline eval: task.max_train_queries = %d: training on %d of %d train queries (%d rows)",
@@ -328,7 +333,7 @@ def evaluate_offline(cfg: RunConfig, data_run_dir: str | Path, out_dir: str | Pa
     dump_config(cfg, out / "config.yaml")
     if store.latest() is None:
         log.info("offline eval: committing %d train rows (%d unique queries) to %s", split.train.num_rows,
-                 len(split.train_acc) - len(split.val_acc), store.root)
+                 split.trained_queries, store.root)
         dm = data_store.manifest(version)
         _commit_train(store, split.train, seed, f"{data_dir} v{version:03d}", (dm.reward_min, dm.reward_max))
     training = _train(cfg, store, out)
@@ -371,7 +376,7 @@ def evaluate_offline(cfg: RunConfig, data_run_dir: str | Path, out_dir: str | Pa
         "data": {"run_dir": str(data_dir), "version": version, "rows": split.rows, "task": split.task,
                  "target": split.target, "setting": split.setting},
         "split": {"test_fraction": test_fraction, "seed": seed,
-                  "train_queries": len(split.train_acc) - len(split.val_acc), "val_queries": len(split.val_acc),
+                  "train_queries": split.trained_queries, "val_queries": len(split.val_acc),
                   "val_rows": split.val_rows,
                   "train_queries_available": train_queries_all, "max_train_queries": limit,
                   "test_queries": len(split.test_acc), "train_rows": split.train.num_rows,

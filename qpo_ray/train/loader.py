@@ -35,23 +35,30 @@ WIRE_DTYPES = {"query_ids": np.int32, "query_mask": np.uint8, "prompt_ids": np.i
                "reward": np.float32, "reward_target": np.float32}
 
 
+def model_dtypes() -> dict[str, Any]:
+    """The torch dtypes the policy and the loss take, per training column: float32 rewards, int64 tokens."""
+    import torch
+
+    return {k: torch.float32 if k.startswith("reward") else torch.long for k in TRAIN_COLUMNS}
+
+
 def train_batches(data, micro_batch_size: int, shuffle_seed: int):
     """Training micro-batches from a Ray Dataset or a Train worker's shard: torch tensors in the dtypes the
     policy and the loss take, mixed by a seeded local shuffle buffer, the last partial batch dropped."""
-    import torch
-
     return data.iter_torch_batches(
         batch_size=micro_batch_size,
         drop_last=True,
         local_shuffle_buffer_size=max(16 * micro_batch_size, 2048),
         local_shuffle_seed=shuffle_seed,
-        dtypes={k: torch.float32 if k.startswith("reward") else torch.long for k in TRAIN_COLUMNS},
+        dtypes=model_dtypes(),
     )
 
 
 def row_bytes(pcfg: PolicyConfig) -> int:
     """Bytes of one tokenised training row as the pipeline delivers it (``WIRE_DTYPES``)."""
-    return (pcfg.max_query_tokens + pcfg.max_prompt_tokens + 1) * (4 + 1) + 2 * 4
+    width = {"query_ids": pcfg.max_query_tokens, "query_mask": pcfg.max_query_tokens,
+             "prompt_ids": pcfg.max_prompt_tokens + 1, "prompt_mask": pcfg.max_prompt_tokens + 1}
+    return sum(width.get(k, 1) * np.dtype(d).itemsize for k, d in WIRE_DTYPES.items())
 
 
 def cache_shard(shard) -> dict[str, np.ndarray]:
@@ -67,8 +74,8 @@ def cache_shard(shard) -> dict[str, np.ndarray]:
         return {k: np.empty((0,), WIRE_DTYPES[k]) for k in TRAIN_COLUMNS}
     rows = {k: np.concatenate(v) for k, v in parts.items()}
     n = len(rows["reward"])
-    flat = np.hstack([np.ascontiguousarray(rows[k]).reshape(n, -1).view(np.uint8) for k in TRAIN_COLUMNS])
-    order = np.argsort(np.ascontiguousarray(flat).view(np.dtype((np.void, flat.shape[1]))).ravel(), kind="stable")
+    flat = np.hstack([rows[k].reshape(n, -1).view(np.uint8) for k in TRAIN_COLUMNS])  # concatenate: contiguous
+    order = np.argsort(flat.view(np.dtype((np.void, flat.shape[1]))).ravel(), kind="stable")
     return {k: v[order] for k, v in rows.items()}
 
 
@@ -77,12 +84,12 @@ def cached_batches(rows: dict[str, np.ndarray], micro_batch_size: int, shuffle_s
     the same tensors and dtypes, the last partial batch dropped."""
     import torch
 
+    dtypes = model_dtypes()
     n = len(rows["reward"])
     perm = np.random.default_rng(shuffle_seed).permutation(n)
     for i in range(0, n - micro_batch_size + 1, micro_batch_size):
         idx = perm[i:i + micro_batch_size]
-        yield {k: torch.from_numpy(v[idx].astype(np.float32 if k.startswith("reward") else np.int64))
-               for k, v in rows.items()}
+        yield {k: torch.from_numpy(v[idx]).to(dtypes[k]) for k, v in rows.items()}
 
 
 @functools.lru_cache(maxsize=4)

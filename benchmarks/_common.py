@@ -79,6 +79,23 @@ def stop_ray() -> None:
         except Exception:
             pass
         ray.shutdown()
+    _wait_for_children(timeout=15.0)
+
+
+def _wait_for_children(timeout: float) -> None:
+    """Until the processes this one started (Ray's, once it is shut down) have exited: a measurement right
+    after ``stop_ray`` would otherwise share the cores with a session winding down."""
+    import psutil
+
+    def alive(p: psutil.Process) -> bool:
+        try:
+            return p.status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return False
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(alive(c) for c in psutil.Process().children(recursive=True)):
+        time.sleep(0.2)
 
 
 def ray_worker_threads() -> dict[str, Any]:

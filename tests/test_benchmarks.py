@@ -57,3 +57,14 @@ def test_runner_rejects_unknown_benchmark():
     proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--only", "nope"], cwd=ROOT, capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 2 and "unknown benchmark" in proc.stderr
+
+
+def test_train_baseline_brackets_ours_with_two_plain_runs():
+    from benchmarks.bench_train import bracket
+
+    before = {"tokens_per_s": 100.0, "epoch_time_s": [1.0], "cores": 2.0, "steps_per_epoch": [16]}
+    after = {"tokens_per_s": 80.0, "epoch_time_s": [1.25], "cores": 1.9, "steps_per_epoch": [16]}
+    b = bracket(before, after)
+    assert b["tokens_per_s"] == 90.0 and b["drift"] == pytest.approx(20 / 90, abs=1e-3)
+    assert (b["before_tokens_per_s"], b["after_tokens_per_s"]) == (100.0, 80.0)
+    assert b["steps_per_epoch"] == [16] and b["after"] == {"epoch_time_s": [1.25], "cores": 1.9}

@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from qpo_ray.allocator import keep_freed_memory
 from qpo_ray.config import RunConfig, TrainConfig
 from qpo_ray.runs import FAULT_ENV, fault_point
 from qpo_ray.train.checkpoints import DS_TAG, EPOCH_FILE, POLICY_DIR, latest_checkpoint, mark_complete
@@ -210,6 +211,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     base_lr, epochs = config["lr"], config["epochs"]
     if not tcfg.use_gpu:
         _use_cpu_accelerator()
+    keep_freed_memory()
     import deepspeed
     import ray.train
     import torch

@@ -337,8 +337,8 @@ def run(args: argparse.Namespace) -> dict:
     results: dict[str, dict] = {}
     with workdir(args, "train") as root:
         prepared = {s: prepare(args, s, Path(root) / s) for s in setups}
-        # The plain loops run first, before Ray starts: a Ray session winding down after a training run
-        # (controller, placement-group cleaner, stats actors) would otherwise take cores from them.
+        # The plain loops run before Ray starts and again after it has stopped (stop_ray waits for its
+        # processes to exit: a session winding down would take cores from them).
         before = {s: baseline(args, cfg, store) for s, (cfg, store) in prepared.items()}
         start_ray()
         try:

@@ -45,3 +45,11 @@ def bar(total: int, desc: str, unit: str = "it", *, initial: int = 0, stream: IO
     # miniters=0: print whenever every_s has passed, however few units came in since.
     return tqdm(total=total, desc=desc, unit=unit, initial=initial, file=_Lines(stream), mininterval=every_s,
                 maxinterval=every_s, miniters=0, ascii=True, bar_format=PLAIN_FORMAT, disable=not enabled)
+
+
+def restart_clock(meter: tqdm, done: int) -> None:
+    """Count ``done`` units as already done and time the rate, ETA and elapsed time from now on: for work
+    whose first units show up only after a start-up (a Ray Train worker's first step), which would otherwise
+    make the first ETA absurd (hours, after one step)."""
+    meter.unpause()  # tqdm's clock restarts at its last print; the meter has counted nothing since
+    meter.n = meter.last_print_n = meter.initial = done

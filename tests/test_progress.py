@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from qpo_ray.progress import bar
+from qpo_ray.progress import bar, restart_clock
 
 
 class _Terminal(io.StringIO):
@@ -52,3 +52,19 @@ def test_a_disabled_meter_prints_nothing():
     with bar(5, "x", stream=out, enabled=False) as meter:
         meter.update(5)
     assert out.getvalue() == ""
+
+
+def test_restart_clock_keeps_a_start_up_out_of_the_rate_and_eta():
+    out = io.StringIO()
+    meter = bar(100, "train", unit="step", stream=out, every_s=0)
+    meter.start_t -= 3600  # an hour of start-up before the first step
+    meter.last_print_t -= 3600
+    restart_clock(meter, 1)
+    for _ in range(9):
+        meter.update(1)
+    meter.close()
+    lines = out.getvalue().splitlines()
+    counts = [line.split(":")[1].split()[0] for line in lines]
+    assert counts == sorted(counts, key=lambda c: int(c.split("/")[0])), lines  # never counts backwards
+    assert lines[-1].startswith("train: 10/100 step (10%)") and "00:00 elapsed, ETA 00:00" in lines[-1], lines
+

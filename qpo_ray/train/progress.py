@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from qpo_ray.progress import bar
+from qpo_ray.progress import bar, restart_clock
 
 POST_EVERY_S = 0.5
 POLL_EVERY_S = 1.0
@@ -59,12 +59,17 @@ def training_progress(desc: str, *, epochs: int, steps_per_epoch: int, enabled: 
     board = ray.remote(num_cpus=0)(_Board).remote()
     meter = bar(epochs * steps_per_epoch, desc, unit="step")
     stop = threading.Event()
+    started = threading.Event()
 
     def show() -> None:
         try:
             state = ray.get(board.read.remote(), timeout=10)
         except Exception:  # a slow or lost read only delays the display; the run does not depend on it
             return
+        if state and not started.is_set():
+            # The rate starts at the first posted step: the wait before it was Ray starting the workers.
+            started.set()
+            restart_clock(meter, state["step"])
         if state:
             meter.set_postfix_str(f"epoch {state['epoch']}/{epochs}, loss {state['loss']:.4f}", refresh=False)
             meter.update(max(0, state["step"] - meter.n))

@@ -1,9 +1,9 @@
-"""Allocator settings for the processes that run the models (Train workers, target replicas).
+"""Allocator settings for the process that trains the policy (each Ray Train worker).
 
 glibc's malloc hands large freed blocks back to the kernel and faults fresh zeroed pages in when the next
 step allocates them again. In a Ray Train worker that was a quarter of all CPU time (``perf``:
-``clear_page_erms`` under ``do_anonymous_page``) and training ran ~20% slower than the same loop in a plain
-process; a CPU target replica's batches took ~10% longer than the same forward in a plain process."""
+``clear_page_erms`` under ``do_anonymous_page``; 4% with these settings) and training ran ~20% slower than
+with them."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def keep_freed_memory() -> bool:
     """Make this process reuse freed tensor memory instead of returning it to the kernel (glibc only).
 
     The process's resident memory then stays at its high-water mark, as with PyTorch's caching allocators on
-    GPU. Call it in a process that runs a model, not in the driver. Returns whether the options were set
+    GPU. Call it in a process that trains a model, not in the driver. Returns whether the options were set
     (False without glibc, e.g. on macOS)."""
     try:
         mallopt = ctypes.CDLL(None).mallopt

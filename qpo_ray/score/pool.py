@@ -26,7 +26,6 @@ from ray import serve
 from ray.exceptions import ActorAlreadyExistsError, RayActorError, RayTaskError, WorkerCrashedError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 
-from qpo_ray.allocator import keep_freed_memory
 from qpo_ray.config import TargetConfig
 from qpo_ray.errors import QPOError, TargetError
 from qpo_ray.progress import bar
@@ -80,7 +79,6 @@ class TargetReplica:
     """One copy of the target engine; concurrent requests are grouped into engine batches."""
 
     def __init__(self, cfg: dict[str, Any], tasks: list[Task], engine_factory: EngineFactory | None = None):
-        keep_freed_memory()  # a replica process only runs its engine
         target = TargetConfig.model_validate(cfg)
         self.engine = (engine_factory or make_engine)(target, tasks)
         # One bad request (e.g. oversized) fails alone: the batcher reruns a failed batch request by request.

@@ -1,4 +1,4 @@
-"""The allocator settings of model processes (``qpo_ray.allocator``)."""
+"""The allocator settings of the Train worker (``qpo_ray.allocator``)."""
 
 from __future__ import annotations
 

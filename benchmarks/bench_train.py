@@ -44,9 +44,10 @@ from benchmarks._common import RssSampler, main, result, smollm2_available, star
 NAME = "train"
 GOAL = 0.90
 SETUPS = ("demo", "offline")
-# Epochs of ours per setup (epoch 1 is warm-up): the offline policy's epoch is a few seconds, so it gets
-# two measured epochs for a steadier figure; the demo policy's is most of a minute.
-EPOCHS = {"demo": 2, "offline": 3}
+# Epochs of ours per setup (epoch 1 is warm-up): the offline policy's epoch is two seconds, and two of
+# them swung the ratio by 0.25 between runs on a noisy machine, so it gets four measured epochs; the demo
+# policy's is most of a minute.
+EPOCHS = {"demo": 2, "offline": 5}
 # Above this relative difference between the plain loop's two runs the result carries a note.
 DRIFT_NOTE = 0.10
 

@@ -87,15 +87,7 @@ def _wait_for_children(timeout: float) -> None:
     after ``stop_ray`` would otherwise share the cores with a session winding down."""
     import psutil
 
-    def alive(p: psutil.Process) -> bool:
-        try:
-            return p.status() != psutil.STATUS_ZOMBIE
-        except psutil.Error:
-            return False
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and any(alive(c) for c in psutil.Process().children(recursive=True)):
-        time.sleep(0.2)
+    psutil.wait_procs(psutil.Process().children(recursive=True), timeout=timeout)
 
 
 def ray_worker_threads() -> dict[str, Any]:

@@ -66,11 +66,11 @@ def training_progress(desc: str, *, epochs: int, steps_per_epoch: int, enabled: 
             state = ray.get(board.read.remote(), timeout=10)
         except Exception:  # a slow or lost read only delays the display; the run does not depend on it
             return
-        if state and not started.is_set():
-            # The rate starts at the first posted step: the wait before it was Ray starting the workers.
-            started.set()
-            restart_clock(meter, state["step"])
         if state:
+            if not started.is_set():
+                # The rate starts at the first posted step: the wait before it was Ray starting the workers.
+                started.set()
+                restart_clock(meter, state["step"])
             meter.set_postfix_str(f"epoch {state['epoch']}/{epochs}, loss {state['loss']:.4f}", refresh=False)
             meter.update(max(0, state["step"] - meter.n))
 

@@ -6,7 +6,7 @@ Each size runs in its own fresh process (its own Ray session, nothing left over 
    queries, prompts of 5 words up to the policy's prompt budget, random rewards), validated and de-duplicated
    by the store. Words are those of the emotion task that the policy tokenizer keeps whole (one token, with or
    without a leading space), so every prompt fits ``max_prompt_tokens`` and no row is dropped in training;
-2. ``qpo_ray.train.loader.training_dataset`` on that version (parquet read fused with ``tokenize_batch`` tasks)
+2. ``qpo_ray.train.loader.training_dataset`` on that version (its files read fused with ``tokenize_batch`` tasks)
    iterated into training micro-batches exactly as a Train worker does (``loader.train_batches``: drop_last,
    local shuffle buffer, model dtypes); rows are counted, nothing is trained.
 

@@ -149,7 +149,7 @@ class DatasetStore:
         return folder / name
 
     def files(self, version: int) -> list[str]:
-        """Absolute paths of the version's parquet files (what Ray Data's read_parquet is given)."""
+        """Absolute paths of the version's parquet files."""
         return [str(self.file_path(version, f)) for f in self.manifest(version).files]
 
     def iter_batches(self, version: int, batch_size: int = 8192, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:

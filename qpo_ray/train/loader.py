@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import ray.data
-from ray.data import FileShuffleConfig
 
 from qpo_ray.config import PolicyConfig
+from qpo_ray.data.source import VersionSource
 from qpo_ray.data.store import DatasetStore, normalize_reward
 from qpo_ray.policy.tokenize import FastTokenizer, encode_rows
 
@@ -217,26 +217,19 @@ def training_dataset(store: DatasetStore, version: int, pcfg: PolicyConfig, *, t
     version into the object store before the first batch.
     """
     manifest = store.manifest(version)
-    files = store.files(version)
+    files = [(str(store.file_path(version, f)), f.rows) for f in manifest.files]
     tasks = max(1, tokenize_tasks)
     ctx = ray.data.DataContext.get_current()
-    saved = ctx.use_datasource_v2, ctx.target_max_block_size, ctx.decoding_size_estimation
-    # The dataset keeps a copy of the context as it is at read time, so these settings are its own.
-    # - The V2 parquet reader starts a pool of 32 FooterReader actors (32 new worker processes) on every
-    #   execution, i.e. every epoch, to read footers the store already knows. On 2 cores that cost ~20 s
-    #   per epoch. V1 reads the few files' metadata here, once.
-    # - Small blocks: the reader yields a file a few thousand rows at a time, so memory is bounded by the
-    #   block size, not by the file or dataset size.
-    # - No decoding-size sampling: it reads samples of several files in extra worker processes (one more
-    #   ~180 MiB process once a version has several files); Ray's fixed estimate errs on small batches.
-    ctx.use_datasource_v2, ctx.target_max_block_size, ctx.decoding_size_estimation = False, BLOCK_BYTES, False
+    saved = ctx.target_max_block_size
+    # The dataset keeps a copy of the context as it is at read time, so this setting is its own. Small
+    # blocks: a reader yields a file a few thousand rows at a time, so memory is bounded by the block size,
+    # not by the file or dataset size.
+    ctx.target_max_block_size = BLOCK_BYTES
     try:
-        # batch_readahead=1: Ray's default of 8 decoded batches read ahead cost ~100 MiB a reader.
-        ds = ray.data.read_parquet(files, columns=READ_COLUMNS, concurrency=tasks, override_num_blocks=len(files),
-                                   shuffle=FileShuffleConfig(seed=seed, reseed_after_execution=True),
-                                   batch_readahead=1)
+        ds = ray.data.read_datasource(VersionSource(files, READ_COLUMNS, seed=seed), concurrency=tasks,
+                                      override_num_blocks=len(files))
     finally:
-        ctx.use_datasource_v2, ctx.target_max_block_size, ctx.decoding_size_estimation = saved
+        ctx.target_max_block_size = saved
     # Whole blocks (batch_size=None), one read task per file (no output split) and the same task cap on both
     # sides: Ray Data fuses read and tokenisation into one task, so no raw text waits in the object store
     # for a slower tokeniser (an unfused read ran ahead and buffered every file's text: memory grew with

@@ -233,12 +233,21 @@ def shares(r: dict) -> dict:
     return {"ray_idle_mib": idle, "project_mib": round(r["sum_pss_peak_mib"] - idle, 1)}
 
 
+def process_name(title: str) -> str:
+    """A Ray process's name without the method it was running (an actor's title is ``ray::Actor.method``
+    while it runs one), so one actor caught idle in one run and busy in the other counts as one process."""
+    if title.startswith("ray::") and "(" not in title:
+        return title.split(".", 1)[0]
+    return title
+
+
 def growth(big: dict, small: dict) -> list[tuple[str, float]]:
     """Where the big run's peak exceeds the small one's: PSS at each peak summed per process name (Ray names a
     worker by what it runs), biggest increase first; a name only one run has counts in full."""
     def by_name(r: dict) -> dict[str, float]:
         out: dict[str, float] = {}
         for name, mib in r["pss_at_peak_mib"]:
+            name = process_name(name)
             out[name] = out.get(name, 0.0) + mib
         return out
 

@@ -68,3 +68,14 @@ def test_train_baseline_brackets_ours_with_two_plain_runs():
     assert b["tokens_per_s"] == 90.0 and b["drift"] == pytest.approx(20 / 90, abs=1e-3)
     assert (b["before_tokens_per_s"], b["after_tokens_per_s"]) == (100.0, 80.0)
     assert b["steps_per_epoch"] == [16] and b["after"] == {"epoch_time_s": [1.25], "cores": 1.9}
+
+
+def test_stream_growth_counts_an_actor_busy_in_one_run_and_idle_in_the_other_as_one_process():
+    from benchmarks.bench_stream import growth
+
+    small = {"pss_at_peak_mib": [["driver", 500.0], ["ray::Coordinator.get_reserved_resources", 124.0],
+                                 ["ray::ReadVersion->MapBatches(tokenize_batch)", 330.0]]}
+    big = {"pss_at_peak_mib": [["driver", 550.0], ["ray::Coordinator", 124.0],
+                               ["ray::ReadVersion->MapBatches(tokenize_batch)", 370.0], ["ray::IDLE", 100.0]]}
+    assert growth(big, small) == [("ray::IDLE", 100.0), ("driver", 50.0),
+                                  ("ray::ReadVersion->MapBatches(tokenize_batch)", 40.0)]

@@ -14,25 +14,16 @@ from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from ray.data import Datasource, ReadTask
 from ray.data.block import BlockMetadata
 
-from qpo_ray.errors import DataError
+from qpo_ray.data.store import read_batches
 
 
 def read_file(path: str, rows: int, columns: list[str], batch_rows: int) -> Iterator[pa.Table]:
-    """The file ``batch_rows`` rows at a time (a parquet reader decodes one row group at a time); a DataError
-    when it does not hold the ``rows`` its manifest entry says."""
-    seen = 0
-    try:
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows, columns=columns):
-            seen += batch.num_rows
-            yield pa.Table.from_batches([batch])
-    except (pa.ArrowException, OSError) as e:
-        raise DataError(f"{path}: not a readable parquet file ({type(e).__name__}: {e})") from None
-    if seen != rows:
-        raise DataError(f"{path}: {seen} rows, but the manifest lists {rows}: the file changed after its commit")
+    """A read task's blocks: the file ``batch_rows`` rows at a time, checked against its manifest entry."""
+    for batch in read_batches(path, rows, columns, batch_rows):
+        yield pa.Table.from_batches([batch])
 
 
 class VersionSource(Datasource):

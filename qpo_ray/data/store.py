@@ -108,6 +108,20 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def read_batches(path: str, rows: int, columns: list[str] | None, batch_size: int) -> Iterator[pa.RecordBatch]:
+    """One file of a version, ``batch_size`` rows at a time; a DataError when it cannot be read or does not
+    hold the ``rows`` its manifest entry lists."""
+    seen = 0
+    try:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size, columns=columns):
+            seen += batch.num_rows
+            yield batch
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{path}: not a readable parquet file ({type(e).__name__}: {e})") from None
+    if seen != rows:
+        raise DataError(f"{path}: {seen} rows, but the manifest lists {rows}: the file changed after its commit")
+
+
 class DatasetStore:
     """The dataset versions of one run directory."""
 
@@ -153,13 +167,10 @@ class DatasetStore:
         return [str(self.file_path(version, f)) for f in self.manifest(version).files]
 
     def iter_batches(self, version: int, batch_size: int = 8192, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
-        """Stream a version batch by batch; never holds the whole dataset. A file that cannot be read is a
-        DataError here too, for readers that did not ``verify`` first."""
-        for f in self.files(version):
-            try:
-                yield from pq.ParquetFile(f).iter_batches(batch_size=batch_size, columns=columns)
-            except (pa.ArrowException, OSError) as e:
-                raise DataError(f"{f}: not a readable parquet file ({type(e).__name__}: {e})") from None
+        """Stream a version batch by batch; never holds the whole dataset. A file that cannot be read, or
+        holds other than its manifest's rows, is a DataError here too, for readers that did not ``verify``."""
+        for f in self.manifest(version).files:
+            yield from read_batches(str(self.file_path(version, f)), f.rows, columns, batch_size)
 
     def read_table(self, version: int, columns: list[str] | None = None) -> pa.Table:
         """The whole version as one table. For small data and tests; training streams with Ray Data."""
@@ -328,4 +339,4 @@ class DatasetStore:
         return FileEntry(name=path.name, rows=rows, sha256=sha256_file(path))
 
 
-__all__ = ["COLUMNS", "DatasetStore", "Manifest", "normalize_reward"]
+__all__ = ["COLUMNS", "DatasetStore", "Manifest", "normalize_reward", "read_batches"]

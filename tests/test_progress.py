@@ -67,4 +67,3 @@ def test_restart_clock_keeps_a_start_up_out_of_the_rate_and_eta():
     counts = [line.split(":")[1].split()[0] for line in lines]
     assert counts == sorted(counts, key=lambda c: int(c.split("/")[0])), lines  # never counts backwards
     assert lines[-1].startswith("train: 10/100 step (10%)") and "00:00 elapsed, ETA 00:00" in lines[-1], lines
-

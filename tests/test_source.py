@@ -40,8 +40,7 @@ def test_every_row_once_and_a_new_file_order_per_execution(tmp_path, ray_local):
     store.commit([rows(0, 5)], source="d0")
     for v in range(1, 6):  # every child version adds one file
         store.commit([rows(v * 5, v * 5 + 5)], parent=v - 1, source=f"loop-{v}")
-    m = store.manifest(5)
-    files = [(str(store.file_path(5, f)), f.rows) for f in m.files]
+    files = store.file_rows(5)
     assert len(files) == 6
     src = VersionSource(files, ["query"], seed=3)
     ds = ray.data.read_datasource(src, concurrency=1, override_num_blocks=len(files))

@@ -29,7 +29,7 @@ def read_file(path: str, rows: int, columns: list[str], batch_rows: int) -> Iter
 class VersionSource(Datasource):
     """The files of one dataset version, their order shuffled anew, reproducibly, on every execution.
 
-    ``files`` are ``(path, rows)`` pairs from the version's manifest."""
+    ``files`` are ``(path, rows)`` pairs from the version's manifest (``DatasetStore.file_rows``)."""
 
     def __init__(self, files: list[tuple[str, int]], columns: list[str], *, seed: int, batch_rows: int = 8192):
         super().__init__()

@@ -164,13 +164,17 @@ class DatasetStore:
 
     def files(self, version: int) -> list[str]:
         """Absolute paths of the version's parquet files."""
-        return [str(self.file_path(version, f)) for f in self.manifest(version).files]
+        return [path for path, _ in self.file_rows(version)]
+
+    def file_rows(self, version: int) -> list[tuple[str, int]]:
+        """Each parquet file of the version, as an absolute path, with the rows its manifest entry lists."""
+        return [(str(self.file_path(version, f)), f.rows) for f in self.manifest(version).files]
 
     def iter_batches(self, version: int, batch_size: int = 8192, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
         """Stream a version batch by batch; never holds the whole dataset. A file that cannot be read, or
         holds other than its manifest's rows, is a DataError here too, for readers that did not ``verify``."""
-        for f in self.manifest(version).files:
-            yield from read_batches(str(self.file_path(version, f)), f.rows, columns, batch_size)
+        for path, rows in self.file_rows(version):
+            yield from read_batches(path, rows, columns, batch_size)
 
     def read_table(self, version: int, columns: list[str] | None = None) -> pa.Table:
         """The whole version as one table. For small data and tests; training streams with Ray Data."""

@@ -217,7 +217,7 @@ def training_dataset(store: DatasetStore, version: int, pcfg: PolicyConfig, *, t
     version into the object store before the first batch.
     """
     manifest = store.manifest(version)
-    files = [(str(store.file_path(version, f)), f.rows) for f in manifest.files]
+    files = store.file_rows(version)
     tasks = max(1, tokenize_tasks)
     ctx = ray.data.DataContext.get_current()
     saved = ctx.target_max_block_size

@@ -112,10 +112,22 @@ class CollectConfig(_Section):
     """Sampling new prompts for the loop's collect queries."""
 
     num_queries: int = Field(1000, ge=1, le=_1G)
-    batch_size: int = Field(100, ge=1, le=_1M)
+    batch_size: int = Field(100, ge=1, le=_1M)  # queries per sampling call of an actor
     target_reward: float = Field(100.0, ge=REWARD_SCALE[0], le=REWARD_SCALE[1])
-    top_k: int = Field(2, ge=0, le=_1M)  # 0 = off
-    top_p: float = Field(0.9, gt=0, le=1)
+    # Exploration (collect/screen.py): the policy proposes num_candidates prompts per query; repeats, pairs
+    # scored before and degenerate prompts are dropped, r̂ ranks the rest, and the target scores only the best
+    # scored_per_query of them (num_candidates / scored_per_query is what the screening saves). new_share of
+    # those slots go first to prompts no earlier dataset version holds, so the loops find new prompts.
+    num_candidates: int = Field(8, ge=1, le=_4K)
+    scored_per_query: int = Field(2, ge=1, le=_4K)
+    new_share: float = Field(0.5, ge=0, le=1)
+    # Score the offline pool on the loop's collect queries too, to measure new prompts against the source
+    # prompts on the same queries (the report's "generated vs source"); costs pool size × num_queries calls
+    # once per query (the run's cache).
+    compare_pool: bool = True
+    # Sampling is wide on purpose (top_k 0 = off): a narrow head (top_k 2) only re-draws the pool's sentences.
+    top_k: int = Field(0, ge=0, le=_1M)
+    top_p: float = Field(0.95, gt=0, le=1)
     temperature: float = Field(1.0, gt=0)
     num_actors: int = Field(1, ge=1, le=_4K)  # policy copies in the Ray Data actor pool
     num_cpus_per_actor: float = Field(1.0, gt=0, le=_4K)
@@ -237,6 +249,9 @@ class RunConfig(_Section):
         if self.train.reward_target == "advantage" and self.policy.reward_head != "last_prompt":
             raise ValueError("train.reward_target='advantage' is for policy.reward_head='last_prompt' (the "
                              "'reward_slot' head reads the conditioning reward itself)")
+        if self.collect.scored_per_query > self.collect.num_candidates:
+            raise ValueError(f"collect.scored_per_query ({self.collect.scored_per_query}) must not exceed "
+                             f"collect.num_candidates ({self.collect.num_candidates}): r̂ screens the candidates")
         if self.eval.method == "best_of_n" and self.eval.best_of_n < 2:
             raise ValueError("eval.method='best_of_n' needs eval.best_of_n >= 2")
         return self

@@ -88,7 +88,15 @@ def test_compare_on_a_hand_made_table():
     assert vs["n"] == 3 and vs["diff"] == pytest.approx((1 + 0 + 0) / 3) and vs["lo"] <= vs["diff"] <= vs["hi"]
     assert m["qpo_greedy"]["vs"]["no_instruction"]["n"] == 4
     assert m["qpo_greedy"]["prompts"] == {"prompts": 4, "distinct": 3, "verbatim_pool_share": 0.25,
-                                          "degenerate_share": 0.25}
+                                          "new_share": None, "degenerate_share": 0.25}
+    # per kind (even: q0, q2; odd: q1, q3), the pool prompt best on that kind's test queries: A, then B
+    assert [r["methods"]["kind_oracle"]["prompt"] for r in res["per_query"]] == [A, B, A, B]
+    assert m["kind_oracle"]["accuracy"] == pytest.approx((1 + 1 + 0.5 + 1) / 4)
+    claims = m["qpo_greedy"]["claims"]
+    assert set(claims) == {"qpo_rerank", "kind_oracle", "oracle"} and "qpo_rerank" not in m["qpo_rerank"]["claims"]
+    assert claims["qpo_rerank"]["diff"] == pytest.approx((0 + 0 - 0.5 + 0) / 4)
+    again = compare(queries, pool, table, judge, qpo, best=None, earlier=[A, "written"])
+    assert again["methods"]["qpo_greedy"]["prompts"]["new_share"] == 0.25  # "the the the"
     row = res["per_query"][2]
     assert row["group"] == "even" and row["methods"]["qpo_greedy"] == {"prompt": "the the the", "correct": 0.0,
                                                                          "seen": True}

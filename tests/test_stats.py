@@ -42,8 +42,11 @@ def test_degenerate_prompts(prompt, bad):
 
 def test_prompt_stats():
     pool = ["Be brief.", "", "Answer in one word."]
-    stats = prompt_stats(["be  brief.", "Be brief.", "", "the the the", "Something new"], pool)
-    assert stats == {"prompts": 5, "distinct": 4, "verbatim_pool_share": 0.6, "degenerate_share": 0.2}
+    stats = prompt_stats(["be  brief", "Be brief.", "", "the the the", "Something new"], pool)
+    assert stats == {"prompts": 5, "distinct": 4, "verbatim_pool_share": 0.6, "new_share": None,
+                     "degenerate_share": 0.2}
+    # new = in none of the earlier prompts (case, whitespace and punctuation aside)
+    assert prompt_stats(["Something new!", "be brief", "Other"], pool, ["something  new", *pool])["new_share"] == 1 / 3
     # without an empty pool prompt, writing nothing is degenerate
     assert prompt_stats(["", "ok"], ["ok"])["degenerate_share"] == 0.5
     assert prompt_stats([], pool)["distinct"] == 0

@@ -12,12 +12,13 @@ from typing import Any
 
 from tqdm import tqdm
 
+from qpo_ray.atomic import atomic_write_json
 from qpo_ray.config import RunConfig, dump_config, load_config
 from qpo_ray.driver import steps
 from qpo_ray.driver.resources import ensure_cluster, run_phases
 from qpo_ray.driver.session import Session, StepTimer
 from qpo_ray.errors import ConfigError, QPOError
-from qpo_ray.evaluate.report import summary_table, write_report
+from qpo_ray.evaluate.report import loop_over_loop, summary_table, write_report
 from qpo_ray.models import check_model_spec
 from qpo_ray.ray_init import init_ray, link_ray_logs
 from qpo_ray.runs import RunDir, fault_point
@@ -138,7 +139,11 @@ def report(s: Session) -> Path:
     header = {"task": s.task.name, "setting": s.cfg.task.setting, "target": s.target,
               "policy": s.cfg.policy.model, "loops": s.cfg.loops, "dataset versions": len(s.store.versions()),
               "rows in latest version": s.store.manifest(s.store.latest()).rows}
-    path = write_report(s.run.path, evals, step_infos, header)
+    generated = {t: json.loads(f.read_text()) for t in range(1, s.cfg.loops + 1)
+                 if (f := s.run.loop_dir(t) / "generated.json").is_file()}
+    lol = loop_over_loop(evals, seed=s.cfg.seed)
+    atomic_write_json(s.run.path / "eval" / "summary.json", {"loop_over_loop": lol, "generated": generated})
+    path = write_report(s.run.path, evals, step_infos, header, generated, lol)
     s.tracker.artifact(path)
     return path
 
@@ -151,6 +156,12 @@ def print_summary(rd: RunDir, path: Path, *, started: float | None = None, calls
     wall = f"{tqdm.format_interval(time.time() - started)} this invocation, " if started is not None else ""
     here = f" ({calls_here:,} by this invocation)" if calls_here is not None else ""
     print("\n" + summary_table(evals) + "\n", flush=True)
+    for info in step_infos:
+        gen = info.get("generated")
+        if gen and gen.get("scored"):
+            print(f"{info['step']}: {gen['new']} of {gen['scored']} scored collect prompts new "
+                  f"({100 * gen['new_share']:.0f}%), {gen['beats_pool']} beat every pool prompt on their queries",
+                  flush=True)
     print(f"report:       {path}\n"
           f"wall time:    {wall}{tqdm.format_interval(steps_wall)} in the run's steps\n"
           f"target calls: {calls:,}{here}\n"

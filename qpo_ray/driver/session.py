@@ -15,7 +15,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from qpo_ray.atomic import atomic_write_table
+from qpo_ray.collect.screen import pair_identity
 from qpo_ray.config import RunConfig
+from qpo_ray.data.prompts import prompt_identity
 from qpo_ray.data.schema import SCHEMA, content_id, pair_key, rows_to_table
 from qpo_ray.data.store import DatasetStore
 from qpo_ray.runs import RunDir, fault_point
@@ -77,6 +79,19 @@ class Session:
             for r in hit.to_pylist():
                 out[r["key"]] = r
         return out
+
+    def seen(self, version: int) -> tuple[set[tuple[str, str]], set[str]]:
+        """What exploration must not spend target calls on, as ``pair_identity``s: every pair stored in
+        ``version`` or scored in this run; and the ``prompt_identity`` of every prompt ``version`` holds
+        (versions grow from their parent, so these are the prompts of every earlier version)."""
+        pairs: set[tuple[str, str]] = set()
+        prompts: set[str] = set()
+        for b in self.store.iter_batches(version, columns=["query", "prompt"]):
+            for q, p in zip(b.column("query").to_pylist(), b.column("prompt").to_pylist(), strict=True):
+                pairs.add(pair_identity(q, p))
+                prompts.add(prompt_identity(p))
+        pairs |= {pair_identity(r["query"], r["prompt"]) for r in self._load_cache().values()}
+        return pairs, prompts
 
     def score(self, pairs: Sequence[dict[str, str]], tag: str, *, phase: str, source: str, loop: int) -> list[dict[str, Any]]:
         """Score (query, label, prompt) pairs; a pair scored before in this run or in the dataset costs no call.

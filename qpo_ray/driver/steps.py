@@ -10,6 +10,8 @@ import pyarrow as pa
 
 from qpo_ray.atomic import atomic_write_json, atomic_write_table
 from qpo_ray.collect import pick_collect_queries, sample_prompts
+from qpo_ray.collect.screen import Candidate, screen
+from qpo_ray.data.prompts import prompt_identity
 from qpo_ray.driver.session import Session, read_rows
 from qpo_ray.grow import merge_rows
 from qpo_ray.runs import fault_point
@@ -56,20 +58,65 @@ def train(s: Session, loop: int) -> dict[str, Any]:
 
 
 def collect(s: Session, loop: int) -> dict[str, Any]:
-    """Sample one prompt per collect query, conditioned on the target reward (top-k then top-p)."""
-    queries = pick_collect_queries(s.task.queries("collect"), s.cfg.collect.num_queries, loop, s.cfg.seed)
-    log.info("[loop %d] sampling prompts for %d collect queries", loop, len(queries))
-    rows = sample_prompts(s.run.policy_dir(loop), queries, s.cfg.collect, seed=s.cfg.seed * 1000 + loop,
-                          desc=f"sample loop-{loop}")
-    atomic_write_table(s.run.loop_dir(loop) / "collect.parquet", pa.Table.from_pylist(rows))
-    return {"prompts": len(rows), "distinct": len({r["prompt"] for r in rows})}
+    """The policy proposes ``collect.num_candidates`` prompts per collect query at ``r = collect.target_reward``;
+    r̂ screens them down to the ``collect.scored_per_query`` the target will score, new prompts first
+    (collect/screen.py). Writes every candidate and the chosen pairs."""
+    ccfg = s.cfg.collect
+    queries = pick_collect_queries(s.task.queries("collect"), ccfg.num_queries, loop, s.cfg.seed)
+    log.info("[loop %d] sampling %d prompts for each of %d collect queries", loop, ccfg.num_candidates, len(queries))
+    cands = sample_prompts(s.run.policy_dir(loop), queries, ccfg, seed=s.cfg.seed * 1000 + loop,
+                           desc=f"sample loop-{loop}")
+    atomic_write_table(s.run.loop_dir(loop) / "candidates.parquet", pa.Table.from_pylist(cands))
+    seen_pairs, known_prompts = s.seen(loop - 1)
+    chosen, stats = screen([Candidate(**c) for c in cands], seen_pairs=seen_pairs, known_prompts=known_prompts,
+                           per_query=ccfg.scored_per_query, new_share=ccfg.new_share)
+    rows = [{"query": c.query, "label": c.label, "prompt": c.prompt, "rhat": c.rhat,
+             "new": prompt_identity(c.prompt) not in known_prompts} for c in chosen]
+    atomic_write_table(s.run.loop_dir(loop) / "collect.parquet",
+                       pa.Table.from_pylist(rows, schema=COLLECT_SCHEMA))
+    log.info("[loop %d] %s", loop, screen_line(stats))
+    return {"prompts": len(rows), "distinct": len({prompt_identity(r["prompt"]) for r in rows}),
+            "screen": stats.as_dict()}
+
+
+COLLECT_SCHEMA = pa.schema([("query", pa.string()), ("label", pa.string()), ("prompt", pa.string()),
+                            ("rhat", pa.float64()), ("new", pa.bool_())])
+
+
+def screen_line(stats) -> str:
+    return (f"{stats.sampled} candidates for {stats.queries} queries: {stats.repeats} repeats, "
+            f"{stats.known_pairs} pairs scored before, {stats.degenerate} degenerate; the target scores "
+            f"{stats.chosen} ({stats.chosen_new} new prompts), r̂ screened out {stats.screened_out}")
 
 
 def score(s: Session, loop: int) -> dict[str, Any]:
-    pairs = read_rows(s.run.loop_dir(loop) / "collect.parquet")
-    rows = s.score(pairs, f"loop-{loop}", phase="collect", source=f"loop-{loop}", loop=loop)
-    atomic_write_table(s.run.loop_dir(loop) / "scored.parquet", pa.Table.from_pylist(rows))
-    return {"rows": len(rows), "mean_reward": sum(r["reward"] for r in rows) / max(1, len(rows))}
+    """Score the loop's chosen pairs and, with ``collect.compare_pool``, the offline pool on the same collect
+    queries in the same request; writes the chosen rows (the merge's input), the pool's, and how the new
+    prompts did against the pool (evaluate/generated.py)."""
+    from qpo_ray.evaluate.baselines import offline_pool
+    from qpo_ray.evaluate.compare import best_single_on_train
+    from qpo_ray.evaluate.generated import generated_vs_source
+    from qpo_ray.evaluate.live import offline_rows_accuracy
+
+    chosen = read_rows(s.run.loop_dir(loop) / "collect.parquet")
+    pairs = [{"query": r["query"], "label": r["label"], "prompt": r["prompt"]} for r in chosen]
+    pool = [p["prompt"] for p in offline_pool(s.store, 0)]
+    reference: list[dict[str, str]] = []
+    if s.cfg.collect.compare_pool:
+        labels = dict.fromkeys((r["query"], r["label"]) for r in chosen)
+        reference = [{"query": q, "label": lab, "prompt": p} for q, lab in labels for p in pool]
+    rows = s.score(pairs + reference, f"loop-{loop}", phase="collect", source=f"loop-{loop}", loop=loop)
+    scored, ref_rows = rows[: len(pairs)], rows[len(pairs):]
+    atomic_write_table(s.run.loop_dir(loop) / "scored.parquet", pa.Table.from_pylist(scored))
+    info: dict[str, Any] = {"rows": len(scored),
+                            "mean_reward": sum(r["reward"] for r in scored) / max(1, len(scored))}
+    if ref_rows:
+        best = best_single_on_train(offline_rows_accuracy(s.store, 0)[0], pool)
+        gen = generated_vs_source([{**r, "new": c["new"]} for r, c in zip(scored, chosen, strict=True)], ref_rows,
+                                  pool, best_single=best["prompt"] if best else None, seed=s.cfg.seed)
+        atomic_write_json(s.run.loop_dir(loop) / "generated.json", gen)
+        info["generated"] = {k: gen.get(k) for k in ("scored", "new", "new_share", "beats_pool", "queries")}
+    return info
 
 
 def merge(s: Session, loop: int) -> dict[str, Any]:

@@ -8,13 +8,15 @@ Live (a target LLM scores every pair) and replay (recorded logs answer every pai
 - the **baselines**: ``no_instruction`` (the empty prompt, where the pool has one), ``best_single`` (the pool
   prompt with the highest accuracy on the TRAIN queries, among those recorded on at least
   ``MIN_TRAIN_COVERAGE`` of them), ``random`` (per query, the mean over its pool prompts: the expected
-  accuracy of a prompt drawn at random) and ``oracle`` (per query, the best pool prompt: an upper bound for
-  any method that picks among the pool);
+  accuracy of a prompt drawn at random), ``kind_oracle`` (where queries have kinds: for each kind, the pool
+  prompt best on that kind's test queries, chosen in hindsight) and ``oracle`` (per query, the best pool
+  prompt: an upper bound for any method that picks among the pool);
 - the **QPO methods** (their prompts come from the policy, see ``qpo_ray.evaluate.policy_prompts``);
-- for every QPO method against ``best_single`` and ``no_instruction``: the mean paired difference over the
-  test queries with a paired bootstrap 95% interval (``qpo_ray.evaluate.stats``);
-- for every QPO method: how many distinct prompts it wrote, the share of verbatim pool prompts and of
-  degenerate ones;
+- for every QPO method against ``best_single`` and ``no_instruction`` (and, in ``claims``, against rerank,
+  the per-kind and the per-query oracle): the mean paired difference over the test queries with a paired
+  bootstrap 95% interval (``qpo_ray.evaluate.stats``);
+- for every QPO method: how many distinct prompts it wrote, the share of pool prompts, of new prompts (in
+  none of ``earlier``, the prompts the policy was trained on) and of degenerate ones;
 - ``per_query``: every method's prompt and correctness on every test query, so that any figure can be
   recomputed from the JSON.
 
@@ -35,9 +37,12 @@ from qpo_ray.errors import DataError
 from qpo_ray.evaluate.stats import paired_bootstrap, prompt_stats
 
 MIN_TRAIN_COVERAGE = 0.9
-BASELINES = ("no_instruction", "best_single", "random", "oracle")
+BASELINES = ("no_instruction", "best_single", "random", "kind_oracle", "oracle")
 QPO_METHODS = ("qpo_greedy", "qpo_best_of_n", "qpo_rerank")
 COMPARED_WITH = ("best_single", "no_instruction")
+# What QPO claims beyond beating a fixed prompt: the policy's own prompts against selection among the pool
+# (rerank, and the best pool prompt for each kind of query, chosen on the test queries themselves).
+CLAIMS = ("qpo_rerank", "kind_oracle", "oracle")
 
 # A judge answers pairs: per pair its correctness in [0, 1] (None = no answer) and optional details
 # (e.g. how a replayed prompt was matched).
@@ -115,6 +120,17 @@ def best_single_on_train(train_acc: AccTable, pool: Sequence[str],
     return {"prompt": prompt, "train_accuracy": acc, "train_coverage": cov}
 
 
+def kind_best(groups: Sequence[str | None], table: Sequence[Mapping[str, float | None]],
+              pool: Sequence[str]) -> dict[str | None, str]:
+    """Per kind of query, the pool prompt with the highest mean correctness on that kind's queries (ties: the
+    earlier prompt in the pool)."""
+    out = {}
+    for g in dict.fromkeys(groups):
+        rows = [t for gg, t in zip(groups, table, strict=True) if gg == g]
+        out[g] = max(pool, key=lambda p: (_mean([t[p] for t in rows]) or 0.0, -pool.index(p)))
+    return out
+
+
 def _mean(xs: Sequence[float | None]) -> float | None:
     vals = [x for x in xs if x is not None]
     return sum(vals) / len(vals) if vals else None
@@ -122,7 +138,7 @@ def _mean(xs: Sequence[float | None]) -> float | None:
 
 def compare(queries: Sequence[EvalQuery], pool: Sequence[str], table: Sequence[Mapping[str, float | None]],
             judge: Judge, qpo: Mapping[str, Sequence[str]], *, best: Mapping[str, Any] | None,
-            default_method: str | None = None, seed: int = 0) -> dict[str, Any]:
+            default_method: str | None = None, seed: int = 0, earlier: Sequence[str] | None = None) -> dict[str, Any]:
     """Baselines from ``table`` and the QPO methods' prompts judged by ``judge``; see the module doc.
 
     ``qpo`` maps a method name to one prompt per test query; ``best`` is :func:`best_single_on_train`'s
@@ -145,6 +161,10 @@ def compare(queries: Sequence[EvalQuery], pool: Sequence[str], table: Sequence[M
     if best is not None:
         record("best_single", [best["prompt"]] * n, [t[best["prompt"]] for t in table])
     record("random", [None] * n, [_mean(list(t.values())) for t in table])
+    groups = [q.group for q in queries]
+    if all(g is not None for g in groups) and len(set(groups)) > 1:
+        per_kind = kind_best(groups, table, pool)
+        record("kind_oracle", [per_kind[g] for g in groups], [t[per_kind[g]] for g, t in zip(groups, table, strict=True)])
     oracle = [max(((c, p) for p, c in t.items() if c is not None), default=(None, None)) for t in table]
     record("oracle", [p for _, p in oracle], [c for c, _ in oracle])
 
@@ -154,7 +174,7 @@ def compare(queries: Sequence[EvalQuery], pool: Sequence[str], table: Sequence[M
             raise ValueError(f"method {name}: {len(prompts)} prompts for {n} queries")
         answers = judge(list(zip((q.query for q in queries), prompts, strict=True)))
         record(name, list(prompts), [c if c is not None else 0.0 for c, _ in answers], [d for _, d in answers])
-        stats[name] = prompt_stats(prompts, pool)
+        stats[name] = prompt_stats(prompts, pool, earlier)
 
     methods: dict[str, dict[str, Any]] = {}
     for name, vals in values.items():
@@ -168,6 +188,8 @@ def compare(queries: Sequence[EvalQuery], pool: Sequence[str], table: Sequence[M
         methods[name]["prompts"] = stats[name]
         methods[name]["vs"] = {b: paired_bootstrap(values[name], values[b], seed=seed)
                                for b in COMPARED_WITH if b in values}
+        methods[name]["claims"] = {b: paired_bootstrap(values[name], values[b], seed=seed)
+                                   for b in CLAIMS if b in values and b != name}
     default = default_method if default_method in qpo else next(iter(qpo), None)
     return {"queries": n, "pool_size": len(pool), "default_method": default, "methods": methods,
             "per_query": per_query}

@@ -33,6 +33,14 @@ def offline_rows_accuracy(store: DatasetStore, version: int = 0) -> tuple[AccTab
     return accuracy_table(rows), prompt_names(rows)
 
 
+def trained_prompts(store: DatasetStore, version: int) -> list[str]:
+    """The distinct prompts of ``version`` (what a policy trained on it has seen)."""
+    seen: dict[str, None] = {}
+    for b in store.iter_batches(version, columns=["prompt"]):
+        seen.update(dict.fromkeys(b.column("prompt").to_pylist()))
+    return list(seen)
+
+
 def evaluate_loop(session, loop: int) -> dict[str, Any]:
     """Baselines (and, from loop 1, the QPO methods of ``policy/loop-N``) on the task's test queries."""
     cfg, task = session.cfg, session.task
@@ -56,7 +64,8 @@ def evaluate_loop(session, loop: int) -> dict[str, Any]:
         qpo, took = qpo_prompts(session.run.policy_dir(loop), [q.query for q in queries], cfg.eval, cfg.collect,
                                 candidates=[pool] * len(queries), default=best["prompt"] if best else None,
                                 margin=float(cfg.eval.rerank_margin), seed=cfg.seed)
+    trained_on = trained_prompts(session.store, loop - 1) if loop >= 1 else None
     result = compare(queries, pool, table, judge, qpo, best=best, default_method=METHOD_OF[cfg.eval.method],
-                     seed=cfg.seed)
+                     seed=cfg.seed, earlier=trained_on)
     return {"loop": loop, "target": "live", **result, "names": names, "generation_s": took,
             "num_beams": cfg.eval.num_beams, "best_of_n": cfg.eval.best_of_n}

@@ -369,7 +369,8 @@ def evaluate_offline(cfg: RunConfig, data_run_dir: str | Path, out_dir: str | Pa
                     "fitted": False})
     qpo, took = qpo_prompts(out / POLICY_SUBDIR, queries, cfg.eval, cfg.collect, candidates=recorded,
                             default=best_prompt, margin=margin["margin"], seed=seed)
-    result = compare(tq, pool, table, judge, qpo, best=best, default_method=METHOD_OF[cfg.eval.method], seed=seed)
+    result = compare(tq, pool, table, judge, qpo, best=best, default_method=METHOD_OF[cfg.eval.method], seed=seed,
+                     earlier=pool)
     matches = {m: dict(Counter(row["methods"][m]["match"] for row in result["per_query"])) for m in qpo}
     result.update({
         "target": "replay", "names": split.names, "num_beams": cfg.eval.num_beams, "best_of_n": cfg.eval.best_of_n,

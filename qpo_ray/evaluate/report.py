@@ -11,7 +11,8 @@ from typing import Any
 
 from qpo_ray.atomic import atomic_write_bytes
 from qpo_ray.data.schema import normalize_text
-from qpo_ray.evaluate.compare import BASELINES, COMPARED_WITH, QPO_METHODS
+from qpo_ray.evaluate.compare import BASELINES, CLAIMS, COMPARED_WITH, QPO_METHODS
+from qpo_ray.evaluate.stats import paired_bootstrap
 
 ORDER = (*QPO_METHODS, *BASELINES)
 EXAMPLES_PER_KIND = 3
@@ -42,6 +43,7 @@ def method_label(name: str, result: Mapping[str, Any], names: Mapping[str, str] 
         "best_single": "best single prompt on train" + (f" (`{prompt_name(m.get('prompt'), names)}`)"
                                                         if m.get("prompt") is not None else ""),
         "random": "random pool prompt (expected)",
+        "kind_oracle": "per-kind oracle over the pool (best pool prompt per kind, on test)",
         "oracle": "per-query oracle over the pool (upper bound)",
     }[name]
     return label + (" ★" if name == result.get("default_method") else "")
@@ -60,8 +62,8 @@ def prompt_name(prompt: str | None, names: Mapping[str, str] | None) -> str:
 def methods_table(result: Mapping[str, Any], names: Mapping[str, str] | None = None) -> str:
     """Accuracy of every method, its interval, and each QPO method's paired difference to the baselines."""
     head = ("| method | test accuracy [95% CI] | n | Δ vs best single, pts [95% CI] | "
-            "Δ vs no instruction, pts [95% CI] | distinct prompts | verbatim pool | degenerate |")
-    lines = [head, "|---|---|---|---|---|---|---|---|"]
+            "Δ vs no instruction, pts [95% CI] | distinct prompts | verbatim pool | new | degenerate |")
+    lines = [head, "|---|---|---|---|---|---|---|---|---|"]
     for name in ORDER:
         m = result["methods"].get(name)
         if m is None:
@@ -73,8 +75,82 @@ def methods_table(result: Mapping[str, Any], names: Mapping[str, str] | None = N
         share = (lambda x: "–" if x is None else f"{100 * x:.0f}%")  # noqa: E731
         lines.append(f"| {method_label(name, result, names)} | {acc} | {m['n']} | {_pts(vs.get(COMPARED_WITH[0]))} | "
                      f"{_pts(vs.get(COMPARED_WITH[1]))} | {ps.get('distinct', '–')} | "
-                     f"{share(ps.get('verbatim_pool_share'))} | {share(ps.get('degenerate_share'))} |")
+                     f"{share(ps.get('verbatim_pool_share'))} | {share(ps.get('new_share'))} | "
+                     f"{share(ps.get('degenerate_share'))} |")
     return "\n".join(lines)
+
+
+def claims_table(result: Mapping[str, Any], names: Mapping[str, str] | None = None) -> list[str]:
+    """Each QPO method against selection among the pool: rerank, the per-kind and the per-query oracle."""
+    rows = [(n, result["methods"][n]) for n in QPO_METHODS if n in result["methods"]]
+    cols = [c for c in CLAIMS if any(c in m.get("claims", {}) for _, m in rows)]
+    if not rows or not cols:
+        return []
+    lines = ["| method | " + " | ".join(f"Δ vs {method_label(c, result, names).split(' (')[0]}, pts [95% CI]"
+                                         for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for name, m in rows:
+        lines.append(f"| {method_label(name, result, names)} | "
+                     + " | ".join(_pts(m.get("claims", {}).get(c)) for c in cols) + " |")
+    return lines
+
+
+def loop_over_loop(evals: Sequence[Mapping[str, Any]], seed: int = 0) -> dict[str, Any]:
+    """Per method: accuracy at the last loop minus loop 1 on the same test queries, paired, with its interval."""
+    loops = [e for e in evals if e["loop"] >= 1]
+    if len(loops) < 2:
+        return {}
+    first, last = loops[0], loops[-1]
+    if [r["query"] for r in first["per_query"]] != [r["query"] for r in last["per_query"]]:
+        return {}
+    out = {}
+    for name in ORDER:
+        if name in first["methods"] and name in last["methods"]:
+            a = [r["methods"][name]["correct"] for r in last["per_query"]]
+            b = [r["methods"][name]["correct"] for r in first["per_query"]]
+            out[name] = {"first": first["loop"], "last": last["loop"], **paired_bootstrap(a, b, seed=seed)}
+    return out
+
+
+def generated_lines(gen: Mapping[str, Any] | None, names: Mapping[str, str] | None = None) -> list[str]:
+    """A loop's "generated vs source" (evaluate/generated.py) as markdown."""
+    if not gen:
+        return []
+    share = gen.get("new_share")
+    lines = [f"Collect: the target scored {gen['scored']} chosen pairs, {gen['new']} of them with a new prompt "
+             f"({'–' if share is None else f'{100 * share:.0f}%'}; {gen.get('new_prompts', 0)} distinct new prompts)."]
+    vs = gen.get("vs") or {}
+    if vs:
+        lines += ["", f"**Generated vs source** on the {gen['queries']} collect queries that got a new prompt "
+                      "(paired over queries; the pool scored on the same queries):", "",
+                  "| measure | new prompts | vs best single on train | vs best pool prompt on these queries | "
+                  "vs per-query pool oracle |", "|---|---|---|---|---|"]
+        for key, label, scale in (("correct", "accuracy", 100.0), ("reward", "raw reward", 1.0)):
+            v = vs.get(key)
+            if not v:
+                continue
+            cells = []
+            for other in ("best_single", "best_pool_here", "oracle"):
+                c = v.get(other) or {}
+                if c.get("diff") is None:
+                    cells.append("–")
+                    continue
+                unit = " pts" if scale == 100.0 else ""
+                cells.append(f"{_f(c.get('mean'))}: {scale * c['diff']:+.1f}{unit} [{scale * c['lo']:+.1f}, "
+                             f"{scale * c['hi']:+.1f}]" + (" tie" if c["tie"] else ""))
+            lines.append(f"| {label} | {_f(v['generated'])} | " + " | ".join(cells) + " |")
+        lines += ["", f"Best single on train: `{prompt_name(gen.get('best_single'), names)}`; best pool prompt on "
+                      f"these queries: `{prompt_name(gen.get('best_pool_here'), names)}`. New prompts that beat every "
+                      f"pool prompt on the queries they were scored on: {gen.get('beats_pool', 0)}."]
+    top = gen.get("top_new") or []
+    if top:
+        lines += ["", "| best new prompts | queries | accuracy | pair score | best pool prompt there | its pair score "
+                      "| beats the pool | won on |", "|---|---|---|---|---|---|---|---|"]
+        for t in top:
+            won = "; ".join(f"`{q[:40]}`" for q in t["won_on"][:3]) + (" …" if len(t["won_on"]) > 3 else "")
+            lines.append(f"| `{t['prompt']}` | {t['queries']} | {_f(t['accuracy'], 2)} | {_f(t['pair_score'], 2)} | "
+                         f"`{prompt_name(t['best_pool_prompt'], names)}` | {_f(t['best_pool_pair_score'], 2)} | "
+                         f"{'yes' if t['beats_pool'] else 'no'} | {won or '–'} |")
+    return lines + [""]
 
 
 def examples_by_kind(result: Mapping[str, Any], method: str | None, per_kind: int = EXAMPLES_PER_KIND,
@@ -147,16 +223,35 @@ def summary_table(evals: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def loop_over_loop_lines(lol: Mapping[str, Any], evals: Sequence[Mapping[str, Any]]) -> list[str]:
+    if not lol:
+        return []
+    last = evals[-1]
+    first_loop, last_loop = next(iter(lol.values()))["first"], next(iter(lol.values()))["last"]
+    lines = [f"## Loop over loop: loop {last_loop} − loop {first_loop}", "",
+             "| method | Δ accuracy, pts [paired 95% CI] |", "|---|---|"]
+    lines += [f"| {method_label(n, last, last.get('names'))} | {_pts(c)} |" for n, c in lol.items()]
+    return lines + [""]
+
+
 def write_report(run_dir: Path, evals: Sequence[Mapping[str, Any]], steps: Sequence[Mapping[str, Any]],
-                 header: Mapping[str, Any]) -> Path:
-    """Write report.md and accuracy.png into the run directory; returns the report's path."""
+                 header: Mapping[str, Any], generated: Mapping[int, Mapping[str, Any]] | None = None,
+                 lol: Mapping[str, Any] | None = None) -> Path:
+    """Write report.md and accuracy.png into the run directory; returns the report's path. ``generated``: each
+    loop's generated-vs-source figures; ``lol``: :func:`loop_over_loop`."""
     lines = [f"# QPO run report — {header.get('task')} ({header.get('setting')})", ""]
     lines += [f"- **{k}**: {v}" for k, v in header.items()]
     lines += ["", "## Test accuracy per loop", "", summary_table(evals), "", EXPLAIN, ""]
+    lines += loop_over_loop_lines(lol or {}, evals)
     by_step = {s["step"]: s for s in steps}
     for e in evals:
         loop, names = e["loop"], e.get("names")
         lines += [f"## {'D0 (offline data only)' if loop == 0 else f'Loop {loop}'}", "", methods_table(e, names), ""]
+        claims = claims_table(e, names)
+        if claims:
+            lines += ["The policy's prompts against selection among the pool (the oracles pick on the test "
+                      "queries themselves):", "", *claims, ""]
+        lines += generated_lines((generated or {}).get(loop), names)
         scored = by_step.get(f"loop-{loop}.score")
         if scored:
             lines.append(f"Mean raw reward of the loop's {scored.get('rows', 0)} sampled collect prompts: "

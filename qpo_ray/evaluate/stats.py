@@ -5,17 +5,15 @@ Pure functions over per-query values; nothing here knows about Ray, models or ta
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
 
-from qpo_ray.data.schema import normalize_text
+from qpo_ray.data.prompts import is_degenerate, prompt_identity
 
 BOOTSTRAP_SAMPLES = 2000
 CONFIDENCE = 0.95
-_TOKEN = re.compile(r"\w+|[^\w\s]")
 
 
 def paired_bootstrap(a: Sequence[float | None], b: Sequence[float | None], *, samples: int = BOOTSTRAP_SAMPLES,
@@ -37,30 +35,19 @@ def paired_bootstrap(a: Sequence[float | None], b: Sequence[float | None], *, sa
     return {"diff": float(d.mean()), "lo": lo, "hi": hi, "n": int(d.size), "tie": bool(lo <= 0.0 <= hi)}
 
 
-def is_degenerate(prompt: str, repeats: int = 3, max_ngram: int = 3) -> bool:
-    """Empty (after whitespace), or some word, punctuation mark or run of up to ``max_ngram`` of them repeated
-    ``repeats`` or more times in a row ("the the the", "step by step by step by")."""
-    toks = _TOKEN.findall(prompt.casefold())
-    if not toks:
-        return True
-    for n in range(1, max_ngram + 1):
-        for i in range(len(toks) - n * repeats + 1):
-            gram = toks[i:i + n]
-            if all(toks[i + k * n:i + (k + 1) * n] == gram for k in range(1, repeats)):
-                return True
-    return False
-
-
-def prompt_stats(prompts: Iterable[str], pool: Iterable[str]) -> dict[str, Any]:
-    """How many distinct prompts a method wrote, and what share are verbatim pool prompts (after the
-    whitespace/case normalisation of question identity) and degenerate (:func:`is_degenerate`). An empty
-    prompt counts as degenerate unless the pool holds one too: then it is the "no instruction" choice."""
+def prompt_stats(prompts: Iterable[str], pool: Iterable[str], earlier: Iterable[str] | None = None) -> dict[str, Any]:
+    """How many distinct prompts a method wrote; the share that are pool prompts (``prompt_identity``: case,
+    whitespace and punctuation aside), that are *new* (in none of the ``earlier`` prompts, e.g. the dataset
+    the policy was trained on; None when not given), and that are degenerate (:func:`is_degenerate`). An
+    empty prompt counts as degenerate unless the pool holds one too: then it is the "no instruction" choice."""
     ps = list(prompts)
-    known = {normalize_text(p) for p in pool}
+    known = {prompt_identity(p) for p in pool}
     n = len(ps)
     if not n:
-        return {"prompts": 0, "distinct": 0, "verbatim_pool_share": None, "degenerate_share": None}
+        return {"prompts": 0, "distinct": 0, "verbatim_pool_share": None, "new_share": None, "degenerate_share": None}
+    seen = None if earlier is None else {prompt_identity(p) for p in earlier}
     chosen_empty = "" in known
-    return {"prompts": n, "distinct": len({normalize_text(p) for p in ps}),
-            "verbatim_pool_share": sum(normalize_text(p) in known for p in ps) / n,
+    return {"prompts": n, "distinct": len({prompt_identity(p) for p in ps}),
+            "verbatim_pool_share": sum(prompt_identity(p) in known for p in ps) / n,
+            "new_share": None if seen is None else sum(prompt_identity(p) not in seen for p in ps) / n,
             "degenerate_share": sum(is_degenerate(p) and not (chosen_empty and not p.strip()) for p in ps) / n}

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
+from qpo_ray.data.schema import content_id
 from qpo_ray.policy.model import QPOPolicy
 from qpo_ray.policy.tokenize import encode_prompts, encode_queries
 
@@ -35,19 +36,40 @@ def candidates(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> tupl
     return vals, ids
 
 
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
 def sample_next(logits: torch.Tensor, *, top_k: int = 0, top_p: float = 1.0, temperature: float = 1.0,
-                generator: torch.Generator | None = None) -> torch.Tensor:
-    """One sampled token id per row of ``logits [B, V]``, from the temperature-scaled top-k/top-p candidates."""
+                generator: Generators = None) -> torch.Tensor:
+    """One sampled token id per row of ``logits [B, V]``, from the temperature-scaled top-k/top-p candidates.
+
+    ``generator``: one for the batch, or one per row (a row's draws then do not depend on its batch)."""
     vals, ids = candidates(logits / temperature, top_k, top_p)
-    pick = torch.multinomial(torch.softmax(vals, dim=-1), 1, generator=generator)
+    probs = torch.softmax(vals, dim=-1)
+    if isinstance(generator, Sequence):
+        pick = torch.stack([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generator)])
+    else:
+        pick = torch.multinomial(probs, 1, generator=generator)
     return ids.gather(-1, pick).squeeze(-1)
+
+
+def row_generators(seed: int, queries: Sequence[str], device: torch.device | str = "cpu") -> list[torch.Generator]:
+    """One generator per row, seeded from (``seed``, the query, how many times it came before in ``queries``):
+    a query's samples are the same from every entry point, whatever batch it shares."""
+    seen: dict[str, int] = {}
+    out = []
+    for q in queries:
+        k = seen.get(q, 0)
+        seen[q] = k + 1
+        out.append(torch.Generator(device=device).manual_seed(int(content_id("sample", str(seed), q, str(k)), 16)))
+    return out
 
 
 @torch.no_grad()
 def generate_ids(policy: QPOPolicy, query_ids: torch.Tensor, query_mask: torch.Tensor, *,
                  target_reward: float = 100.0, greedy: bool = True, top_k: int = 0, top_p: float = 1.0,
                  temperature: float = 1.0, max_new_tokens: int = 40,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+                 generator: Generators = None) -> torch.Tensor:
     """Token ids ``[B, max_new_tokens]``: each row up to and including its first EOS, pad after it.
 
     Stops early once every row has ended. The caller sets eval mode."""
@@ -141,11 +163,12 @@ def generate_prompts(policy: QPOPolicy, queries: Sequence[str], *, target_reward
     """One prompt per query, conditioned on ``r = target_reward``: the most likely prompt (``greedy``; by beam
     search when ``num_beams`` > 1), or sampled with top-k then top-p.
 
-    Deterministic for a given ``seed`` (and batch size)."""
+    Sampling is deterministic for a given ``seed``: each query's draws come from its own generator
+    (:func:`row_generators`), so they do not depend on the batch size or on the other queries."""
     pcfg = policy.pcfg
     n_new = max_new_tokens or pcfg.max_prompt_tokens
     dev = policy.device
-    gen = torch.Generator(device=dev).manual_seed(seed) if seed is not None else None
+    gens = row_generators(seed, queries, dev) if seed is not None and not greedy else None
     was_training = policy.training
     policy.eval()
     try:
@@ -158,7 +181,8 @@ def generate_prompts(policy: QPOPolicy, queries: Sequence[str], *, target_reward
                                max_new_tokens=n_new)
             else:
                 ids = generate_ids(policy, q_ids, q_mask, target_reward=target_reward, greedy=greedy, top_k=top_k,
-                                   top_p=top_p, temperature=temperature, max_new_tokens=n_new, generator=gen)
+                                   top_p=top_p, temperature=temperature, max_new_tokens=n_new,
+                                   generator=gens[i:i + batch_size] if gens is not None else None)
             texts += [_text(policy, row) for row in ids.tolist()]
         return texts
     finally:

@@ -114,11 +114,15 @@ class CollectConfig(_Section):
     num_queries: int = Field(1000, ge=1, le=_1G)
     batch_size: int = Field(100, ge=1, le=_1M)  # queries per sampling call of an actor
     target_reward: float = Field(100.0, ge=REWARD_SCALE[0], le=REWARD_SCALE[1])
-    # Exploration (collect/screen.py): the policy proposes num_candidates prompts per query; repeats, pairs
-    # scored before and degenerate prompts are dropped, r̂ ranks the rest, and the target scores only the best
-    # scored_per_query of them (num_candidates / scored_per_query is what the screening saves). new_share of
-    # those slots go first to prompts no earlier dataset version holds, so the loops find new prompts.
+    # Exploration (collect/screen.py): the policy proposes num_candidates sampled prompts per query and its
+    # num_beams most likely ones (beam search; 0 = none); repeats, pairs scored before and degenerate prompts
+    # are dropped, r̂ ranks the rest, and the target scores only the best scored_per_query of them (the
+    # rest is what the screening saves). new_share of those slots go first to prompts no earlier dataset
+    # version holds, so the loops find new prompts. Samples alone rarely leave the pool: a trained policy is
+    # sure of its prompts, and its tail is mostly broken splices; the beams past the pool's prompts are its
+    # most likely other prompts.
     num_candidates: int = Field(8, ge=1, le=_4K)
+    num_beams: int = Field(16, ge=0, le=256)
     scored_per_query: int = Field(2, ge=1, le=_4K)
     new_share: float = Field(0.5, ge=0, le=1)
     # Score the offline pool on the loop's collect queries too, to measure new prompts against the source

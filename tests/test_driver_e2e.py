@@ -7,6 +7,7 @@ import math
 import re
 from collections import Counter
 
+import pyarrow.parquet as pq
 import pytest
 
 from qpo_ray.config import load_config
@@ -83,6 +84,30 @@ def test_report_is_consistent_with_the_data(reference_run):
     steps = [r["global_step"] for r in train]
     assert steps == sorted(steps) and len(set(steps)) == len(steps)
     assert {r["loop"] for r in train} == {1, 2}
+
+
+def test_loops_score_new_prompts_and_measure_them_against_the_pool(reference_run):
+    """Each loop's target calls go to the screened candidates (a share of them new prompts) and to the pool on
+    the same collect queries; the pool rows are a measurement and do not join the dataset."""
+    cfg = load_config("tiny")
+    summary = json.loads((reference_run / "eval" / "summary.json").read_text())
+    report = (reference_run / "report.md").read_text()
+    store = DatasetStore(reference_run)
+    for loop in (1, 2):
+        collect = json.loads((reference_run / "steps" / f"loop-{loop}.collect.json").read_text())["screen"]
+        # the samples and the beams (repeats among them included)
+        assert collect["sampled"] > cfg.collect.num_queries * cfg.collect.num_candidates
+        assert collect["chosen"] <= cfg.collect.num_queries * cfg.collect.scored_per_query
+        chosen = pq.read_table(reference_run / "loops" / f"loop-{loop}" / "collect.parquet").to_pylist()
+        assert len(chosen) == collect["chosen"] and sum(r["new"] for r in chosen) == collect["chosen_new"] > 0
+        gen = summary["generated"][str(loop)]
+        assert (gen["scored"], gen["new"]) == (collect["chosen"], collect["chosen_new"])
+        assert f"{gen['new']} of them with a new prompt" in report
+        # every loop-<t> row in the dataset is a chosen pair, never a pool pair scored for the comparison
+        added = [r for r in store.read_table(loop).to_pylist() if r["source"] == f"loop-{loop}"]
+        assert {(r["query"], r["prompt"]) for r in added} <= {(r["query"], r["prompt"]) for r in chosen}
+    assert set(summary["loop_over_loop"]) >= {"qpo_greedy", "qpo_rerank"}
+    assert "Loop over loop: loop 2 − loop 1" in report
 
 
 def test_resume_after_collect_matches_uninterrupted_run(reference_run, tmp_path):

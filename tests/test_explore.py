@@ -106,6 +106,7 @@ def test_a_trained_tiny_policy_writes_prompts_it_was_not_given():
     the narrowest sampling (top-k 1) only repeats what it learnt."""
     from qpo_ray.config import PolicyConfig
     from qpo_ray.policy import QPOPolicy, generate_prompts, qpo_loss
+    from qpo_ray.policy.generate import likely_prompts
     from qpo_ray.policy.tokenize import encode_rows
 
     pool = ["Is this review positive or negative? Answer with one word.",
@@ -137,7 +138,27 @@ def test_a_trained_tiny_policy_writes_prompts_it_was_not_given():
     wide = generate_prompts(policy, queries * 16, greedy=False, top_k=0, top_p=1.0, temperature=1.5, seed=0)
     new = {p for p in wide if prompt_identity(p) not in known}
     assert new, "wide sampling wrote no prompt outside the pool"
+    # Beam search past the known prompts: the policy's likeliest prompts that the pool does not hold.
+    beams = likely_prompts(policy, queries, 6, exclude=pool)
+    assert all(len(b) >= 1 for b in beams)
+    assert all(p not in pool for b in beams for p in b)
+    assert sum(prompt_identity(p) not in known for b in beams for p in b) >= len(queries)
     # Deterministic per query: the same query gets the same draws whatever batch it is in.
     again = generate_prompts(policy, queries[:1] * 16, greedy=False, top_k=0, top_p=1.0, temperature=1.5, seed=0,
                              batch_size=3)
     assert again == [p for q, p in zip(queries * 16, wide, strict=True) if q == queries[0]]
+
+
+def test_beam_search_past_excluded_prompts_finds_the_next_likeliest_ones():
+    from qpo_ray.config import PolicyConfig
+    from qpo_ray.policy import QPOPolicy
+    from qpo_ray.policy.generate import likely_prompts
+
+    policy = QPOPolicy.from_config(PolicyConfig(model="tiny-gpt2", tokenizer="gpt2", max_query_tokens=8,
+                                                max_prompt_tokens=4), seed=0).eval()
+    queries = ["a query", "another one"]
+    free = likely_prompts(policy, queries, 6)
+    assert all(1 <= len(b) <= 6 for b in free)
+    banned = [b[0] for b in free]  # each query's likeliest prompt
+    again = likely_prompts(policy, queries, 6, exclude=banned)
+    assert all(p not in banned for b in again for p in b) and all(again)

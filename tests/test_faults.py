@@ -23,7 +23,8 @@ DRILL = [
     ("scoring (bootstrap, after its first persisted chunk)", "score.bootstrap.chunk"),
     ("a dataset version half-written (v000, before its rename)", "store.commit.before-rename"),
     ("training (loop 1, driver killed mid-fit)", None),
-    ("sampling (loop 1 collect, before its marker)", "loop-1.collect.before-mark"),
+    ("sampling and screening (loop 1 collect, before its marker)", "loop-1.collect.before-mark"),
+    ("scoring the chosen prompts and the pool (loop 1, after its first persisted chunk)", "score.loop-1.chunk"),
     ("the merge commit (loop 1)", "merge.commit"),
     ("evaluation (loop 2, before its marker)", "loop-2.eval.before-mark"),
 ]

@@ -34,32 +34,42 @@ class _Sampler:
         self.gen = gen
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from qpo_ray.policy.generate import generate_prompts, reward_estimates
+        from qpo_ray.policy.generate import generate_prompts, likely_prompts, reward_estimates
 
-        n = self.gen["num_candidates"]
-        rows = np.repeat(batch["row"], n)
-        queries = [str(q) for q in np.repeat(batch["query"], n)]
+        n, g = self.gen["num_candidates"], self.gen
         # Each query's draws come from its own seeded generator: the same query gets the same candidates
         # however the rows are batched or spread over actors.
-        prompts = generate_prompts(self.policy, queries, greedy=self.gen["greedy"], top_k=self.gen["top_k"],
-                                   top_p=self.gen["top_p"], temperature=self.gen["temperature"],
-                                   target_reward=self.gen["target_reward"], batch_size=len(queries),
-                                   seed=self.gen["seed"])
+        sampled = generate_prompts(self.policy, [str(q) for q in np.repeat(batch["query"], n)], greedy=g["greedy"],
+                                   top_k=g["top_k"], top_p=g["top_p"], temperature=g["temperature"],
+                                   target_reward=g["target_reward"], batch_size=len(batch["query"]) * n,
+                                   seed=g["seed"])
+        beams = (likely_prompts(self.policy, [str(q) for q in batch["query"]], g["num_beams"],
+                                target_reward=g["target_reward"], exclude=g["exclude"],
+                                batch_size=len(batch["query"]))
+                 if g["num_beams"] else [[] for _ in batch["query"]])
+        per_row = [sampled[i * n:(i + 1) * n] + beams[i] for i in range(len(batch["query"]))]
+        counts = [len(p) for p in per_row]
+        rows, labels = np.repeat(batch["row"], counts), np.repeat(batch["label"], counts)
+        queries = [str(q) for q in np.repeat(batch["query"], counts)]
+        prompts = [p for ps in per_row for p in ps]
+        rhat = [float("nan")] * len(prompts)
         if self.policy.pcfg.reward_head == "last_prompt":
-            rhat = reward_estimates(self.policy, queries, prompts)
-        else:
-            rhat = [float("nan")] * len(prompts)
-        return {"row": rows, "query": np.array(queries, dtype=object), "label": np.repeat(batch["label"], n),
+            unique = list(dict.fromkeys(zip(queries, prompts, strict=True)))  # r̂ once per distinct pair
+            est = dict(zip(unique, reward_estimates(self.policy, [q for q, _ in unique], [p for _, p in unique]),
+                           strict=True))
+            rhat = [est[qp] for qp in zip(queries, prompts, strict=True)]
+        return {"row": rows, "query": np.array(queries, dtype=object), "label": labels,
                 "prompt": np.array(prompts, dtype=object), "rhat": np.array(rhat, dtype=np.float64)}
 
 
 def sample_prompts(policy_dir: str | Path, queries: Sequence[tuple[str, str]], ccfg: CollectConfig, *,
                    seed: int, greedy: bool = False, target_reward: float | None = None,
-                   num_candidates: int | None = None, desc: str = "sample",
+                   num_candidates: int | None = None, exclude: Sequence[str] = (), desc: str = "sample",
                    progress: bool = True) -> list[dict[str, Any]]:
-    """``num_candidates`` (default ``collect.num_candidates``) prompts per (query, label), sampled on a pool of
-    ``collect.num_actors`` actors, each with ``rhat`` = r̂(q, p) (NaN without the "last_prompt" head).
-    Rows keep the input order, a query's candidates in the order they were drawn."""
+    """Candidate prompts per (query, label) on a pool of ``collect.num_actors`` actors: ``num_candidates``
+    (default ``collect.num_candidates``) sampled ones, then the ``collect.num_beams`` most likely ones other
+    than the ``exclude`` prompts (the dataset's, so the beams are new prompts), each with ``rhat`` = r̂(q, p)
+    (None without the "last_prompt" head). Rows keep the input order, a query's candidates in that order."""
     import ray
 
     if not queries:
@@ -68,7 +78,8 @@ def sample_prompts(policy_dir: str | Path, queries: Sequence[tuple[str, str]], c
     items = [{"row": i, "query": q, "label": lab} for i, (q, lab) in enumerate(queries)]
     gen = {"greedy": greedy, "top_k": ccfg.top_k, "top_p": ccfg.top_p, "temperature": ccfg.temperature,
            "target_reward": ccfg.target_reward if target_reward is None else target_reward, "seed": seed,
-           "num_candidates": 1 if greedy else n}
+           "num_candidates": 1 if greedy else n, "num_beams": 0 if greedy else ccfg.num_beams,
+           "exclude": list(exclude)}
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items) // ccfg.batch_size))

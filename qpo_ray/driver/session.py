@@ -80,16 +80,16 @@ class Session:
                 out[r["key"]] = r
         return out
 
-    def seen(self, version: int) -> tuple[set[tuple[str, str]], set[str]]:
+    def seen(self, version: int) -> tuple[set[tuple[str, str]], dict[str, str]]:
         """What exploration must not spend target calls on, as ``pair_identity``s: every pair stored in
-        ``version`` or scored in this run; and the ``prompt_identity`` of every prompt ``version`` holds
-        (versions grow from their parent, so these are the prompts of every earlier version)."""
+        ``version`` or scored in this run; and every prompt ``version`` holds, by ``prompt_identity`` (versions
+        grow from their parent, so these are the prompts of every earlier version)."""
         pairs: set[tuple[str, str]] = set()
-        prompts: set[str] = set()
+        prompts: dict[str, str] = {}
         for b in self.store.iter_batches(version, columns=["query", "prompt"]):
             for q, p in zip(b.column("query").to_pylist(), b.column("prompt").to_pylist(), strict=True):
                 pairs.add(pair_identity(q, p))
-                prompts.add(prompt_identity(p))
+                prompts.setdefault(prompt_identity(p), p)
         pairs |= {pair_identity(r["query"], r["prompt"]) for r in self._load_cache().values()}
         return pairs, prompts
 

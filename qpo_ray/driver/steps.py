@@ -63,11 +63,13 @@ def collect(s: Session, loop: int) -> dict[str, Any]:
     (collect/screen.py). Writes every candidate and the chosen pairs."""
     ccfg = s.cfg.collect
     queries = pick_collect_queries(s.task.queries("collect"), ccfg.num_queries, loop, s.cfg.seed)
-    log.info("[loop %d] sampling %d prompts for each of %d collect queries", loop, ccfg.num_candidates, len(queries))
+    log.info("[loop %d] sampling %d prompts and beam-searching %d new ones for each of %d collect queries", loop,
+             ccfg.num_candidates, ccfg.num_beams, len(queries))
+    seen_pairs, known = s.seen(loop - 1)
     cands = sample_prompts(s.run.policy_dir(loop), queries, ccfg, seed=s.cfg.seed * 1000 + loop,
-                           desc=f"sample loop-{loop}")
+                           exclude=sorted(known.values()), desc=f"sample loop-{loop}")
     atomic_write_table(s.run.loop_dir(loop) / "candidates.parquet", pa.Table.from_pylist(cands))
-    seen_pairs, known_prompts = s.seen(loop - 1)
+    known_prompts = set(known)
     chosen, stats = screen([Candidate(**c) for c in cands], seen_pairs=seen_pairs, known_prompts=known_prompts,
                            per_query=ccfg.scored_per_query, new_share=ccfg.new_share)
     rows = [{"query": c.query, "label": c.label, "prompt": c.prompt, "rhat": c.rhat,

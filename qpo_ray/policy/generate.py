@@ -6,10 +6,11 @@ never visible) and each row's prompt is cut at its first EOS.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
+from qpo_ray.data.prompts import prompt_identity
 from qpo_ray.data.schema import content_id
 from qpo_ray.policy.model import QPOPolicy
 from qpo_ray.policy.tokenize import encode_prompts, encode_queries
@@ -102,9 +103,12 @@ def generate_ids(policy: QPOPolicy, query_ids: torch.Tensor, query_mask: torch.T
 
 @torch.no_grad()
 def beam_ids(policy: QPOPolicy, query_ids: torch.Tensor, query_mask: torch.Tensor, *, num_beams: int,
-             target_reward: float = 100.0, max_new_tokens: int = 40) -> torch.Tensor:
+             target_reward: float = 100.0, max_new_tokens: int = 40, all_beams: bool = False,
+             banned: Callable[[tuple[int, ...]], bool] | None = None) -> torch.Tensor:
     """The most likely prompt per row under ``p(prompt | query, r)`` by beam search: ``[B, max_new_tokens]``
-    token ids like ``generate_ids``.
+    token ids like ``generate_ids``; with ``all_beams``, every beam, most likely first: ``[B, num_beams, T]``.
+    ``banned(token_ids)``: True where a beam may not end (it must go on past those tokens): the search then
+    finds the most likely prompts other than the banned ones.
 
     Greedy decoding commits to the most likely next token, so prompts that share an opening ("Let's think…",
     "Let's break…") pool their probability on it and win over a likelier prompt that starts alone. A beam
@@ -125,8 +129,13 @@ def beam_ids(policy: QPOPolicy, query_ids: torch.Tensor, query_mask: torch.Tenso
     out = torch.full((B * W, max_new_tokens), pad, dtype=torch.long, device=dev)
     done = torch.zeros(B * W, dtype=torch.bool, device=dev)
     eos_pos = int(policy.head_targets(torch.tensor([eos], device=dev), torch.ones(1, device=dev))[0])
+    prefix: list[tuple[int, ...]] = [()] * (B * W)
     for t in range(max_new_tokens):
         logp = torch.log_softmax(policy.prompt_logits(h).float(), dim=-1)
+        if banned:
+            ends = [i for i, p in enumerate(prefix) if banned(p)]
+            if ends:
+                logp[ends, eos_pos] = float("-inf")
         # An ended beam has one continuation (its own end), at no cost.
         logp[done] = float("-inf")
         logp[done, eos_pos] = 0.0
@@ -139,14 +148,56 @@ def beam_ids(policy: QPOPolicy, query_ids: torch.Tensor, query_mask: torch.Tenso
         nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
         out[:, t] = nxt
         done = done | (nxt == eos)
+        if banned:
+            prefix = [prefix[j] + (n,) for j, n in zip(src.tolist(), nxt.tolist(), strict=True)]
         if bool(done.all()) or t == max_new_tokens - 1:
             break
         cache.reorder_cache(src)
         mask = torch.cat([mask[src], torch.ones_like(mask[:, :1])], dim=1)
         h, cache = policy.step(nxt, cache, mask, pos[src])
         pos = pos[src] + 1
+    if all_beams:
+        order = score.argsort(-1, descending=True)
+        return out.reshape(B, W, -1).gather(1, order[..., None].expand(-1, -1, out.shape[-1]))
     best = score.argmax(-1)
     return out.reshape(B, W, -1)[torch.arange(B, device=dev), best]
+
+
+@torch.no_grad()
+def likely_prompts(policy: QPOPolicy, queries: Sequence[str], num_beams: int, *, target_reward: float = 100.0,
+                   exclude: Sequence[str] = (), max_new_tokens: int | None = None,
+                   batch_size: int = 32) -> list[list[str]]:
+    """Per query, the ``num_beams`` most likely prompts that beam search finds other than those in ``exclude``
+    (most likely first, repeats after decoding dropped). A beam may not end as an excluded prompt: it goes on
+    past it, so a policy sure of its training prompts offers its likeliest *other* prompts, such as a known
+    prompt followed by what the training prompts say after a sentence like it."""
+    pcfg, dev = policy.pcfg, policy.device
+    banned = None
+    if exclude:
+        # By text identity, not token ids: other token paths (" Answer" for "Answer") decode to the same prompt.
+        known = {prompt_identity(p) for p in exclude}
+        ended: dict[tuple[int, ...], bool] = {}
+
+        def banned(ids: tuple[int, ...]) -> bool:
+            if ids not in ended:
+                ended[ids] = prompt_identity(_text(policy, list(ids))) in known
+            return ended[ids]
+
+    was_training = policy.training
+    policy.eval()
+    try:
+        out: list[list[str]] = []
+        for i in range(0, len(queries), batch_size):
+            q_ids, q_mask = encode_queries(policy.tokenizer, list(queries[i:i + batch_size]), pcfg.max_query_tokens)
+            ids = beam_ids(policy, torch.as_tensor(q_ids, device=dev), torch.as_tensor(q_mask, device=dev),
+                           num_beams=num_beams, target_reward=target_reward,
+                           max_new_tokens=max_new_tokens or pcfg.max_prompt_tokens, all_beams=True, banned=banned)
+            texts = [dict.fromkeys(_text(policy, b) for b in row) for row in ids.tolist()]
+            # A beam cut at max_new_tokens never ended, so nothing stopped it there: drop excluded ones.
+            out += [[t for t in row if banned is None or prompt_identity(t) not in known] for row in texts]
+        return out
+    finally:
+        policy.train(was_training)
 
 
 def _text(policy: QPOPolicy, ids: list[int]) -> str:

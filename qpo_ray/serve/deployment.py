@@ -53,7 +53,8 @@ from qpo_ray.errors import QPOError, TargetError
 from qpo_ray.policy.inference import InferenceSettings, policy_prompts
 from qpo_ray.policy.served import Served
 from qpo_ray.score.batcher import EngineBatcher
-from qpo_ray.score.engines.base import predicted_answer, predicted_label
+from qpo_ray.score.engines.openai_engine import OpenAIEngine
+from qpo_ray.serve.answer import answer_mode, read_answer
 from qpo_ray.serve.http import install_error_handlers
 from qpo_ray.serve.messages import (
     AnswerItem,
@@ -64,6 +65,7 @@ from qpo_ray.serve.messages import (
     PromptResponse,
     max_body_bytes,
 )
+from qpo_ray.tasks import Task, load_task
 
 log = logging.getLogger("qpo_ray.serve")
 
@@ -153,8 +155,8 @@ class PolicyService:
         self._key = os.environ.get(env, "") if env else ""
         if env and not self._key:
             log.warning("serve.api_key_env=%s but the variable is unset or empty here: no key required", env)
-        self._task = None  # loaded on the first /v1/answer: prompts alone never need the task file
-        self._engine = None  # the target's scoring engine, built on the first /v1/answer
+        self._task: Task | None = None  # loaded on the first /v1/answer: prompts alone never need the task file
+        self._engine: OpenAIEngine | None = None  # the target's scoring engine, built on the first /v1/answer
         self.started = time.time()
         self.requests = 0
         self.batches = 0
@@ -224,34 +226,20 @@ class PolicyService:
             inputs = [self._render(it.prompt, it.query) for it in items]
         except QPOError as e:  # a task file the service cannot read: say which, not a bare 500
             raise HTTPException(500, f"cannot render the target input: {e}") from None
-        label_mode = task.type == "classification"
         loop = asyncio.get_running_loop()
-
-        def one(text: str) -> dict[str, Any]:
-            # The engine's own calls, so an answer is what scoring would have read.
-            if label_mode:
-                nll, _ = engine.label_nlls(task, text)
-                best = predicted_label(task, nll)
-                return {"answer": task.labels[best], "score": -nll[best],
-                        "label_scores": {lab: -v for lab, v in zip(task.labels, nll, strict=True)}}
-            reply, _, _ = engine.math_reply(text)
-            return {"answer": predicted_answer(reply), "reply": reply}
-
         try:
             # Off the event loop, on the engine's pool (target.max_concurrency threads).
-            answers = await asyncio.gather(*(loop.run_in_executor(engine.pool, one, x) for x in inputs))
+            answers = await asyncio.gather(*(loop.run_in_executor(engine.pool, read_answer, engine, task, x)
+                                             for x in inputs))
         except TargetError as e:
-            raise HTTPException(502, f"target {t.base_url}: {e}") from None
+            raise HTTPException(502, str(e)) from None  # the engine's message names the target's URL
         return AnswerResponse(answers=[AnswerItem(query=it.query, prompt=it.prompt, input=x, **a)
                                        for it, x, a in zip(items, inputs, answers, strict=True)],
-                              mode="label" if label_mode else "math", policy=self.name, task=self.cfg.task.name,
-                              target=t.model, target_reward=req.target_reward)
+                              mode=answer_mode(task), policy=self.name, task=self.cfg.task.name, target=t.model,
+                              target_reward=req.target_reward)
 
-    def _target(self) -> tuple[Any, Any]:
+    def _target(self) -> tuple[Task, OpenAIEngine]:
         """The served task and an ``OpenAIEngine`` for the configured target, built once."""
-        from qpo_ray.score.engines.openai_engine import OpenAIEngine
-        from qpo_ray.tasks import load_task
-
         if self._task is None:
             self._task = load_task(self.cfg.task.name)
         if self._engine is None:

@@ -23,11 +23,12 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory, ray_local):
-    """A replay evaluation of synthetic logs (rerank ★ with a fitted margin, best-of-2, greedy), seed 3."""
+    """A replay evaluation of synthetic logs (rerank ★ with a fitted margin, best-of-2, greedy), seed 3, r = 80."""
     tmp = tmp_path_factory.mktemp("parity")
     rows = _synthetic_logs()
     cfg = load_config("offline", ["policy.tiny_hidden=32", "train.batch_size=16", "train.micro_batch_size=16",
-                                  "train.cpus_per_worker=1", "train.scratch.epochs=2", "eval.best_of_n=2", "seed=3"])
+                                  "train.cpus_per_worker=1", "train.scratch.epochs=2", "eval.best_of_n=2", "seed=3",
+                                  "eval.target_reward=80"])
     out = tmp / "eval"
     res = evaluate_offline(cfg, _store(tmp, rows, name="logs"), out, test_fraction=0.25, seed=0)
     # Replay's rerank ranks the prompts recorded for each test query, the service the whole pool: here every
@@ -48,7 +49,7 @@ def test_policy_carries_how_it_was_evaluated(evaluated):
     rec = read_inference(evaluated["policy"])
     assert rec is not None and res["default_method"] == "qpo_rerank"
     s = rec.settings
-    assert s.method == "rerank" and s.seed == 3 and s.best_of_n == 2
+    assert s.method == "rerank" and s.seed == 3 and s.best_of_n == 2 and s.target_reward == 80.0
     assert s.default_prompt == res["methods"]["best_single"]["prompt"] and s.margin == res["rerank"]["margin"]
     assert set(s.candidates) == {A, B, C}
     assert (rec.task, rec.setting) == ("toy", "zero_shot") and rec.run_config == "../config.yaml"
@@ -95,6 +96,7 @@ def test_service_serves_the_evaluated_prompts(evaluated):
         r = httpx.post(url + "/v1/prompts", json={"queries": queries}, timeout=120)
         assert r.status_code == 200, r.text
         assert {p["query"]: p["prompt"] for p in r.json()["prompts"]} == expected
+        assert r.json()["target_reward"] == 80.0  # a request without one gets the evaluated reward
         with ThreadPoolExecutor(8) as pool:  # one query a request, batched however the replica batches them
             singles = list(pool.map(lambda q: httpx.post(url + "/v1/prompts", json={"query": q}, timeout=120),
                                     queries))

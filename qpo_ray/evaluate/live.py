@@ -50,10 +50,10 @@ def trained_prompts(store: DatasetStore, version: int) -> list[str]:
 def record_inference(session, loop: int, settings: InferenceSettings, best: dict[str, Any] | None) -> None:
     """``policy/loop-N/inference.json``: how the loop's policy was evaluated, so it is served that way."""
     what = f"live evaluation of loop {loop}"
+    pool = f"the offline prompt pool of D0, {len(settings.candidates)} prompts ({what})"
     write_inference(session.run.policy_dir(loop), session.cfg, settings, evaluation=what,
                     run_config=session.run.path / "config.yaml",
-                    sources={"candidates": f"the offline prompt pool of D0, {len(settings.candidates)} prompts ({what})",
-                             "default_prompt": default_prompt_source(best, what)})
+                    sources={"candidates": pool, "default_prompt": default_prompt_source(best, what)})
 
 
 def evaluate_loop(session, loop: int) -> dict[str, Any]:

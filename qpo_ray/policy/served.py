@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from qpo_ray.atomic import atomic_write_json
-from qpo_ray.config import RunConfig, load_config, override_key
+from qpo_ray.config import RunConfig, build_config, load_config, override_key
 from qpo_ray.errors import ConfigError, QPOError
 from qpo_ray.policy.inference import InferenceSettings
 
@@ -96,8 +96,8 @@ def read_inference(policy_dir: str | Path) -> InferenceRecord | None:
 
 @dataclass(frozen=True)
 class Served:
-    """A policy folder's resolved serving: the config, the inference settings, where each came from, and
-    what an older folder lacks."""
+    """What a policy folder is served with: the config, the inference settings, where each came from, and
+    what a folder that was never evaluated lacks (``missing``)."""
 
     cfg: RunConfig
     settings: InferenceSettings
@@ -117,8 +117,6 @@ class Served:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Served:
-        from qpo_ray.config import build_config
-
         return cls(cfg=build_config(d["cfg"], "served config"), settings=InferenceSettings.from_dict(d["settings"]),
                    sources=dict(d["sources"]), missing=tuple(d["missing"]))
 

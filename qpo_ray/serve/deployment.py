@@ -1,8 +1,8 @@
 """The trained policy behind HTTP: a Ray Serve deployment with a FastAPI ingress.
 
 Endpoints
-- ``POST /v1/prompts``: ``{"query": "..."}`` or ``{"queries": [...]}`` (+ optional ``task``, ``target_reward``)
-  → ``{"prompts": [{"query", "prompt"}], "policy", "task", "target_reward"}``;
+- ``POST /v1/prompts``: ``{"query": "..."}`` or ``{"queries": [...]}`` (+ optional ``task``, ``target_reward``,
+  default the served one) → ``{"prompts": [{"query", "prompt"}], "policy", "task", "target_reward"}``;
 - ``POST /v1/answer``: the same, then asks the configured target (an OpenAI-compatible server,
   ``target.engine = openai``) the way the task is scored, through the scoring engine's own calls
   (``OpenAIEngine``): a classification task's answer is the label whose verbalizer the target rates most
@@ -192,11 +192,14 @@ class PolicyService:
             raise HTTPException(422, f"this service serves task '{self.cfg.task.name}', not '{req.task}'")
         return queries
 
+    def _reward(self, req: PromptRequest) -> float:
+        return self.settings.target_reward if req.target_reward is None else float(req.target_reward)
+
     async def _prompts(self, req: PromptRequest) -> list[PromptItem]:
         queries = self._check(req)
         self.requests += 1
         try:
-            prompts = await self.batcher.submit((queries, float(req.target_reward)))
+            prompts = await self.batcher.submit((queries, self._reward(req)))
         except Exception as e:  # this request's own failure (the batcher isolates it): say what, as JSON
             log.exception("generation failed for a request of %d queries", len(queries))
             raise HTTPException(500, f"generation failed for this request: {type(e).__name__}: {e}") from None
@@ -208,7 +211,7 @@ class PolicyService:
         self._authorize(bearer, key)
         items = await self._prompts(req)
         return PromptResponse(prompts=items, policy=self.name, task=self.cfg.task.name,
-                              target_reward=req.target_reward)
+                              target_reward=self._reward(req))
 
     @api.post("/v1/answer", response_model=AnswerResponse,
               summary="prompt(s), then the configured target's answer to prompt + query, read as the task is scored",
@@ -236,7 +239,7 @@ class PolicyService:
         return AnswerResponse(answers=[AnswerItem(query=it.query, prompt=it.prompt, input=x, **a)
                                        for it, x, a in zip(items, inputs, answers, strict=True)],
                               mode=answer_mode(task), policy=self.name, task=self.cfg.task.name, target=t.model,
-                              target_reward=req.target_reward)
+                              target_reward=self._reward(req))
 
     def _target(self) -> tuple[Task, OpenAIEngine]:
         """The served task and an ``OpenAIEngine`` for the configured target, built once."""

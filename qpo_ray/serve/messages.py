@@ -36,8 +36,9 @@ class PromptRequest(BaseModel):
     queries: list[Query] | None = Field(None, min_length=1, description="queries (one or many, none empty)")
     query: Query | None = Field(None, description="a single query (instead of `queries`)")
     task: Text | None = Field(None, description="must match the served task when given")
-    target_reward: float = Field(REWARD_MAX, ge=REWARD_MIN, le=REWARD_MAX, allow_inf_nan=False,
-                                 description="reward to condition on (0–100)")
+    target_reward: float | None = Field(None, ge=REWARD_MIN, le=REWARD_MAX, allow_inf_nan=False,
+                                        description="reward to condition on (0–100); default: the served "
+                                                    "eval.target_reward, the one the policy was evaluated at")
 
     @model_validator(mode="after")
     def _one_of(self) -> "PromptRequest":

@@ -187,7 +187,8 @@ class EvalConfig(_Section):
     best_of_n: int = Field(1, ge=1, le=_4K)  # >1: also report best-of-N (N samples ranked by the reward head)
     num_beams: int = Field(1, ge=1, le=64)  # the policy's own prompt: 1 = greedy, more = beam search
     # What "QPO" means in headlines, the policy service and the demo's summary: the policy's own prompt
-    # ("greedy", decoded with num_beams), "best_of_n", or "rerank" (the pool prompt r̂ rates highest).
+    # ("greedy", decoded with num_beams), "best_of_n", or "rerank" (the pool prompt r̂ rates highest). An
+    # evaluation records it with its settings in the policy folder (inference.json) for generate and serve.
     method: Literal["greedy", "best_of_n", "rerank"] = "greedy"
     # Rerank keeps the best single prompt on train unless a candidate's r̂ beats it by more than this margin
     # (normalised reward units); 0 = plain argmax. "fit" (replay only): the margin that does best on

@@ -21,6 +21,15 @@ def _config_args(p: argparse.ArgumentParser, default: str = "tiny") -> None:
                    help="dotted override, e.g. --set train.scratch.lr=1e-4 (repeatable)")
 
 
+def _served_config_args(p: argparse.ArgumentParser, example: str) -> None:
+    """``--config``/``--set`` of the commands that use a trained policy (``qpo_ray.policy.served``)."""
+    p.add_argument("--config", default=None,
+                   help="profile or YAML under the policy's inference.json [the config of the evaluation or run "
+                        "the policy comes from, else tiny]")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help=f"dotted override, wins over inference.json; {example} (repeatable)")
+
+
 def _cfg(args):
     return load_config(args.config, args.overrides)
 
@@ -106,13 +115,16 @@ def _read_queries(path: str) -> list[str]:
 
 
 def cmd_generate(args) -> int:
-    from qpo_ray.policy.generate import generate_prompts
+    """The prompts the policy's evaluation measured: the settings its folder records (``inference.json``)."""
+    from qpo_ray.policy.inference import policy_prompts
     from qpo_ray.policy.model import QPOPolicy
+    from qpo_ray.policy.served import describe_settings, load_served
 
+    served = load_served(args.policy, args.config, args.overrides)
     queries = _read_queries(args.inp)
     policy = QPOPolicy.load(args.policy)
-    prompts = generate_prompts(policy, queries, target_reward=args.reward, greedy=not args.sample,
-                               top_k=args.top_k, top_p=args.top_p, seed=args.seed, batch_size=args.batch_size)
+    print(f"[qpo-ray] {describe_settings(served)}", file=sys.stderr, flush=True)
+    prompts = policy_prompts(policy, queries, served.settings, batch_size=args.batch_size)
     rows = [{"query": q, "prompt": p} for q, p in zip(queries, prompts, strict=True)]
     if args.out:
         write_jsonl(args.out, rows)
@@ -141,9 +153,10 @@ def cmd_serve_target(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from qpo_ray.serve import resolve_config, serve_policy
+    from qpo_ray.policy.served import load_served
+    from qpo_ray.serve import serve_policy
 
-    serve_policy(args.policy, resolve_config(args.policy, args.config, args.overrides), args.host, args.port)
+    serve_policy(args.policy, load_served(args.policy, args.config, args.overrides), args.host, args.port)
     return 0
 
 
@@ -208,16 +221,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="Ray Train run name (same name resumes from its latest checkpoint)")
     p.set_defaults(fn=cmd_train)
 
-    p = sub.add_parser("generate", help="write a prompt for each query with a trained policy")
-    p.add_argument("--policy", required=True)
+    p = sub.add_parser("generate", help="write a prompt for each query with a trained policy, by the method and "
+                                         "settings it was evaluated with (its inference.json)")
+    p.add_argument("--policy", required=True, help="policy folder, e.g. RUN_DIR/policy/loop-2 or OUT/policy")
     p.add_argument("--in", dest="inp", required=True, help="text file (one query a line) or JSONL with 'query'")
     p.add_argument("--out", help="JSONL output (default: stdout)")
-    p.add_argument("--reward", type=float, default=100.0, help="target reward to condition on [100]")
-    p.add_argument("--sample", action="store_true", help="sample (top-k/top-p) instead of greedy")
-    p.add_argument("--top-k", type=int, default=2)
-    p.add_argument("--top-p", type=float, default=0.9)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=32)
+    _served_config_args(p, "e.g. --set eval.method=greedy --set eval.target_reward=80")
+    p.add_argument("--batch-size", type=int, default=64, help="rows per forward pass of generation [64]")
     p.set_defaults(fn=cmd_generate)
 
     p = sub.add_parser("score", help="score (query, prompt) pairs with the target pool")
@@ -233,11 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_serve_target)
 
     p = sub.add_parser("serve", help="serve a trained policy over HTTP (Ray Serve): POST /v1/prompts, /docs")
-    p.add_argument("--policy", required=True, help="policy folder, e.g. RUN_DIR/policy/loop-2")
-    p.add_argument("--config", default=None,
-                   help="profile or YAML [the run's config.yaml when --policy is RUN_DIR/policy/loop-N, else tiny]")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="dotted override, e.g. --set serve.num_replicas=2 (repeatable)")
+    p.add_argument("--policy", required=True, help="policy folder, e.g. RUN_DIR/policy/loop-2 or OUT/policy")
+    _served_config_args(p, "e.g. --set serve.num_replicas=2")
     p.add_argument("--host", help="bind address [serve.host]")
     p.add_argument("--port", type=int, help="HTTP port [serve.port]")
     p.set_defaults(fn=cmd_serve)

@@ -10,6 +10,7 @@ bounds: a typo such as ``max_new_tokens=1e9`` is an error, not a run that never 
 from __future__ import annotations
 
 import difflib
+from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -190,7 +191,8 @@ class EvalConfig(_Section):
     best_of_n: int = Field(1, ge=1, le=_4K)  # >1: also report best-of-N (N samples ranked by the reward head)
     num_beams: int = Field(1, ge=1, le=64)  # the policy's own prompt: 1 = greedy, more = beam search
     # What "QPO" means in headlines, the policy service and the demo's summary: the policy's own prompt
-    # ("greedy", decoded with num_beams), "best_of_n", or "rerank" (the pool prompt r̂ rates highest).
+    # ("greedy", decoded with num_beams), "best_of_n", or "rerank" (the pool prompt r̂ rates highest). An
+    # evaluation records it with its settings in the policy folder (inference.json) for generate and serve.
     method: Literal["greedy", "best_of_n", "rerank"] = "greedy"
     # Rerank keeps the best single prompt on train unless a candidate's r̂ beats it by more than this margin
     # (normalised reward units); 0 = plain argmax. "fit" (replay only): the margin that does best on
@@ -309,11 +311,8 @@ def _did_you_mean(key: str) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
-def apply_override(data: dict[str, Any], assignment: str) -> None:
-    """Apply one ``a.b.c=value`` override to a nested dict in place."""
-    if "=" not in assignment:
-        raise ConfigError(f"override '{assignment}' must look like section.key=value")
-    dotted, _, raw = assignment.partition("=")
+def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``a.b.c`` of a nested dict in place, creating sections on the way."""
     parts = dotted.strip().split(".")
     node = data
     for part in parts[:-1]:
@@ -321,7 +320,19 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"override '{dotted}': '{part}' is not a section")
         node = child
-    node[parts[-1]] = _parse_scalar(raw)
+    node[parts[-1]] = value
+
+
+def override_key(assignment: str) -> str:
+    """The dotted key of a ``a.b.c=value`` override."""
+    return assignment.partition("=")[0].strip()
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> None:
+    """Apply one ``a.b.c=value`` override to a nested dict in place."""
+    if "=" not in assignment:
+        raise ConfigError(f"override '{assignment}' must look like section.key=value")
+    set_dotted(data, override_key(assignment), _parse_scalar(assignment.partition("=")[2]))
 
 
 def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -346,8 +357,12 @@ def build_config(data: dict[str, Any], source: str = "config") -> RunConfig:
         raise ConfigError(f"{source}: " + "; ".join(lines)) from None
 
 
-def load_config(config: str | Path | None = "tiny", overrides: list[str] | None = None) -> RunConfig:
-    """Load a profile name or YAML path (a YAML may name a base profile with ``profile: NAME``)."""
+def load_config(config: str | Path | None = "tiny", overrides: list[str] | None = None, *,
+                presets: Mapping[str, Any] | None = None) -> RunConfig:
+    """Load a profile name or YAML path (a YAML may name a base profile with ``profile: NAME``).
+
+    ``presets`` (dotted key → value) are set over the file and under ``overrides``: what a policy folder
+    records about its evaluation sits between the run's config and the user's ``--set``."""
     config = config or "tiny"
     if isinstance(config, str) and config in PROFILES:
         data, source = _read_yaml(profile_path(config)), f"profile '{config}'"
@@ -361,6 +376,8 @@ def load_config(config: str | Path | None = "tiny", overrides: list[str] | None 
         if base not in PROFILES:
             raise ConfigError(f"{source}: unknown base profile '{base}' (one of {', '.join(PROFILES)})")
         data = _deep_merge(_read_yaml(profile_path(base)), data)
+    for dotted, value in (presets or {}).items():
+        set_dotted(data, dotted, value)
     for assignment in overrides or []:
         apply_override(data, assignment)
     return build_config(data, source)

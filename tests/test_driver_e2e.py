@@ -110,6 +110,28 @@ def test_loops_score_new_prompts_and_measure_them_against_the_pool(reference_run
     assert "Loop over loop: loop 2 − loop 1" in report
 
 
+@pytest.mark.parametrize("loop", [1, 2])
+def test_generate_gives_the_prompts_each_loop_was_evaluated_with(reference_run, loop, tmp_path):
+    """Each evaluated loop's policy records its evaluation (inference.json); ``generate`` with no flags gives
+    that evaluation's headline prompts, and with ``--set eval.method=…`` its other methods' (same seed)."""
+    from qpo_ray import cli
+    from qpo_ray.policy.served import read_inference
+
+    pdir = reference_run / "policy" / f"loop-{loop}"
+    res = json.loads((reference_run / "eval" / f"loop-{loop}.json").read_text())
+    rec = read_inference(pdir)
+    assert rec is not None and rec.evaluation == f"live evaluation of loop {loop}"
+    assert rec.run_config == "../../config.yaml" and rec.settings.method == load_config("tiny").eval.method
+    queries = tmp_path / "q.jsonl"
+    queries.write_text("".join(json.dumps({"query": row["query"]}) + "\n" for row in res["per_query"]))
+    for method, flags in [(res["default_method"], []), ("qpo_best_of_n", ["--set", "eval.method=best_of_n"]),
+                          ("qpo_rerank", ["--set", "eval.method=rerank"])]:
+        out = tmp_path / f"{method}.jsonl"
+        assert cli.main(["generate", "--policy", str(pdir), "--in", str(queries), "--out", str(out), *flags]) == 0
+        got = [json.loads(x)["prompt"] for x in out.read_text().splitlines()]
+        assert got == [row["methods"][method]["prompt"] for row in res["per_query"]], method
+
+
 def test_resume_after_collect_matches_uninterrupted_run(reference_run, tmp_path):
     run_dir = tmp_path / "run"
     p = qpo("run", "--config", "tiny", "--set", f"run_dir={run_dir}", fault="loop-2.collect.done", check=False)

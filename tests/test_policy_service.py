@@ -1,7 +1,8 @@
 """The policy service over real HTTP: a tiny policy on a local Ray Serve instance (ray_local), httpx clients.
 
-One app (API key on, an OpenAI-compatible stub as its target) serves most tests; a second, keyless app
-without a target checks the 503. Both live under their own route prefixes and are deleted at the end.
+One app (API key on, the OpenAI-compatible serve-target server on a tiny Llama as its target) serves most
+tests; a second, keyless app without a target checks the 503. The target lives at ``/``, the apps under their
+own route prefixes; all are deleted at the end. Parity with an evaluation: ``test_serve_parity``.
 """
 
 from __future__ import annotations
@@ -10,15 +11,16 @@ import asyncio
 import json
 import random
 import socket
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import httpx
 import pytest
 
-from qpo_ray.config import load_config
+from qpo_ray.config import TargetConfig, load_config
 from qpo_ray.policy import QPOPolicy, generate_prompts
+from qpo_ray.policy.inference import InferenceSettings, policy_prompts
+from qpo_ray.policy.served import load_served
 
 pytestmark = pytest.mark.slow
 
@@ -51,32 +53,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-class _StubTarget:
-    """An OpenAI-compatible /v1/completions server in a thread; records what it was asked."""
-
-    def __init__(self):
-        import uvicorn
-        from fastapi import FastAPI
-
-        self.calls: list[dict] = []
-        app = FastAPI()
-
-        @app.post("/v1/completions")
-        def completions(body: dict) -> dict:
-            self.calls.append(body)
-            return {"choices": [{"text": " joy", "index": 0}], "model": body.get("model")}
-
-        self.port = _free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started and time.time() < deadline:
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
+TARGET = dict(engine="openai", model="tiny-llama", max_length=256, max_new_tokens=6, retries=0)
 
 
 def _deploy(app, name: str, prefix: str, port: int) -> str:
@@ -95,32 +72,33 @@ def policy_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def service(ray_local, policy_dir):
-    """Base URL of the keyed app; Serve is started on a free port unless another test already runs it."""
+    """Base URL of the keyed app and of its target; Serve is started on a free port unless another test
+    already runs it."""
     from ray import serve
 
+    from qpo_ray.score.server import APP_NAME as TARGET_APP
+    from qpo_ray.score.server import serve_target
     from qpo_ray.serve.app import http_address, make_app
 
-    stub = _StubTarget()
     running = http_address()
     port = running[1] if running else _free_port()
-    if running is None:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-    cfg = load_config("tiny", [
+    started = running is None
+    target_url = serve_target(TargetConfig(**{**TARGET, "engine": "transformers"}), "127.0.0.1", port)
+    served = load_served(policy_dir, "tiny", [
         "serve.max_batch_size=8", "serve.batch_wait_timeout_s=0.5", f"serve.max_queries_per_request={MAX_Q}",
         f"serve.max_query_chars={MAX_CHARS}", f"serve.api_key_env={KEY_ENV}",
-        "target.engine=openai", "target.model=stub-llm", f"target.base_url=http://127.0.0.1:{stub.port}/v1",
-        "target.retries=0",
+        *(f"target.{k}={v}" for k, v in TARGET.items()), f"target.base_url={target_url}",
     ])
     # ray_local started before this test could export the key, so the replica gets it through its runtime_env
     # (in production the variable is set on every node, e.g. from a Kubernetes Secret).
-    app = make_app(policy_dir, cfg, ray_actor_options={"runtime_env": {"env_vars": {KEY_ENV: KEY}}})
+    app = make_app(policy_dir, served, ray_actor_options={"runtime_env": {"env_vars": {KEY_ENV: KEY}}})
     try:
-        yield {"url": _deploy(app, "qpo-policy-test", "/policy-test", port), "port": port, "stub": stub}
+        yield {"url": _deploy(app, "qpo-policy-test", "/policy-test", port), "port": port, "target": target_url}
     finally:
         serve.delete("qpo-policy-test")
-        if running is None:
+        serve.delete(TARGET_APP)
+        if started:
             serve.shutdown()
-        stub.stop()
 
 
 def _post(url: str, body, headers=AUTH, **kw) -> httpx.Response:
@@ -221,8 +199,8 @@ def test_a_request_that_fails_in_generation_fails_alone(policy_dir):
     from qpo_ray.serve.deployment import generate_batch
 
     policy = QPOPolicy.load(policy_dir)
-    cfg = load_config("tiny")
-    batcher = EngineBatcher(lambda items: generate_batch(policy, items, cfg), max_batch_size=16, wait_s=0.2)
+    settings = InferenceSettings.from_config(load_config("tiny"))
+    batcher = EngineBatcher(lambda items: generate_batch(policy, items, settings), max_batch_size=16, wait_s=0.2)
     items = [([QUERIES[0]], 100.0), (["bad \ud800"], 100.0), (QUERIES[1:3], 100.0), ([QUERIES[3]], 1e308),
              ([QUERIES[4]], 100.0)]
 
@@ -235,27 +213,21 @@ def test_a_request_that_fails_in_generation_fails_alone(policy_dir):
     assert [out[0], out[2], out[4]] == [local[:1], local[1:3], local[3:]]
 
 
-def test_generate_batch_serves_the_configured_method(tmp_path):
-    """The service's method (eval.method) is the evaluation's: the policy's own prompt (greedy or beam),
-    best-of-N by r̂, or the policy's training prompts reranked by r̂."""
-    from qpo_ray.policy.generate import best_of_n, rerank
+def test_generate_batch_is_policy_prompts_per_target_reward():
+    """The service's batch function adds no method choice of its own: each distinct target reward of a batch is
+    one ``policy_prompts`` call with the served settings, whatever the method."""
     from qpo_ray.serve.deployment import generate_batch
 
-    cfg = load_config("tiny", ["policy.reward_head=last_prompt"])
+    cfg = load_config("tiny", ["policy.reward_head=last_prompt", "eval.best_of_n=3", "seed=3"])
     policy = QPOPolicy.from_config(cfg.policy, seed=0).eval()
-    items = [(QUERIES[:2], 100.0), (QUERIES[2:3], 40.0)]
-    got = generate_batch(policy, items, cfg)
-    assert got == [generate_prompts(policy, QUERIES[:2]), generate_prompts(policy, QUERIES[2:3], target_reward=40.0)]
-    beam = load_config("tiny", ["policy.reward_head=last_prompt", "eval.num_beams=3"])
-    assert generate_batch(policy, items[:1], beam) == [generate_prompts(policy, QUERIES[:2], num_beams=3)]
-    bon = load_config("tiny", ["policy.reward_head=last_prompt", "eval.method=best_of_n", "eval.best_of_n=3"])
-    assert generate_batch(policy, items[:1], bon) == [best_of_n(policy, QUERIES[:2], 3, top_k=bon.collect.top_k,
-                                                                top_p=bon.collect.top_p, seed=0)]
-    rr = load_config("tiny", ["policy.reward_head=last_prompt", "eval.method=rerank"])
-    cands = ["Be brief.", "Answer in one word.", ""]
-    out = generate_batch(policy, items, rr, cands)
-    assert out == [rerank(policy, QUERIES[:2], [cands] * 2), rerank(policy, QUERIES[2:3], [cands])]
-    assert all(p in cands for ps in out for p in ps)
+    base = InferenceSettings.from_config(cfg, candidates=("Be brief.", "Answer in one word.", ""),
+                                         default_prompt="Be brief.", margin=0.01)
+    items = [(QUERIES[:2], 100.0), (QUERIES[2:3], 40.0), (QUERIES[3:4], 100.0)]
+    for method in ("greedy", "best_of_n", "rerank"):
+        s = replace(base, method=method)
+        at_100 = policy_prompts(policy, [*QUERIES[:2], QUERIES[3]], s)
+        at_40 = policy_prompts(policy, QUERIES[2:3], replace(s, target_reward=40.0))
+        assert generate_batch(policy, items, s) == [at_100[:2], at_40, at_100[2:]], method
 
 
 def test_not_json_is_422(service):
@@ -292,19 +264,49 @@ def test_api_key(service):
     assert httpx.get(service["url"] + "/healthz", timeout=30).json()["auth"] is True
 
 
-def test_answer_asks_the_target(service):
-    stub = service["stub"]
-    stub.calls.clear()
-    r = _post(service["url"] + "/v1/answer", {"queries": QUERIES[:2]})
+def test_answer_is_the_label_the_scoring_engine_predicts(service):
+    """Classification: /v1/answer returns, per query, the label the scoring engine predicts (Components.pred) for
+    that prompt and query on the same target, with every label's score."""
+    from qpo_ray.score.engines.base import ScoreRequest
+    from qpo_ray.score.engines.openai_engine import OpenAIEngine
+    from qpo_ray.tasks import load_task
+
+    r = _post(service["url"] + "/v1/answer", {"queries": QUERIES[:MAX_Q]})
     assert r.status_code == 200, r.text
     body = r.json()
-    assert body["target"] == "stub-llm" and [a["answer"] for a in body["answers"]] == [" joy", " joy"]
-    sent = sorted(c["prompt"] for c in stub.calls)
-    assert sent == sorted(a["input"] for a in body["answers"])
-    for a in body["answers"]:  # the emotion template around the policy's prompt and the query
-        assert a["input"].endswith(f"Text: {a['query']}\nEmotion:")
-        assert a["prompt"] in a["input"]
-    assert all(c["temperature"] == 0.0 and c["model"] == "stub-llm" for c in stub.calls)
+    assert body["mode"] == "label" and body["target"] == "tiny-llama" and body["task"] == "emotion"
+    task = load_task("emotion")
+    engine = OpenAIEngine(TargetConfig(**TARGET, base_url=service["target"]), task)
+    try:
+        # Any gold label: the prediction does not depend on it.
+        scored = engine.score([ScoreRequest("emotion", "zero_shot", a["query"], a["prompt"], task.labels[0])
+                               for a in body["answers"]])
+    finally:
+        engine.close()
+    assert [a["query"] for a in body["answers"]] == QUERIES[:MAX_Q]
+    for a, c in zip(body["answers"], scored, strict=True):
+        assert a["answer"] == c.pred and a["reply"] is None
+        assert set(a["label_scores"]) == set(task.labels) and a["score"] == max(a["label_scores"].values())
+        assert a["input"] == task.render(a["prompt"], a["query"])
+
+
+def test_math_answer_is_the_number_scoring_extracts(service):
+    """Math: the target's greedy reply and the number scoring extracts from it (the engine's math call)."""
+    from qpo_ray.score.engines.base import ScoreRequest
+    from qpo_ray.score.engines.openai_engine import OpenAIEngine
+    from qpo_ray.serve.answer import answer_mode, read_answer
+    from qpo_ray.tasks import load_task
+
+    task = load_task("math_demo")
+    engine = OpenAIEngine(TargetConfig(**TARGET, base_url=service["target"]), task)
+    try:
+        for q, gold in task.queries()[:2]:
+            got = read_answer(engine, task, task.render("Think, then answer.", q))
+            c = engine.score_one(ScoreRequest("math_demo", "zero_shot", q, "Think, then answer.", gold))
+            assert got == {"answer": c.pred, "reply": c.reply}
+    finally:
+        engine.close()
+    assert answer_mode(task) == "math" and answer_mode(load_task("emotion")) == "label"
 
 
 def test_answer_without_target_is_503(service, policy_dir):
@@ -312,8 +314,8 @@ def test_answer_without_target_is_503(service, policy_dir):
 
     from qpo_ray.serve.app import make_app
 
-    cfg = load_config("tiny")  # target.engine = transformers: nothing to call over HTTP
-    url = _deploy(make_app(policy_dir, cfg), "qpo-policy-test-503", "/policy-test-503", service["port"])
+    served = load_served(policy_dir, "tiny")  # target.engine = transformers: nothing to call over HTTP
+    url = _deploy(make_app(policy_dir, served), "qpo-policy-test-503", "/policy-test-503", service["port"])
     try:
         r = httpx.post(url + "/v1/answer", json={"query": "hi"}, timeout=60)
         assert r.status_code == 503 and "target.engine" in r.json()["detail"]
@@ -325,6 +327,10 @@ def test_answer_without_target_is_503(service, policy_dir):
 def test_healthz_and_openapi(service):
     h = httpx.get(service["url"] + "/healthz", timeout=30)
     assert h.status_code == 200 and h.json()["status"] == "ok"
+    # The settings it serves and where they came from; this folder was never evaluated, and says so.
+    info = h.json()["inference"]
+    assert h.json()["method"] == info["method"] == "greedy" and info["missing"] == ["inference.json"]
+    assert info["sources"]["method"] == "eval.method of --config tiny" and info["default_prompt"] is None
     spec = httpx.get(service["url"] + "/openapi.json", timeout=30).json()
     assert "/v1/prompts" in spec["paths"] and "/v1/answer" in spec["paths"]
     assert "PromptRequest" in spec["components"]["schemas"]

@@ -1,5 +1,9 @@
 """Live evaluation: the run's target LLM judges every pair (through the run's scoring pool and its cache,
-so a pair is scored at most once per run). The comparison itself is ``qpo_ray.evaluate.compare``."""
+so a pair is scored at most once per run). The comparison itself is ``qpo_ray.evaluate.compare``.
+
+An evaluated loop's policy folder gets ``inference.json`` (``qpo_ray.policy.served``): its headline method
+(``eval.method``) with the settings, pool, best single prompt on train and margin used here, so serving it
+gives the prompts measured here."""
 
 from __future__ import annotations
 
@@ -20,7 +24,9 @@ from qpo_ray.evaluate.compare import (
     pool_table,
     prompt_names,
 )
-from qpo_ray.evaluate.policy_prompts import METHOD_OF, qpo_prompts
+from qpo_ray.evaluate.policy_prompts import METHOD_OF, default_prompt_source, qpo_prompts
+from qpo_ray.policy.inference import InferenceSettings
+from qpo_ray.policy.served import write_inference
 
 log = logging.getLogger("qpo_ray")
 
@@ -39,6 +45,15 @@ def trained_prompts(store: DatasetStore, version: int) -> list[str]:
     for b in store.iter_batches(version, columns=["prompt"]):
         seen.update(dict.fromkeys(b.column("prompt").to_pylist()))
     return list(seen)
+
+
+def record_inference(session, loop: int, settings: InferenceSettings, best: dict[str, Any] | None) -> None:
+    """``policy/loop-N/inference.json``: how the loop's policy was evaluated, so it is served that way."""
+    what = f"live evaluation of loop {loop}"
+    pool = f"the offline prompt pool of D0, {len(settings.candidates)} prompts ({what})"
+    write_inference(session.run.policy_dir(loop), session.cfg, settings, evaluation=what,
+                    run_config=session.run.path / "config.yaml",
+                    sources={"candidates": pool, "default_prompt": default_prompt_source(best, what)})
 
 
 def evaluate_loop(session, loop: int) -> dict[str, Any]:
@@ -61,11 +76,12 @@ def evaluate_loop(session, loop: int) -> dict[str, Any]:
     if loop >= 1:
         log.info("[eval %d] writing the policy's prompts for %d test queries", loop, len(queries))
         # prepare_run refuses rerank_margin="fit" for live runs: it is a number here.
-        qpo, took = qpo_prompts(session.run.policy_dir(loop), [q.query for q in queries], cfg.eval, cfg.collect,
-                                candidates=[pool] * len(queries), default=best["prompt"] if best else None,
-                                margin=float(cfg.eval.rerank_margin), seed=cfg.seed)
+        settings = InferenceSettings.from_config(cfg, candidates=pool, default_prompt=best["prompt"] if best else None)
+        qpo, took = qpo_prompts(session.run.policy_dir(loop), [q.query for q in queries], settings)
     trained_on = trained_prompts(session.store, loop - 1) if loop >= 1 else None
     result = compare(queries, pool, table, judge, qpo, best=best, default_method=METHOD_OF[cfg.eval.method],
                      seed=cfg.seed, earlier=trained_on)
+    if loop >= 1:
+        record_inference(session, loop, settings, best)
     return {"loop": loop, "target": "live", **result, "names": names, "generation_s": took,
             "num_beams": cfg.eval.num_beams, "best_of_n": cfg.eval.best_of_n}

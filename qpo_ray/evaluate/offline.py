@@ -13,14 +13,16 @@ No target LLM is called: the logs (e.g. the Prompt-OIRL MAWPS/SVAMP correctness 
    out of training: rerank's margin is fitted on them after training (``qpo_ray.evaluate.margin``).
 3. **Prompts.** The QPO methods (``qpo_ray.evaluate.policy_prompts``) write one prompt per test query; rerank
    ranks the prompts recorded for that query, keeping the best single prompt on train unless r̂ beats it by
-   more than the margin.
+   more than the margin; best-of-N samples with the config's ``seed``.
 4. **Judge.** A pool prompt's correctness on a test query is its mean recorded correctness there (``None``
    when it was not recorded on that query). A QPO prompt is answered by a ``ReplayTable`` of the TEST rows
    (exact match, else the most similar recorded prompt of that query; below the similarity bar it is
    unmatched and counts as incorrect). The comparison is ``qpo_ray.evaluate.compare``, the same as live.
 
 Results go to ``out_dir/offline_eval.json`` (every query's prompts and correctness) and
-``out_dir/offline_report.md``.
+``out_dir/offline_report.md``; ``out_dir/policy/inference.json`` records the headline method (``eval.method``)
+with its settings, the recorded prompts, the best single prompt on train and the margin, so
+``qpo-ray serve --policy out_dir/policy`` serves the prompts measured here (``qpo_ray.policy.served``).
 """
 
 from __future__ import annotations
@@ -55,8 +57,10 @@ from qpo_ray.evaluate.compare import (
     prompt_names,
 )
 from qpo_ray.evaluate.margin import fit_margin
-from qpo_ray.evaluate.policy_prompts import METHOD_OF, qpo_prompts
+from qpo_ray.evaluate.policy_prompts import METHOD_OF, default_prompt_source, qpo_prompts
 from qpo_ray.evaluate.report import render_eval
+from qpo_ray.policy.inference import InferenceSettings
+from qpo_ray.policy.served import write_inference
 from qpo_ray.score.replay import MIN_SIMILARITY, ReplayTable
 
 log = logging.getLogger("qpo_ray")
@@ -286,6 +290,25 @@ def _fit_margin(policy_dir: Path, split: OfflineSplit, default: str | None) -> d
     return {**fitted, "fitted": True}
 
 
+def _record_inference(out: Path, cfg: RunConfig, settings: InferenceSettings, split: OfflineSplit,
+                      best: dict[str, Any] | None, margin: Mapping[str, Any]) -> None:
+    """``OUT/policy/inference.json``: how the policy was evaluated here, so serving it gives these prompts."""
+    what = "replay evaluation"
+    if margin["fitted"] and margin["val_queries"]:
+        m = (f"fitted by the {what} on {margin['val_queries']} train queries held out of training "
+             f"(eval.val_fraction {cfg.eval.val_fraction:g})")
+    elif margin["fitted"]:
+        m = f"0: the {what} had no held-out train query with the best single prompt recorded"
+    else:
+        m = f"eval.rerank_margin of the {what}"
+    write_inference(out / POLICY_SUBDIR, cfg, settings, evaluation=what, run_config=out / "config.yaml",
+                    task=split.task or None, setting=split.setting or None,
+                    sources={"task": f"the task of the logs ({what})", "setting": f"the setting of the logs ({what})",
+                             "candidates": f"every prompt recorded in the logs, {len(settings.candidates)} ({what}; "
+                                           "there rerank ranked the ones recorded for each test query)",
+                             "default_prompt": default_prompt_source(best, what), "margin": m})
+
+
 def evaluate_offline(cfg: RunConfig, data_run_dir: str | Path, out_dir: str | Path, *, version: int | None = None,
                      test_fraction: float = 0.2, seed: int = 0, min_train_coverage: float = MIN_TRAIN_COVERAGE,
                      min_similarity: float = MIN_SIMILARITY) -> dict[str, Any]:
@@ -367,8 +390,9 @@ def evaluate_offline(cfg: RunConfig, data_run_dir: str | Path, out_dir: str | Pa
     margin = (_fit_margin(out / POLICY_SUBDIR, split, best_prompt) if fit
               else {"margin": 0.0 if cfg.eval.rerank_margin == "fit" else float(cfg.eval.rerank_margin),
                     "fitted": False})
-    qpo, took = qpo_prompts(out / POLICY_SUBDIR, queries, cfg.eval, cfg.collect, candidates=recorded,
-                            default=best_prompt, margin=margin["margin"], seed=seed)
+    settings = InferenceSettings.from_config(cfg, candidates=pool, default_prompt=best_prompt,
+                                             margin=margin["margin"])
+    qpo, took = qpo_prompts(out / POLICY_SUBDIR, queries, settings, candidates=recorded)
     result = compare(tq, pool, table, judge, qpo, best=best, default_method=METHOD_OF[cfg.eval.method], seed=seed,
                      earlier=pool)
     matches = {m: dict(Counter(row["methods"][m]["match"] for row in result["per_query"])) for m in qpo}
@@ -394,6 +418,7 @@ def evaluate_offline(cfg: RunConfig, data_run_dir: str | Path, out_dir: str | Pa
     })
     atomic_write_json(out / EVAL_JSON, result)
     atomic_write_bytes(out / REPORT_MD, render_report(result).encode("utf-8"))
+    _record_inference(out, cfg, settings, split, best, margin)
     log.info("offline eval: wrote %s and %s", out / EVAL_JSON, out / REPORT_MD)
     return result
 

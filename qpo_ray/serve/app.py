@@ -1,7 +1,9 @@
 """Building and serving the policy application (the deployment itself: ``qpo_ray.serve.deployment``).
 
 Deploy with ``serve run qpo_ray.serve.app:build_app policy_dir=DIR``, a KubeRay RayService
-(``import_path: qpo_ray.serve.app:build_app``), or ``qpo-ray serve --policy DIR``.
+(``import_path: qpo_ray.serve.app:build_app``), or ``qpo-ray serve --policy DIR``. Each resolves what to serve
+with ``qpo_ray.policy.served.load_served``: the run's config, then the folder's ``inference.json`` (how the
+policy was evaluated), then ``--set`` / ``overrides``.
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
-from qpo_ray.config import RunConfig, load_config
 from qpo_ray.errors import ConfigError, QPOError
+from qpo_ray.policy.served import Served, describe_settings, load_served
 from qpo_ray.serve.deployment import PolicyService, policy_name
 
 log = logging.getLogger("qpo_ray.serve")
@@ -25,24 +27,14 @@ log = logging.getLogger("qpo_ray.serve")
 APP_NAME = "qpo-policy"
 
 
-def resolve_config(policy_dir: str | Path, config: str | Path | None = None,
-                   overrides: list[str] | None = None) -> RunConfig:
-    """The served config: ``config`` when given, else the run's own ``config.yaml`` when the policy lives in a
-    run directory (``RUN/policy/loop-N``, so the task matches training), else the ``tiny`` profile."""
-    if config is None:
-        run_cfg = Path(policy_dir).resolve().parent.parent / "config.yaml"
-        config = run_cfg if Path(policy_dir).resolve().parent.name == "policy" and run_cfg.is_file() else "tiny"
-    return load_config(config, overrides)
-
-
-def make_app(policy_dir: str | Path, cfg: RunConfig, *, ray_actor_options: dict[str, Any] | None = None
+def make_app(policy_dir: str | Path, served: Served, *, ray_actor_options: dict[str, Any] | None = None
              ) -> Application:
-    """The bound application: replicas/autoscaling from ``cfg.serve``; ``ray_actor_options`` for extras such
-    as a runtime_env (the API key variable must exist in the replica's environment)."""
+    """The bound application: replicas/autoscaling from ``served.cfg.serve``; ``ray_actor_options`` for extras
+    such as a runtime_env (the API key variable must exist in the replica's environment)."""
     path = Path(policy_dir).expanduser().resolve()
     if not (path / "policy_config.json").is_file():
         raise QPOError(f"policy {policy_dir}: not a saved QPO policy folder (no policy_config.json)")
-    s = cfg.serve
+    s = served.cfg.serve
     opts: dict[str, Any] = {
         # Enough requests in flight on one replica to fill a batch while the previous one runs.
         "max_ongoing_requests": max(2 * s.max_batch_size, 8),
@@ -53,7 +45,7 @@ def make_app(policy_dir: str | Path, cfg: RunConfig, *, ray_actor_options: dict[
         opts["num_replicas"] = s.num_replicas
     if ray_actor_options:
         opts["ray_actor_options"] = ray_actor_options
-    return PolicyService.options(**opts).bind(str(path), cfg.model_dump(mode="json"))
+    return PolicyService.options(**opts).bind(str(path), served.to_dict())
 
 
 def _overrides(value: Any) -> list[str]:
@@ -77,8 +69,8 @@ def build_app(args: dict[str, Any]) -> Application:
         raise ConfigError(f"build_app: unknown argument(s) {sorted(unknown)} (policy_dir, config, overrides)")
     if not args.get("policy_dir"):
         raise ConfigError("build_app: 'policy_dir' is required (a folder written by QPOPolicy.save)")
-    cfg = resolve_config(args["policy_dir"], args.get("config"), _overrides(args.get("overrides")))
-    return make_app(args["policy_dir"], cfg)
+    served = load_served(args["policy_dir"], args.get("config"), _overrides(args.get("overrides")))
+    return make_app(args["policy_dir"], served)
 
 
 def http_address() -> tuple[str, int] | None:
@@ -98,16 +90,16 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-def serve_policy(policy_dir: str | Path, cfg: RunConfig, host: str | None = None, port: int | None = None,
+def serve_policy(policy_dir: str | Path, served: Served, host: str | None = None, port: int | None = None,
                  blocking: bool = True) -> str:
     """Start Serve (Ray embedded, or RAY_ADDRESS's cluster) and deploy the policy; returns the base URL.
 
     With ``blocking`` it serves until interrupted."""
     from qpo_ray.ray_init import init_ray
 
-    host = host or cfg.serve.host
-    port = port or cfg.serve.port
-    app = make_app(policy_dir, cfg)
+    host = host or served.cfg.serve.host
+    port = port or served.cfg.serve.port
+    app = make_app(policy_dir, served)
     init_ray()
     running = http_address()
     if running is not None and running[1] != port:
@@ -116,7 +108,8 @@ def serve_policy(policy_dir: str | Path, cfg: RunConfig, host: str | None = None
     serve.run(app, name=APP_NAME, route_prefix="/")
     h, p = http_address() or (host, port)
     url = f"http://{'127.0.0.1' if h in ('0.0.0.0', '::') else h}:{p}"
-    print(f"policy {policy_name(policy_dir)} served at {url}/v1/prompts (docs: {url}/docs)", flush=True)
+    print(f"policy {policy_name(policy_dir)} served at {url}/v1/prompts (docs: {url}/docs); "
+          f"{describe_settings(served)}", flush=True)
     if blocking:
         # SIGTERM (Kubernetes, systemd, `kill`) ends the service as cleanly as Ctrl-C does.
         signal.signal(signal.SIGTERM, _interrupt)
@@ -129,4 +122,4 @@ def serve_policy(policy_dir: str | Path, cfg: RunConfig, host: str | None = None
     return url
 
 
-__all__ = ["APP_NAME", "build_app", "http_address", "make_app", "resolve_config", "serve_policy"]
+__all__ = ["APP_NAME", "build_app", "http_address", "make_app", "serve_policy"]

@@ -1,12 +1,20 @@
 """The trained policy behind HTTP: a Ray Serve deployment with a FastAPI ingress.
 
 Endpoints
-- ``POST /v1/prompts``: ``{"query": "..."}`` or ``{"queries": [...]}`` (+ optional ``task``, ``target_reward``)
-  → ``{"prompts": [{"query", "prompt"}], "policy", "task", "target_reward"}``;
-- ``POST /v1/answer``: the same, then asks the configured target (an OpenAI-compatible ``/v1/completions``
-  server, ``target.engine = openai``) to answer each rendered prompt + query; 503 when no target is set;
-- ``GET /healthz``: liveness plus batching counters of the replica that answers;
+- ``POST /v1/prompts``: ``{"query": "..."}`` or ``{"queries": [...]}`` (+ optional ``task``, ``target_reward``,
+  default the served one) → ``{"prompts": [{"query", "prompt"}], "policy", "task", "target_reward"}``;
+- ``POST /v1/answer``: the same, then asks the configured target (an OpenAI-compatible server,
+  ``target.engine = openai``) the way the task is scored, through the scoring engine's own calls
+  (``OpenAIEngine``): a classification task's answer is the label whose verbalizer the target rates most
+  likely (``"mode": "label"``, with every label's score), a math task's the number extracted from the
+  target's greedy reply (``"mode": "math"``, with the reply); 503 when no target is set;
+- ``GET /healthz``: liveness, batching counters of the replica that answers, and the inference settings it
+  serves with where each came from (``qpo_ray.policy.served``);
 - ``/docs`` and ``/openapi.json``: FastAPI's own.
+
+The prompts are ``qpo_ray.policy.inference.policy_prompts``'s, with the settings the policy folder's
+``inference.json`` records (the evaluation's headline method, its default prompt and margin, its seed), so a
+query gets the prompt the evaluation measured.
 
 Status codes: 422 malformed body (wrong types, empty list, unknown field, both or neither of
 ``query``/``queries``, another task than the one served, ``target_reward`` outside 0–100 or not finite, an
@@ -19,7 +27,7 @@ An empty or whitespace-only query is rejected, not answered: the policy never sa
 dataset schema refuses empty queries), so a prompt for it would be noise that looks like an answer.
 
 Concurrent requests are batched per replica (``score.batcher``: the next batch forms when the policy is
-free): one ``generate_prompts`` call per batch (per distinct ``target_reward`` in it). A request that fails
+free): one ``policy_prompts`` call per batch (per distinct ``target_reward`` in it). A request that fails
 in generation fails alone (500, JSON); the others of its batch get their prompts. Built and
 deployed by ``qpo_ray.serve.app``.
 """
@@ -32,18 +40,21 @@ import logging
 import os
 import time
 from collections import deque
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
 
-import httpx
 from fastapi import FastAPI, HTTPException, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from ray import serve
 
-from qpo_ray.config import RunConfig, ServeConfig, build_config
-from qpo_ray.errors import ConfigError, QPOError
-from qpo_ray.openai_http import TargetUnreachable, apost_json, auth_headers
+from qpo_ray.config import ServeConfig
+from qpo_ray.errors import QPOError, TargetError
+from qpo_ray.policy.inference import InferenceSettings, policy_prompts
+from qpo_ray.policy.served import Served
 from qpo_ray.score.batcher import EngineBatcher
+from qpo_ray.score.engines.openai_engine import OpenAIEngine
+from qpo_ray.serve.answer import answer_mode, read_answer
 from qpo_ray.serve.http import install_error_handlers
 from qpo_ray.serve.messages import (
     AnswerItem,
@@ -54,11 +65,11 @@ from qpo_ray.serve.messages import (
     PromptResponse,
     max_body_bytes,
 )
+from qpo_ray.tasks import Task, load_task
 
 log = logging.getLogger("qpo_ray.serve")
 
 DEPLOYMENT_NAME = "QPOPolicyService"
-_GEN_CHUNK = 128  # rows per forward pass inside one generate_prompts call: bounds a big batch's memory
 
 
 def policy_name(policy_dir: str | Path) -> str:
@@ -67,29 +78,15 @@ def policy_name(policy_dir: str | Path) -> str:
     return f"{p.parent.parent.name}/{p.name}" if p.parent.name == "policy" else p.name
 
 
-def generate_batch(policy: Any, items: list[tuple[list[str], float]], cfg: RunConfig,
-                   candidates: list[str] | None = None) -> list[list[str]]:
+def generate_batch(policy: Any, items: list[tuple[list[str], float]], settings: InferenceSettings) -> list[list[str]]:
     """Prompts for a batch of requests ``(queries, target_reward)``, one list per request, in order, by the
-    served method (``eval.method``): the policy's own prompt (greedy, or beam search with ``eval.num_beams``),
-    best-of-N (``eval.best_of_n`` samples ranked by the reward head), or rerank (the policy's training
-    prompts, ``candidates``, ranked by the reward head; the target reward plays no part)."""
-    from qpo_ray.policy.generate import best_of_n, generate_prompts, rerank
-
-    ecfg, ccfg = cfg.eval, cfg.collect
+    served settings (``qpo_ray.policy.inference.policy_prompts``, the evaluation's function)."""
     out: list[list[str]] = [[] for _ in items]
     # The policy is conditioned on one reward per call: one call per distinct value (usually just one).
     for reward in dict.fromkeys(r for _, r in items):
         idx = [i for i, (_, r) in enumerate(items) if r == reward]
         flat = [q for i in idx for q in items[i][0]]
-        if ecfg.method == "rerank":
-            prompts = rerank(policy, flat, [candidates or [""]] * len(flat))
-        elif ecfg.method == "best_of_n":
-            prompts = best_of_n(policy, flat, ecfg.best_of_n, target_reward=reward, top_k=ccfg.top_k,
-                                top_p=ccfg.top_p, temperature=ccfg.temperature, seed=0,
-                                batch_size=min(len(flat) * ecfg.best_of_n, _GEN_CHUNK))
-        else:
-            prompts = generate_prompts(policy, flat, target_reward=reward, greedy=True, num_beams=ecfg.num_beams,
-                                       batch_size=min(len(flat), _GEN_CHUNK))
+        prompts = policy_prompts(policy, flat, replace(settings, target_reward=reward))
         pos = 0
         for i in idx:
             n = len(items[i][0])
@@ -102,8 +99,9 @@ def generate_batch(policy: Any, items: list[tuple[list[str], float]], cfg: RunCo
 api = FastAPI(
     title="qpo_ray policy service",
     version="1",
-    description="Query-dependent prompts from a trained QPO policy: its own prompt at a target reward (greedy "
-                "or beam), best-of-N ranked by its reward head, or its training prompts reranked (eval.method).",
+    description="Query-dependent prompts from a trained QPO policy, by the method and settings it was evaluated "
+                "with: its own prompt at a target reward (greedy or beam), best-of-N ranked by its reward head, "
+                "or candidate prompts reranked by it (GET /healthz shows which).",
 )
 # The body bound comes from the served config, known only when a replica starts; a replica owns its worker
 # process, so a module global holds it. Read and set through module-level functions: the deployment class
@@ -139,20 +137,17 @@ ApiKey = Annotated[str | None, Security(_api_key)]
 class PolicyService:
     """One policy copy per replica; concurrent requests on a replica are batched into one generation."""
 
-    def __init__(self, policy_dir: str, cfg: dict[str, Any]):
+    def __init__(self, policy_dir: str, served: dict[str, Any]):
         import torch
 
         from qpo_ray.policy.model import QPOPolicy
 
-        self.cfg: RunConfig = build_config(cfg, "serve config")
+        self.served = Served.from_dict(served)
+        self.cfg, self.settings = self.served.cfg, self.served.settings
         self.scfg = self.cfg.serve
         self.name = policy_name(policy_dir)
         set_body_limit(max_body_bytes(self.scfg))
         self.policy = QPOPolicy.load(policy_dir, device="cuda" if torch.cuda.is_available() else "cpu")
-        self.candidates = QPOPolicy.candidates(policy_dir)
-        if self.cfg.eval.method == "rerank" and not self.candidates:
-            raise ConfigError(f"eval.method=rerank ranks the policy's training prompts, but {policy_dir} has no "
-                              "prompts.json (a policy trained before they were saved): serve another method")
         # The policy generates in the batcher's thread, so the replica's event loop stays free (health
         # checks, requests arriving for the next batch).
         self.batcher = EngineBatcher(self._generate_batch, self.scfg.max_batch_size, self.scfg.batch_wait_timeout_s)
@@ -160,8 +155,8 @@ class PolicyService:
         self._key = os.environ.get(env, "") if env else ""
         if env and not self._key:
             log.warning("serve.api_key_env=%s but the variable is unset or empty here: no key required", env)
-        self._task = None  # loaded on the first /v1/answer: prompts alone never need the task file
-        self._http: httpx.AsyncClient | None = None
+        self._task: Task | None = None  # loaded on the first /v1/answer: prompts alone never need the task file
+        self._engine: OpenAIEngine | None = None  # the target's scoring engine, built on the first /v1/answer
         self.started = time.time()
         self.requests = 0
         self.batches = 0
@@ -173,7 +168,7 @@ class PolicyService:
         self.batches += 1
         self.max_batch_seen = max(self.max_batch_seen, len(items))
         self.recent_batch_sizes.append(len(items))
-        return generate_batch(self.policy, items, self.cfg, self.candidates)
+        return generate_batch(self.policy, items, self.settings)
 
     # -- request handling ----------------------------------------------------------------------------
     def _authorize(self, bearer: HTTPAuthorizationCredentials | None, key: str | None) -> None:
@@ -197,11 +192,14 @@ class PolicyService:
             raise HTTPException(422, f"this service serves task '{self.cfg.task.name}', not '{req.task}'")
         return queries
 
+    def _reward(self, req: PromptRequest) -> float:
+        return self.settings.target_reward if req.target_reward is None else float(req.target_reward)
+
     async def _prompts(self, req: PromptRequest) -> list[PromptItem]:
         queries = self._check(req)
         self.requests += 1
         try:
-            prompts = await self.batcher.submit((queries, float(req.target_reward)))
+            prompts = await self.batcher.submit((queries, self._reward(req)))
         except Exception as e:  # this request's own failure (the batcher isolates it): say what, as JSON
             log.exception("generation failed for a request of %d queries", len(queries))
             raise HTTPException(500, f"generation failed for this request: {type(e).__name__}: {e}") from None
@@ -213,10 +211,10 @@ class PolicyService:
         self._authorize(bearer, key)
         items = await self._prompts(req)
         return PromptResponse(prompts=items, policy=self.name, task=self.cfg.task.name,
-                              target_reward=req.target_reward)
+                              target_reward=self._reward(req))
 
     @api.post("/v1/answer", response_model=AnswerResponse,
-              summary="prompt(s), then the configured target's answer to prompt + query",
+              summary="prompt(s), then the configured target's answer to prompt + query, read as the task is scored",
               responses={**_ERRORS, 502: {"description": "the target failed"},
                          503: {"description": "no target configured"}})
     async def answer(self, req: PromptRequest, bearer: Bearer, key: ApiKey) -> AnswerResponse:
@@ -227,59 +225,45 @@ class PolicyService:
                                      "target.engine=openai and target.base_url to an OpenAI-compatible server")
         items = await self._prompts(req)
         try:
+            task, engine = self._target()
             inputs = [self._render(it.prompt, it.query) for it in items]
         except QPOError as e:  # a task file the service cannot read: say which, not a bare 500
             raise HTTPException(500, f"cannot render the target input: {e}") from None
-        sem = asyncio.Semaphore(t.max_concurrency)
-
-        async def one(text: str) -> str:
-            async with sem:
-                return await self._complete(text)
-
-        answers = await asyncio.gather(*(one(x) for x in inputs))
-        return AnswerResponse(answers=[AnswerItem(query=it.query, prompt=it.prompt, input=x, answer=a)
+        loop = asyncio.get_running_loop()
+        try:
+            # Off the event loop, on the engine's pool (target.max_concurrency threads).
+            answers = await asyncio.gather(*(loop.run_in_executor(engine.pool, read_answer, engine, task, x)
+                                             for x in inputs))
+        except TargetError as e:
+            raise HTTPException(502, str(e)) from None  # the engine's message names the target's URL
+        return AnswerResponse(answers=[AnswerItem(query=it.query, prompt=it.prompt, input=x, **a)
                                        for it, x, a in zip(items, inputs, answers, strict=True)],
-                              policy=self.name, task=self.cfg.task.name, target=t.model,
-                              target_reward=req.target_reward)
+                              mode=answer_mode(task), policy=self.name, task=self.cfg.task.name, target=t.model,
+                              target_reward=self._reward(req))
+
+    def _target(self) -> tuple[Task, OpenAIEngine]:
+        """The served task and an ``OpenAIEngine`` for the configured target, built once."""
+        if self._task is None:
+            self._task = load_task(self.cfg.task.name)
+        if self._engine is None:
+            self._engine = OpenAIEngine(self.cfg.target, self._task)
+        return self._task, self._engine
 
     def _render(self, prompt: str, query: str) -> str:
         """The target's input, as in scoring: the task template, with demonstrations in the few-shot setting."""
-        from qpo_ray.tasks import load_task
-
-        if self._task is None:
-            self._task = load_task(self.cfg.task.name)
         demos = None
         if self.cfg.task.setting == "few_shot":
             demos = self._task.demo_sets(1, self.cfg.task.num_demos, self.cfg.seed, exclude_query=query)[0]
         return self._task.render(prompt, query, demos)
 
-    async def _complete(self, text: str) -> str:
-        """Greedy ``/completions`` on the target under the shared retry policy (``qpo_ray.openai_http``);
-        502 when the target fails."""
-        t = self.cfg.target
-        if self._http is None:
-            self._http = httpx.AsyncClient(timeout=t.timeout_s, headers=auth_headers(t.api_key_env))
-        url = t.base_url.rstrip("/") + "/completions"
-        body = {"model": t.model, "prompt": text, "max_tokens": t.max_new_tokens, "temperature": 0.0}
-        try:
-            r = await apost_json(self._http, url, body, t.retries)
-        except TargetUnreachable as e:
-            raise HTTPException(502, f"target {url} failed after {e.attempts} attempt(s): {e.last}") from None
-        if r.status_code != 200:
-            raise HTTPException(502, f"target {url} answered {r.status_code}: {r.text[:300]}")
-        try:
-            return str(r.json()["choices"][0]["text"])
-        except (ValueError, KeyError, IndexError, TypeError):
-            raise HTTPException(502, f"target {url} returned no choices[0].text") from None
-
-    @api.get("/healthz", summary="liveness and this replica's batching counters")
+    @api.get("/healthz", summary="liveness, this replica's batching counters and the inference settings it serves")
     async def healthz(self) -> dict[str, Any]:
         return {"status": "ok", "policy": self.name, "task": self.cfg.task.name,
                 "uptime_s": round(time.time() - self.started, 1), "requests": self.requests,
                 "batches": self.batches, "max_batch_seen": self.max_batch_seen,
                 "recent_batch_sizes": list(self.recent_batch_sizes),
                 "max_batch_size": self.scfg.max_batch_size, "auth": bool(self._key),
-                "method": self.cfg.eval.method}
+                "method": self.settings.method, "inference": self.served.describe()}
 
 
 __all__ = ["DEPLOYMENT_NAME", "PolicyService", "api", "generate_batch", "policy_name"]

@@ -7,7 +7,7 @@ that depend on the served config (query count and length) are checked by the dep
 # No `from __future__ import annotations`: FastAPI reads these models' annotations inside Serve replicas.
 import json
 from collections.abc import Callable
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
@@ -36,8 +36,9 @@ class PromptRequest(BaseModel):
     queries: list[Query] | None = Field(None, min_length=1, description="queries (one or many, none empty)")
     query: Query | None = Field(None, description="a single query (instead of `queries`)")
     task: Text | None = Field(None, description="must match the served task when given")
-    target_reward: float = Field(REWARD_MAX, ge=REWARD_MIN, le=REWARD_MAX, allow_inf_nan=False,
-                                 description="reward to condition on (0–100)")
+    target_reward: float | None = Field(None, ge=REWARD_MIN, le=REWARD_MAX, allow_inf_nan=False,
+                                        description="reward to condition on (0–100); default: the served "
+                                                    "eval.target_reward, the one the policy was evaluated at")
 
     @model_validator(mode="after")
     def _one_of(self) -> "PromptRequest":
@@ -62,12 +63,21 @@ class PromptResponse(BaseModel):
 
 
 class AnswerItem(PromptItem):
-    input: str  # what the target was sent: the task template filled with prompt and query
-    answer: str
+    """The target's answer to prompt + query, read the way the task is scored."""
+
+    input: str = Field(description="what the target read: the task template filled with prompt and query")
+    answer: str | None = Field(description="label mode: the label the target rates most likely; math mode: the "
+                                           "number extracted from the reply, as text (null when it has none)")
+    score: float | None = Field(None, description="label mode: the mean token log-probability of the answer's "
+                                                  "verbalizer")
+    label_scores: dict[str, float] | None = Field(None, description="label mode: every label's")
+    reply: str | None = Field(None, description="math mode: the target's greedy reply")
 
 
 class AnswerResponse(BaseModel):
     answers: list[AnswerItem]
+    mode: Literal["label", "math"] = Field(description="label: a classification task's labels ranked by the "
+                                                       "target's likelihood; math: the number in its reply")
     policy: str
     task: str
     target: str

@@ -131,7 +131,8 @@ def train_policy(cfg: RunConfig, *, store: DatasetStore, version: int, out_dir: 
         raise RuntimeError(f"run '{run_name}': the latest checkpoint is epoch {state['epoch']} of "
                            f"{state.get('epochs')}, not a final one for {sched.epochs} epochs")
     copy_policy_out(ckpt, Path(out_dir))
-    # The prompts it was trained on travel with the policy: the policy service reranks them (eval.method).
+    # The prompts it was trained on travel with the policy: rerank's candidates when it is served before an
+    # evaluation recorded its pool (inference.json).
     atomic_write_json(Path(out_dir) / CANDIDATES, plan.prompts)
     history = state["history"]
     ours = [i for i, h in enumerate(history) if h.get("call_id") == call_id]

@@ -88,9 +88,20 @@ def check_label(task: Task, req: ScoreRequest) -> None:
         raise TargetError(f"task '{task.name}': gold label '{req.label}' is not one of {list(task.labels)}")
 
 
+def predicted_label(task: Task, label_nll: Sequence[float]) -> int:
+    """The index of the label the target rates most likely: the lowest mean token NLL (ties: the earlier)."""
+    return min(range(len(task.labels)), key=lambda i: label_nll[i])
+
+
+def predicted_answer(reply: str | None) -> str | None:
+    """The number a math reply answers with, as text (None when it holds none)."""
+    pred = extract_number(reply)
+    return None if pred is None else repr(pred)
+
+
 def classify(task: Task, req: ScoreRequest, label_nll: Sequence[float], tokens: int, calls: int) -> Components:
     """Components from the mean token NLL of each label's verbalizer (in ``task.labels`` order)."""
-    best = min(range(len(task.labels)), key=lambda i: label_nll[i])
+    best = predicted_label(task, label_nll)
     gold = task.labels.index(req.label)
     return Components(correct=float(best == gold), nll=float(label_nll[gold]), tokens=tokens, calls=calls,
                       pred=task.labels[best])
@@ -102,7 +113,7 @@ def grade_math(task: Task, req: ScoreRequest, reply: str, response_nll: float, t
     pred = extract_number(reply)
     ok = answers_match(pred, req.label, task.tolerance)
     return Components(correct=float(ok), nll=float(response_nll), tokens=tokens, calls=calls, reply=reply,
-                      pred=None if pred is None else repr(pred))
+                      pred=predicted_answer(reply))
 
 
 def mean_nll(logprobs: Sequence[float]) -> float:

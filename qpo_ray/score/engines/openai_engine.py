@@ -98,6 +98,17 @@ class OpenAIEngine:
 
     def _classify(self, task: Task, req: ScoreRequest, text: str) -> Components:
         check_label(task, req)
+        nll, tokens = self.label_nlls(task, text)
+        return classify(task, req, nll, tokens, calls=1)
+
+    def _math(self, task: Task, req: ScoreRequest, text: str) -> Components:
+        reply, nll, tokens = self.math_reply(text)
+        return grade_math(task, req, reply, nll, tokens, calls=1)
+
+    # -- the two calls, also what the policy service answers with -------------------------------------
+    def label_nlls(self, task: Task, text: str) -> tuple[list[float], int]:
+        """The mean token NLL of each label's verbalizer after ``text`` (``task.labels`` order), and the
+        tokens the call used."""
         verbs = [task.verbalizers[lab] for lab in task.labels]
         body = {"model": self.cfg.model, "prompt": [text + v for v in verbs], "max_tokens": ECHO_MAX_TOKENS,
                 "echo": True, "logprobs": 1, "temperature": 0.0}
@@ -107,19 +118,22 @@ class OpenAIEngine:
             raise TargetError(f"target server {self.base_url}: {len(choices)} choices for {len(verbs)} prompts")
         nll = [mean_nll(label_token_logprobs(c["logprobs"], len(text), len(text) + len(v)))
                for c, v in zip(choices, verbs, strict=True)]
-        return classify(task, req, nll, _tokens(out), calls=1)
+        return nll, _tokens(out)
 
-    def _math(self, task: Task, req: ScoreRequest, text: str) -> Components:
+    def math_reply(self, text: str) -> tuple[str, float, int]:
+        """The target's greedy chat reply to ``text``, its mean token NLL, and the tokens the call used."""
         body = {"model": self.cfg.model, "messages": [{"role": "user", "content": text}],
                 "max_tokens": self.cfg.max_new_tokens, "temperature": 0.0, "logprobs": True}
         out = self.post("/chat/completions", body)
-        choice = out["choices"][0]
-        reply = choice["message"].get("content") or ""
+        try:
+            choice = out["choices"][0]
+            reply = choice["message"].get("content") or ""
+        except (KeyError, IndexError, TypeError, AttributeError):
+            raise TargetError(f"target server {self.base_url}: no choices[0].message in the reply") from None
         content = (choice.get("logprobs") or {}).get("content") or []
         if not content and reply:
             log.warning("target server %s returned no logprobs; the reply's NLL is taken as 0", self.base_url)
-        nll = mean_nll([float(t["logprob"]) for t in content])
-        return grade_math(task, req, reply, nll, _tokens(out), calls=1)
+        return reply, mean_nll([float(t["logprob"]) for t in content]), _tokens(out)
 
 
 def _tokens(out: dict[str, Any]) -> int:

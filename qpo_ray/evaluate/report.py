@@ -95,7 +95,8 @@ def claims_table(result: Mapping[str, Any], names: Mapping[str, str] | None = No
 
 
 def loop_over_loop(evals: Sequence[Mapping[str, Any]], seed: int = 0) -> dict[str, Any]:
-    """Per method: accuracy at the last loop minus loop 1 on the same test queries, paired, with its interval."""
+    """Per QPO method: accuracy at the last loop minus loop 1 on the same test queries, paired, with its
+    interval (the baselines judge the same pool every loop)."""
     loops = [e for e in evals if e["loop"] >= 1]
     if len(loops) < 2:
         return {}
@@ -103,7 +104,7 @@ def loop_over_loop(evals: Sequence[Mapping[str, Any]], seed: int = 0) -> dict[st
     if [r["query"] for r in first["per_query"]] != [r["query"] for r in last["per_query"]]:
         return {}
     out = {}
-    for name in ORDER:
+    for name in QPO_METHODS:
         if name in first["methods"] and name in last["methods"]:
             a = [r["methods"][name]["correct"] for r in last["per_query"]]
             b = [r["methods"][name]["correct"] for r in first["per_query"]]

@@ -116,12 +116,11 @@ class CollectConfig(_Section):
     batch_size: int = Field(100, ge=1, le=_1M)  # queries per sampling call of an actor
     target_reward: float = Field(100.0, ge=REWARD_SCALE[0], le=REWARD_SCALE[1])
     # Exploration (collect/screen.py): the policy proposes num_candidates sampled prompts per query and its
-    # num_beams most likely ones (beam search; 0 = none); repeats, pairs scored before and degenerate prompts
-    # are dropped, r̂ ranks the rest, and the target scores only the best scored_per_query of them (the
-    # rest is what the screening saves). new_share of those slots go first to prompts no earlier dataset
-    # version holds, so the loops find new prompts. Samples alone rarely leave the pool: a trained policy is
-    # sure of its prompts, and its tail is mostly broken splices; the beams past the pool's prompts are its
-    # most likely other prompts.
+    # num_beams most likely ones that no earlier dataset version holds (beam search past the known prompts;
+    # 0 = none); repeats, pairs scored before and degenerate prompts are dropped, r̂ ranks the rest, and the
+    # target scores only the best scored_per_query of them (the rest is what the screening saves). new_share
+    # of those slots go first to new prompts, so the loops find prompts no one wrote. Samples alone rarely
+    # leave the pool: a trained policy is sure of its prompts.
     num_candidates: int = Field(8, ge=1, le=_4K)
     num_beams: int = Field(16, ge=0, le=256)
     scored_per_query: int = Field(2, ge=1, le=_4K)
@@ -130,9 +129,11 @@ class CollectConfig(_Section):
     # prompts on the same queries (the report's "generated vs source"); costs pool size × num_queries calls
     # once per query (the run's cache).
     compare_pool: bool = True
-    # Sampling is wide on purpose (top_k 0 = off): a narrow head (top_k 2) only re-draws the pool's sentences.
-    top_k: int = Field(0, ge=0, le=_1M)
-    top_p: float = Field(0.95, gt=0, le=1)
+    # Sampling (collect's samples, and eval's best-of-N): the reference's narrow top-k 2 / top-p 0.9 (0 = off).
+    # New prompts come from the beams, not from wider sampling: sampled wide, a trained policy writes broken
+    # splices ("Is thisAnswer with one word."), and best-of-N ranked worse candidates than the pool's.
+    top_k: int = Field(2, ge=0, le=_1M)
+    top_p: float = Field(0.9, gt=0, le=1)
     temperature: float = Field(1.0, gt=0)
     num_actors: int = Field(1, ge=1, le=_4K)  # policy copies in the Ray Data actor pool
     num_cpus_per_actor: float = Field(1.0, gt=0, le=_4K)

@@ -204,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run; finished steps are skipped")
     p.set_defaults(fn=cmd_run)
 
-    p = sub.add_parser("demo", help="the embedded emotion demo (real SmolLM2 target), ~10 min on 2 CPUs")
+    p = sub.add_parser("demo", help="the embedded demo: the mixed task, real SmolLM2 target, ~15 min on 2 CPUs")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(fn=cmd_demo)
 

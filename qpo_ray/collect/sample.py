@@ -64,21 +64,20 @@ class _Sampler:
 
 def sample_prompts(policy_dir: str | Path, queries: Sequence[tuple[str, str]], ccfg: CollectConfig, *,
                    seed: int, greedy: bool = False, target_reward: float | None = None,
-                   num_candidates: int | None = None, exclude: Sequence[str] = (), desc: str = "sample",
+                   exclude: Sequence[str] = (), desc: str = "sample",
                    progress: bool = True) -> list[dict[str, Any]]:
-    """Candidate prompts per (query, label) on a pool of ``collect.num_actors`` actors: ``num_candidates``
-    (default ``collect.num_candidates``) sampled ones, then the ``collect.num_beams`` most likely ones other
+    """Candidate prompts per (query, label) on a pool of ``collect.num_actors`` actors: the
+    ``collect.num_candidates`` sampled ones, then the ``collect.num_beams`` most likely ones other
     than the ``exclude`` prompts (the dataset's, so the beams are new prompts), each with ``rhat`` = r̂(q, p)
     (None without the "last_prompt" head). Rows keep the input order, a query's candidates in that order."""
     import ray
 
     if not queries:
         return []
-    n = ccfg.num_candidates if num_candidates is None else num_candidates
     items = [{"row": i, "query": q, "label": lab} for i, (q, lab) in enumerate(queries)]
     gen = {"greedy": greedy, "top_k": ccfg.top_k, "top_p": ccfg.top_p, "temperature": ccfg.temperature,
            "target_reward": ccfg.target_reward if target_reward is None else target_reward, "seed": seed,
-           "num_candidates": 1 if greedy else n, "num_beams": 0 if greedy else ccfg.num_beams,
+           "num_candidates": 1 if greedy else ccfg.num_candidates, "num_beams": 0 if greedy else ccfg.num_beams,
            "exclude": list(exclude)}
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True

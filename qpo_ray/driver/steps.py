@@ -10,7 +10,7 @@ import pyarrow as pa
 
 from qpo_ray.atomic import atomic_write_json, atomic_write_table
 from qpo_ray.collect import pick_collect_queries, sample_prompts
-from qpo_ray.collect.screen import Candidate, screen
+from qpo_ray.collect.screen import Candidate, ScreenStats, screen
 from qpo_ray.data.prompts import prompt_identity
 from qpo_ray.driver.session import Session, read_rows
 from qpo_ray.grow import merge_rows
@@ -85,7 +85,7 @@ COLLECT_SCHEMA = pa.schema([("query", pa.string()), ("label", pa.string()), ("pr
                             ("rhat", pa.float64()), ("new", pa.bool_())])
 
 
-def screen_line(stats) -> str:
+def screen_line(stats: ScreenStats) -> str:
     return (f"{stats.sampled} candidates for {stats.queries} queries: {stats.repeats} repeats, "
             f"{stats.known_pairs} pairs scored before, {stats.degenerate} degenerate; the target scores "
             f"{stats.chosen} ({stats.chosen_new} new prompts), r̂ screened out {stats.screened_out}")
@@ -93,8 +93,9 @@ def screen_line(stats) -> str:
 
 def score(s: Session, loop: int) -> dict[str, Any]:
     """Score the loop's chosen pairs and, with ``collect.compare_pool``, the offline pool on the same collect
-    queries in the same request; writes the chosen rows (the merge's input), the pool's, and how the new
-    prompts did against the pool (evaluate/generated.py)."""
+    queries in the same request (the pool's rows stay in the run's score cache and never join the dataset);
+    writes the chosen rows (the merge's input) and how the new prompts did against the pool
+    (evaluate/generated.py)."""
     from qpo_ray.evaluate.baselines import offline_pool
     from qpo_ray.evaluate.compare import best_single_on_train
     from qpo_ray.evaluate.generated import generated_vs_source

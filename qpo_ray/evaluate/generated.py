@@ -28,7 +28,6 @@ from qpo_ray.evaluate.stats import paired_bootstrap
 from qpo_ray.score.rewards import SCALE
 
 TOP_NEW = 5
-PAIRED_WITH = ("best_single", "best_pool_here", "oracle")
 
 
 def pair_score(row: Mapping[str, Any]) -> float:
@@ -62,9 +61,7 @@ def generated_vs_source(scored: Sequence[Mapping[str, Any]], reference: Sequence
 
     def pool_value(q: str, p: str, key: str) -> float | None:
         row = ref[q].get(p)
-        if row is None:
-            return None
-        return float(row["correct"]) if key == "correct" else float(row["reward"])
+        return None if row is None else float(row[key])
 
     here = max(pool, key=lambda p: (_mean([pool_value(q, p, "correct") or 0.0 for q in queries]), p == best_single))
     out["best_pool_here"] = here

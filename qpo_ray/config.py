@@ -179,6 +179,9 @@ class TaskConfig(_Section):
     demo_sets_collect: int = Field(5, ge=1, le=_1M)
     demo_sets_test: int = Field(10, ge=1, le=_1M)
     threshold: float | None = None  # merge keeps rows with raw reward > threshold; None = the task's own
+    # Pseudo-pairs at a scoring call's mean correctness added to each prompt's batch accuracy (the reward's
+    # acc(p) term), so that a prompt scored on one query is not rated by that query alone (score.rewards).
+    prompt_acc_prior: float = Field(4.0, ge=0.0, le=_1M)
     # Bootstrap budget: use only the first N train queries / pool prompts (None = all). The target cost of
     # D0 is their product. `qpo-ray eval --target replay` trains on a seeded sample of max_train_queries
     # unique train queries of the logs.

@@ -16,6 +16,20 @@ def test_prompt_accuracy_groups_by_prompt():
     assert prompt_accuracy(["a", "b", "a", "a", "b"], [1, 0, 0, 1, 1]) == pytest.approx([2 / 3, 0.5, 2 / 3, 2 / 3, 0.5])
 
 
+def test_prompt_accuracy_prior_pulls_rare_prompts_to_the_mean():
+    prompts = ["pool"] * 80 + ["new"]
+    correct = [1.0] * 40 + [0.0] * 40 + [1.0]  # the pool prompt 50% on 80 queries; a new one right once
+    plain = prompt_accuracy(prompts, correct)
+    assert plain[0] == pytest.approx(0.5) and plain[-1] == 1.0
+    mean = 41 / 81
+    shrunk = prompt_accuracy(prompts, correct, prior_pairs=4)
+    assert shrunk[-1] == pytest.approx((1 + 4 * mean) / 5)  # one success no longer reads as 100%
+    assert shrunk[0] == pytest.approx((40 + 4 * mean) / 84)  # well measured: moves by well under 1%
+    assert abs(shrunk[0] - plain[0]) < 0.01
+    with pytest.raises(ValueError, match="prior_pairs"):
+        prompt_accuracy(prompts, correct, prior_pairs=-1)
+
+
 def test_zero_shot_formula():
     # p1 scored on two queries (one right), p2 on one (right).
     rows = compute_rewards("zero_shot", ["p1", "p1", "p2"], [1.0, 0.0, 1.0], [0.5, 2.0, 1.25])
@@ -72,8 +86,12 @@ def test_score_pairs_rows_reuse_and_order():
     assert rows[0] == rows[3]
     assert rows[0]["label"] == l1 and rows[0]["source"] == "loop-1" and rows[0]["loop"] == 1
     assert rows[0]["key"] == pair_key("emotion", cfg.target.model, "zero_shot", q1, "A")
-    assert rows[0]["reward"] == pytest.approx(10 + 5 - 0.5)
-    assert rows[2]["reward"] == pytest.approx(10 + 10 - 1.0)
+    # acc(p) counts task.prompt_acc_prior pseudo-pairs at the call's mean correctness (2 of 3 pairs right).
+    k = cfg.task.prompt_acc_prior
+    assert k > 0
+    acc_a, acc_b = (1 + k * 2 / 3) / (2 + k), (1 + k * 2 / 3) / (1 + k)
+    assert rows[0]["reward"] == pytest.approx(10 + 10 * acc_a - 0.5)
+    assert rows[2]["reward"] == pytest.approx(10 + 10 * acc_b - 1.0)
     assert set(rows[0]) == set(COLUMNS)
     rows_to_table(rows)  # valid schema rows
 

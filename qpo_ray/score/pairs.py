@@ -55,7 +55,7 @@ def score_pairs(scorer: Scorer, task: Task, cfg: RunConfig, pairs: Sequence[Pair
     is given. Few-shot pairs are scored under ``num_demo_sets(cfg, phase)`` seeded demonstration sets
     (never containing the query itself), one target request per set, averaged into ``acc_fs``.
     ``prompt_acc`` is the mean correctness of the prompt over the distinct pairs of this call (known ones
-    included), see ``rewards``.
+    included) and ``task.prompt_acc_prior`` pseudo-pairs at the call's mean, see ``rewards``.
     """
     setting, target = cfg.task.setting, cfg.target.model
     known = known if known is not None else {}
@@ -88,7 +88,8 @@ def score_pairs(scorer: Scorer, task: Task, cfg: RunConfig, pairs: Sequence[Pair
             batch[k] = (row["prompt"], float(row["correct"]), float(row.get("nll") or 0.0))
     batch_keys = list(batch)
     rewards = compute_rewards(formula_for(task.type, setting), [batch[k][0] for k in batch_keys],
-                              [batch[k][1] for k in batch_keys], [batch[k][2] for k in batch_keys])
+                              [batch[k][1] for k in batch_keys], [batch[k][2] for k in batch_keys],
+                              cfg.task.prompt_acc_prior)
     for k, rw in zip(batch_keys, rewards, strict=True):
         if k in new:
             q, p, lab = new[k]

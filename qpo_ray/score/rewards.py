@@ -12,9 +12,12 @@ so a stored dataset can be re-rewarded after a formula changes.
 distinct pairs with prompt ``p`` in one scoring request, those scored before included (``score_pairs`` with
 ``known``). A request is one driver step (``Session.score``: bootstrap, a loop's score step, an eval) or one
 ``source`` group of a ``qpo-ray score`` input; both count the same pairs, so a pair gets the same reward
-either way. That is the reference's "accuracy over the evaluation batch the prompt was scored with": it
-depends on which queries share the request, and for a prompt seen with a single query it equals that
-query's ``correct``.
+either way. That is the reference's "accuracy over the evaluation batch the prompt was scored with", with
+one change: ``prior_pairs`` pseudo-pairs at the request's mean ``correct`` join each prompt's count
+(``task.prompt_acc_prior``). Without them a prompt the loops wrote, scored on one or two collect queries,
+gets ``acc(p)`` 1 or 0 from those alone: a success earns +10 on top of its ``correct``, its failures fall
+below the merge threshold, and ``r̂`` learns from the dataset that such a prompt always wins. For a pool
+prompt scored on every train query the pseudo-pairs move ``acc(p)`` by a few percent.
 """
 
 from __future__ import annotations
@@ -59,22 +62,26 @@ def reward(formula: Formula, correct: float, nll: float, prompt_acc: float) -> f
     raise ValueError(f"unknown reward formula '{formula}'")
 
 
-def prompt_accuracy(prompts: Sequence[str], correct: Sequence[float]) -> list[float]:
-    """Per pair, the mean ``correct`` over all pairs with the same prompt (the batch accuracy of a prompt)."""
+def prompt_accuracy(prompts: Sequence[str], correct: Sequence[float], prior_pairs: float = 0.0) -> list[float]:
+    """Per pair, the mean ``correct`` over all pairs with the same prompt (the batch accuracy of a prompt),
+    counting ``prior_pairs`` more pairs at the mean ``correct`` of all pairs given."""
     if len(prompts) != len(correct):
         raise ValueError(f"{len(prompts)} prompts but {len(correct)} correctness values")
+    if prior_pairs < 0:
+        raise ValueError(f"prior_pairs must be >= 0, got {prior_pairs}")
     total: dict[str, float] = defaultdict(float)
     count: dict[str, int] = defaultdict(int)
     for p, c in zip(prompts, correct, strict=True):
         total[p] += c
         count[p] += 1
-    return [total[p] / count[p] for p in prompts]
+    prior = prior_pairs * sum(correct) / len(correct) if correct else 0.0
+    return [(total[p] + prior) / (count[p] + prior_pairs) for p in prompts]
 
 
 def compute_rewards(formula: Formula, prompts: Sequence[str], correct: Sequence[float],
-                    nll: Sequence[float]) -> list[dict[str, float]]:
+                    nll: Sequence[float], prior_pairs: float = 0.0) -> list[dict[str, float]]:
     """Rewards for the pairs of one scoring call: ``{reward, correct, nll, prompt_acc}`` per pair."""
-    acc = prompt_accuracy(prompts, correct)
+    acc = prompt_accuracy(prompts, correct, prior_pairs)
     return [{"reward": reward(formula, c, n, a), "correct": float(c), "nll": float(n), "prompt_acc": a}
             for c, n, a in zip(correct, nll, acc, strict=True)]
 

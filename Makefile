@@ -4,7 +4,7 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: venv test test-fast lint demo bench clean
+.PHONY: venv test test-fast lint demo bench gpu-smoke gpu-smoke-dry-run clean
 
 venv: $(STAMP)
 
@@ -34,13 +34,23 @@ test-fast: venv
 	if [ $$rc -eq 5 ]; then echo "make test-fast: pytest collected no tests (exit 5)" >&2; exit 1; fi; exit $$rc
 
 lint: venv
-	$(BIN)/ruff check qpo_ray tests benchmarks jobs
+	$(BIN)/ruff check qpo_ray tests benchmarks jobs scripts
+	$(BIN)/hadolint Dockerfile
 
 demo: venv
 	$(BIN)/qpo-ray demo
 
 bench: venv
 	$(BIN)/python -m benchmarks.run
+
+# One GPU, a few minutes: train, collect and score (vLLM against transformers) on the GPU paths; prints a
+# table. Runs with the Python on PATH (PY=...), e.g. inside the -gpu image: the venv here has CPU torch.
+gpu-smoke:
+	scripts/gpu_smoke.sh $(SMOKE_ARGS)
+
+# What of the smoke test a CPU can check: its config and inputs.
+gpu-smoke-dry-run: venv
+	PY=$(abspath $(BIN))/python scripts/gpu_smoke.sh --dry-run
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -147,6 +147,10 @@ class TargetConfig(_Section):
     # transformers/vllm: a local folder, HF id, "smollm2" or "tiny-llama"/"tiny-gpt2"; openai: the served model name.
     model: str = "smollm2"
     device: str = "cpu"  # transformers engine: "cpu", "cuda", "auto"
+    # The precision the target scores in: "auto" is float32 on the transformers engine and the checkpoint's
+    # dtype on vLLM (a float32 checkpoint runs in 16 bits there). Greedy math answers can differ between
+    # precisions; the run's report names the one that scored it.
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     max_length: int = Field(512, ge=16, le=_1M)  # tokens per scored sequence; longer requests are rejected
     max_new_tokens: int = Field(128, ge=1, le=_64K)  # math: reply length
     # openai engine
@@ -264,7 +268,40 @@ class RunConfig(_Section):
                              f"collect.num_candidates ({self.collect.num_candidates}): r̂ screens the candidates")
         if self.eval.method == "best_of_n" and self.eval.best_of_n < 2:
             raise ValueError("eval.method='best_of_n' needs eval.best_of_n >= 2")
+        problems = device_problems(self)
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
+
+
+def target_replicas(t: TargetConfig) -> int:
+    """Replicas the scoring pool starts with (autoscaling: its floor)."""
+    if not t.autoscaling:
+        return t.num_replicas
+    return max(int(t.autoscaling.get("min_replicas", 1) or 1), int(t.autoscaling.get("initial_replicas", 0) or 0))
+
+
+def device_problems(cfg: RunConfig) -> list[str]:
+    """What makes a config's devices and batch sizes contradict each other: every GPU a section reserves is
+    used by its model, no model asks for a GPU it did not reserve, and the pool keeps every replica's batch
+    full. Checked when the config loads, before any work."""
+    t = cfg.target
+    out = []
+    full = target_replicas(t) * t.max_batch_size
+    if t.engine != "replay" and t.max_in_flight < full:
+        out.append(f"target.max_in_flight ({t.max_in_flight}) must be at least replicas × target.max_batch_size "
+                   f"({target_replicas(t)} × {t.max_batch_size} = {full}): fewer requests in flight never fill "
+                   "a replica's batch")
+    if t.engine == "vllm" and t.num_gpus_per_replica <= 0:
+        out.append("target.engine='vllm' runs on a GPU: set target.num_gpus_per_replica (e.g. 1)")
+    if t.engine == "transformers":
+        on_gpu = t.device.startswith("cuda")
+        if t.num_gpus_per_replica > 0 and not (on_gpu or t.device == "auto"):
+            out.append(f"target.num_gpus_per_replica={t.num_gpus_per_replica:g} reserves a GPU the model would "
+                       f"not use (target.device={t.device!r}): set target.device=cuda")
+        if on_gpu and t.num_gpus_per_replica <= 0:
+            out.append(f"target.device={t.device!r} needs a GPU per replica: set target.num_gpus_per_replica")
+    return out
 
 
 PROFILES = ("tiny", "demo", "paper", "offline")

@@ -281,8 +281,30 @@ BROKEN = [
     Broken(
         "cpu-image-on-gpu-group",
         "raycluster.yaml",
-        set_at(f"{RC_GPU}.template.spec.containers.0.image", "rayproject/ray:2.60.0-py311"),
+        set_at(f"{RC_GPU}.template.spec.containers.0.image", "registry.example.com/qpo-ray:0.1.0-ray2.60.0-cpu"),
         "-gpu image",
+        False,
+    ),
+    Broken(
+        "stock-ray-image",
+        "rayjob.yaml",
+        set_at(f"{RJ}.headGroupSpec.template.spec.containers.0.image", "rayproject/ray:2.60.0-py311"),
+        "has no qpo-ray in it",
+        False,
+    ),
+    Broken(
+        "stale-package-image",
+        "rayservice.yaml",
+        set_at("spec.rayClusterConfig.headGroupSpec.template.spec.containers.0.image",
+               "registry.example.com/qpo-ray:0.0.9-ray2.60.0-cpu"),
+        "is not qpo-ray 0.1.0",
+        False,
+    ),
+    Broken(
+        "pip-at-start-up",
+        "rayjob.yaml",
+        edit_string("spec.runtimeEnvYAML", "env_vars:", "pip: [qpo-ray==0.1.0]\nenv_vars:"),
+        "installs packages at start-up (pip)",
         False,
     ),
     Broken(

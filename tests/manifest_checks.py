@@ -8,6 +8,7 @@ from __future__ import annotations
 import ast
 import difflib
 import math
+import re
 import shlex
 import types
 import typing
@@ -22,6 +23,7 @@ from tests.kuberay_checks import (
     kuberay_rule_problems,
     pod_spec,
     ray_container,
+    runtime_envs,
     serve_config,
 )
 from tests.kuberay_schema import REPO, schema_errors, unknown_keys
@@ -32,6 +34,8 @@ SERVE_IMPORT_PATH = "qpo_ray.serve.app:build_app"
 SHARED_PVC = "qpo-runs"
 SHARED_MOUNT = "/mnt/qpo"
 GPU = "nvidia.com/gpu"
+IMAGE_NAME = "qpo-ray"  # the Dockerfile's image, pushed as REGISTRY/qpo-ray:VERSION-rayRAY_VERSION-cpu|gpu
+INSTALLERS = ("pip", "uv", "conda")  # runtime_env fields that install packages when a worker starts
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -71,6 +75,35 @@ def parse_entrypoint(entrypoint: str) -> tuple[str | None, str, list[str], list[
         else:
             i += 1
     return module, config, overrides, flags
+
+
+def package_version() -> str:
+    return re.search(r'^version\s*=\s*"([^"]+)"', (REPO / "pyproject.toml").read_text(), re.M).group(1)
+
+
+def image_tag(ray_version: str, gpu: bool) -> str:
+    """The tag the Dockerfile's build is pushed with: package version, Ray version, variant."""
+    return f"{package_version()}-ray{ray_version}-{'gpu' if gpu else 'cpu'}"
+
+
+def image_problems(where: str, image: str, ray_version: str, gpu: bool) -> list[str]:
+    """Every Ray container runs the qpo-ray image (Dockerfile): Ray's image at rayVersion with the package in
+    it, the -gpu variant (vLLM, CUDA torch) exactly on GPU groups, the -cpu one elsewhere."""
+    repo, _, tag = image.rpartition(":")
+    if repo.rpartition("/")[2] != IMAGE_NAME:
+        return [f"{where}: image {image!r} has no qpo-ray in it: use the image the Dockerfile builds "
+                f"(…/{IMAGE_NAME}:{image_tag(ray_version, gpu)}; the -gpu image exactly on GPU groups)"]
+    m = re.fullmatch(r"(.+)-ray(.+)-(cpu|gpu)", tag)
+    if m is None:
+        return [f"{where}: image {image!r}: the tag must be VERSION-rayRAY_VERSION-cpu|gpu"]
+    out = []
+    if m.group(2) != ray_version:
+        out.append(f"{where}: image {image!r} holds Ray {m.group(2)}, not {ray_version} (rayVersion must match)")
+    if m.group(1) != package_version():
+        out.append(f"{where}: image {image!r} is not qpo-ray {package_version()} (pyproject.toml)")
+    if (m.group(3) == "gpu") != gpu:
+        out.append(f"{where}: image {image!r}: use the -gpu image exactly on GPU groups")
+    return out
 
 
 def gpus_needed(cfg: Any) -> int:
@@ -129,14 +162,7 @@ def qpo_problems(doc: dict[str, Any]) -> list[str]:
             for m in c.get("volumeMounts") or []
         ):
             out.append(f"{where}: the Ray container must mount PVC '{SHARED_PVC}' at {SHARED_MOUNT}")
-        image = str(c.get("image", ""))
-        repo, _, tag = image.rpartition(":")
-        if repo != "rayproject/ray" or not tag.startswith(ray_version + "-"):
-            out.append(
-                f"{where}: image {image!r} is not rayproject/ray:{ray_version}-… (rayVersion must match)"
-            )
-        elif tag.endswith("-gpu") != (gpus > 0):
-            out.append(f"{where}: image {image!r}: use the -gpu image exactly on GPU groups")
+        out += image_problems(where, str(c.get("image", "")), ray_version, gpus > 0)
         res = c.get("resources") or {}
         for part in ("requests", "limits"):
             missing = {"cpu", "memory"} - set(res.get(part) or {})
@@ -152,6 +178,10 @@ def qpo_problems(doc: dict[str, Any]) -> list[str]:
             if not any(isinstance(t, dict) and t.get("key") == GPU for t in tolerations):
                 out.append(f"{where}: GPU Pods need a toleration for the {GPU} taint")
 
+    for where, env in runtime_envs(doc):
+        if isinstance(env, dict) and any(env.get(k) for k in INSTALLERS):
+            out.append(f"{where}: installs packages at start-up ({', '.join(k for k in INSTALLERS if env.get(k))}); "
+                       "the qpo-ray image has them")
     if kind in ("RayCluster", "RayJob"):
         if not (has_cpu_group and has_gpu_group):
             out.append("workerGroupSpecs: need a CPU group and a GPU group")

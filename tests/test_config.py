@@ -89,3 +89,32 @@ def test_a_fitted_rerank_margin_is_for_replay_only(tmp_path):
     with pytest.raises(ConfigError, match="only `qpo-ray eval --target replay`"):
         prepare_run(cfg, None)
     assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["target.max_in_flight=32"], r"target\.max_in_flight \(32\) must be at least replicas × target\.max_batch_size "
+                                  r"\(1 × 64 = 64\)"),
+    (["target.num_replicas=2", "target.max_in_flight=100"], r"\(2 × 64 = 128\)"),
+    (["target.num_gpus_per_replica=0"], r"target\.engine='vllm' runs on a GPU"),
+    (["target.engine=transformers", "target.device=cpu"], r"reserves a GPU the model would not use"),
+    (["target.engine=transformers", "target.num_gpus_per_replica=0"], r"target\.device='cuda' needs a GPU"),
+])
+def test_an_inconsistent_gpu_profile_is_refused_on_load(overrides, message):
+    load_config("paper")  # the shipped profile is consistent
+    with pytest.raises(ConfigError, match=message):
+        load_config("paper", overrides)
+
+
+def test_pool_rule_counts_the_autoscaling_floor():
+    load_config("tiny", ["target.autoscaling={min_replicas: 3, max_replicas: 9}"])  # 3 × 8 ≤ 32
+    with pytest.raises(ConfigError, match=r"\(5 × 8 = 40\)"):
+        load_config("tiny", ["target.autoscaling={min_replicas: 5, max_replicas: 9}"])
+
+
+def test_report_names_the_precision_that_scored():
+    from qpo_ray.score.engines import target_precision
+
+    assert target_precision(load_config("tiny").target) == "float32"
+    assert target_precision(load_config("tiny", ["target.dtype=bfloat16"]).target) == "bfloat16"
+    assert target_precision(load_config("paper").target).startswith("auto (vLLM")
+    assert target_precision(load_config("paper", ["target.dtype=float16"]).target) == "float16"

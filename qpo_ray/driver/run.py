@@ -22,6 +22,7 @@ from qpo_ray.evaluate.report import loop_over_loop, summary_table, write_report
 from qpo_ray.models import check_model_spec
 from qpo_ray.ray_init import init_ray, link_ray_logs
 from qpo_ray.runs import RunDir, fault_point
+from qpo_ray.score.engines import target_precision
 
 log = logging.getLogger("qpo_ray")
 
@@ -137,6 +138,7 @@ def report(s: Session) -> Path:
     """Write report.md (+ its PNG); returns its path."""
     evals, step_infos = _results(s.run)
     header = {"task": s.task.name, "setting": s.cfg.task.setting, "target": s.target,
+              "target engine": s.cfg.target.engine, "target precision": target_precision(s.cfg.target),
               "policy": s.cfg.policy.model, "loops": s.cfg.loops, "dataset versions": len(s.store.versions()),
               "rows in latest version": s.store.manifest(s.store.latest()).rows}
     generated = {t: json.loads(f.read_text()) for t in range(1, s.cfg.loops + 1)

@@ -140,6 +140,9 @@ class QPOPolicy(nn.Module):
         positions map to 0; a real token outside the vocabulary is an error, never a silent target."""
         if self.vocab_ids is None:
             return token_ids
+        # The index lives with the module (on its accelerator); indexing it with ids on another device fails.
+        dev = self._vocab_index.device
+        token_ids, mask = token_ids.to(dev), mask.to(dev)
         idx = self._vocab_index[token_ids]
         idx = torch.where(mask.bool(), idx, torch.zeros_like(idx))
         if bool((idx < 0).any()):

@@ -42,15 +42,17 @@ def model_dtypes() -> dict[str, Any]:
     return {k: torch.float32 if k.startswith("reward") else torch.long for k in TRAIN_COLUMNS}
 
 
-def train_batches(data, micro_batch_size: int, shuffle_seed: int):
+def train_batches(data, micro_batch_size: int, shuffle_seed: int, device: Any = "auto"):
     """Training micro-batches from a Ray Dataset or a Train worker's shard: torch tensors in the dtypes the
-    policy and the loss take, mixed by a seeded local shuffle buffer, the last partial batch dropped."""
+    policy and the loss take, on ``device`` ("auto": the Train worker's device), mixed by a seeded local
+    shuffle buffer, the last partial batch dropped."""
     return data.iter_torch_batches(
         batch_size=micro_batch_size,
         drop_last=True,
         local_shuffle_buffer_size=max(16 * micro_batch_size, 2048),
         local_shuffle_seed=shuffle_seed,
         dtypes=model_dtypes(),
+        device=str(device),
     )
 
 
@@ -79,9 +81,10 @@ def cache_shard(shard) -> dict[str, np.ndarray]:
     return {k: v[order] for k, v in rows.items()}
 
 
-def cached_batches(rows: dict[str, np.ndarray], micro_batch_size: int, shuffle_seed: int):
+def cached_batches(rows: dict[str, np.ndarray], micro_batch_size: int, shuffle_seed: int, device: Any = "cpu"):
     """``train_batches`` over rows held in memory: a seeded permutation of all of them (a global shuffle),
-    the same tensors and dtypes, the last partial batch dropped."""
+    the same tensors and dtypes on ``device`` (the engine's: DeepSpeed moves the module, not its inputs),
+    the last partial batch dropped."""
     import torch
 
     dtypes = model_dtypes()
@@ -89,7 +92,7 @@ def cached_batches(rows: dict[str, np.ndarray], micro_batch_size: int, shuffle_s
     perm = np.random.default_rng(shuffle_seed).permutation(n)
     for i in range(0, n - micro_batch_size + 1, micro_batch_size):
         idx = perm[i:i + micro_batch_size]
-        yield {k: torch.from_numpy(v[idx]).to(dtypes[k]) for k, v in rows.items()}
+        yield {k: torch.from_numpy(v[idx]).to(device=device, dtype=dtypes[k]) for k, v in rows.items()}
 
 
 @functools.lru_cache(maxsize=4)

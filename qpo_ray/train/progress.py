@@ -39,12 +39,12 @@ class StepPoster:
         self.board, self.steps_per_epoch = board, steps_per_epoch
         self.last = 0.0
 
-    def __call__(self, epoch: int, step: int, loss: float, *, force: bool = False) -> None:
+    def __call__(self, epoch: int, step: int, loss: Any, *, force: bool = False) -> None:
         now = time.monotonic()
         if self.board is None or (not force and now - self.last < POST_EVERY_S):
             return
         self.last = now
-        self.board.post.remote({"step": epoch * self.steps_per_epoch + step, "epoch": epoch + 1, "loss": loss})
+        self.board.post.remote({"step": epoch * self.steps_per_epoch + step, "epoch": epoch + 1, "loss": float(loss)})
 
 
 @contextmanager

@@ -147,14 +147,21 @@ def _export_policy(engine, stage: int, dest: Path, rank: int) -> None:
                     p.data = v
 
 
-def _epoch_batches(shard, cached: dict | None, *, epoch: int, tcfg: TrainConfig, rank: int):
-    """This rank's micro-batches of one epoch: from the rows it holds in memory, else streamed by Ray Data."""
+def _epoch_batches(shard, cached: dict | None, *, epoch: int, tcfg: TrainConfig, rank: int, device):
+    """This rank's micro-batches of one epoch on ``device`` (the engine's): from the rows it holds in memory,
+    else streamed by Ray Data."""
     from qpo_ray.train.loader import cached_batches, train_batches
 
     seed = tcfg.seed * 1_000_003 + epoch * 1009 + rank
     if cached is not None:
-        return cached_batches(cached, tcfg.micro_batch_size, seed)
-    return train_batches(shard, tcfg.micro_batch_size, seed)
+        return cached_batches(cached, tcfg.micro_batch_size, seed, device=device)
+    return train_batches(shard, tcfg.micro_batch_size, seed, device=device)
+
+
+def on_device(batch: dict[str, Any], device) -> dict[str, Any]:
+    """The batch's tensors on ``device``: DeepSpeed moves the module to its accelerator, never the inputs.
+    A no-op for tensors already there."""
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def _run_epoch(engine, batches, *, epoch: int, tcfg: TrainConfig, gas: int, rank: int,
@@ -163,13 +170,14 @@ def _run_epoch(engine, batches, *, epoch: int, tcfg: TrainConfig, gas: int, rank
     that streaming's start-up counts in the epoch's time). Micro-batches are applied in groups of ``gas`` so
     every optimizer step sees a full accumulation window; a trailing partial window is dropped (identically on
     every rank, since the shards are equal) instead of leaking its gradients into the next epoch."""
-    from qpo_ray.policy.loss import qpo_loss
+    from qpo_ray.policy.loss import qpo_loss_terms
 
-    sums = {"loss": 0.0, "ce": 0.0, "mse": 0.0, "lambda": 0.0}
+    # Sums stay on the device (0-d tensors): one read per epoch, not a GPU→CPU sync per micro-batch.
+    sums: dict[str, Any] = {"loss": 0.0, "ce": 0.0, "mse": 0.0, "lambda": 0.0}
     micro, tokens, pending = 0, 0.0, []
     start = time.perf_counter()
     for batch in batches:
-        pending.append(batch)
+        pending.append(on_device(batch, engine.device))
         if len(pending) < gas:
             continue
         for b in pending:
@@ -178,14 +186,14 @@ def _run_epoch(engine, batches, *, epoch: int, tcfg: TrainConfig, gas: int, rank
                                          reward=b["reward"])
             targets = dict(b, prompt_ids=engine.module.head_targets(b["prompt_ids"], b["prompt_mask"]),
                            reward=b["reward_target"] / tcfg.mse_scale)
-            loss, m = qpo_loss(logits, reward_pred / tcfg.mse_scale, targets, lambda_high=tcfg.lambda_high,
-                               lambda_low=tcfg.lambda_low, mse_switch=tcfg.mse_switch)
+            loss, m = qpo_loss_terms(logits, reward_pred / tcfg.mse_scale, targets, lambda_high=tcfg.lambda_high,
+                                     lambda_low=tcfg.lambda_low, mse_switch=tcfg.mse_switch)
             engine.backward(loss)
             engine.step()
             for k in sums:
                 sums[k] += m[k]
             micro += 1
-            tokens += float(b["query_mask"].sum() + b["prompt_mask"].sum())
+            tokens = tokens + b["query_mask"].sum() + b["prompt_mask"].sum()
         pending.clear()
         if on_step is not None:
             on_step(epoch, micro // gas, sums["loss"] / micro)
@@ -197,8 +205,8 @@ def _run_epoch(engine, batches, *, epoch: int, tcfg: TrainConfig, gas: int, rank
     if on_step is not None:
         on_step(epoch, micro // gas, sums["loss"] / micro, force=True)
     elapsed = time.perf_counter() - start
-    means = _mean_across_ranks({k: v / micro for k, v in sums.items()}, engine.device)
-    total_tokens = _sum_across_ranks(tokens, engine.device)
+    means = _mean_across_ranks({k: float(v) / micro for k, v in sums.items()}, engine.device)
+    total_tokens = _sum_across_ranks(float(tokens), engine.device)
     return {**means, "steps": micro // gas, "tokens_per_s": total_tokens / max(elapsed, 1e-9),
             "epoch_time_s": elapsed}
 
@@ -275,8 +283,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # Seeded per (rank, epoch), not once per call: a run resumed at epoch k draws the dropout masks an
         # uninterrupted run would, so resuming changes no weight. Ranks differ, as in plain DDP.
         seed_everything(tcfg.seed + 7919 * (rank + 1) + 104_729 * epoch)
-        metrics = _run_epoch(engine, _epoch_batches(shard, cached, epoch=epoch, tcfg=tcfg, rank=rank), epoch=epoch,
-                             tcfg=tcfg, gas=gas, rank=rank, on_step=poster)
+        batches = _epoch_batches(shard, cached, epoch=epoch, tcfg=tcfg, rank=rank, device=engine.device)
+        metrics = _run_epoch(engine, batches, epoch=epoch, tcfg=tcfg, gas=gas, rank=rank, on_step=poster)
         if epoch > start_epoch:  # a drill kills a worker that has trained on since its last restart
             fault_point(f"train.epoch-{epoch + 1}.end")
         # Read back from the engine: proves the ZeRO optimizer wrapper saw the new value.

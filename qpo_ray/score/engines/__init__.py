@@ -12,6 +12,17 @@ from qpo_ray.tasks import Task
 ENGINES = ("transformers", "openai", "vllm", "replay")
 
 
+def target_precision(cfg: TargetConfig) -> str:
+    """The precision that scores a run, as the report states it (greedy math answers can differ by it)."""
+    if cfg.engine == "transformers":
+        return "float32" if cfg.dtype == "auto" else cfg.dtype
+    if cfg.engine == "vllm":
+        return cfg.dtype if cfg.dtype != "auto" else "auto (vLLM: the checkpoint's dtype; float32 ones in 16 bits)"
+    if cfg.engine == "openai":
+        return f"whatever the server at {cfg.base_url} runs"
+    return "as recorded (replay)"
+
+
 def make_engine(cfg: TargetConfig, task: Task | Iterable[Task] | None = None) -> TargetEngine:
     """The engine named by ``cfg.engine``, able to score requests of the given task(s)."""
     if cfg.engine == "transformers":
@@ -33,4 +44,4 @@ def make_engine(cfg: TargetConfig, task: Task | Iterable[Task] | None = None) ->
     raise TargetError(f"unknown target.engine '{cfg.engine}' (one of {', '.join(ENGINES)})")
 
 
-__all__ = ["ENGINES", "Components", "ScoreRequest", "TargetEngine", "make_engine"]
+__all__ = ["ENGINES", "Components", "ScoreRequest", "TargetEngine", "make_engine", "target_precision"]

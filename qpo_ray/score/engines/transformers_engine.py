@@ -37,6 +37,9 @@ from qpo_ray.score.engines.base import (
 )
 from qpo_ray.tasks import Task
 
+# target.dtype → the weights' dtype ("auto": float32, the precision the engine was checked in).
+TORCH_DTYPES = {"auto": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
 # At most this many float32 log-probabilities (rows × kept positions × vocabulary) live at once: ~512 MiB.
 LOGIT_BUDGET = 1 << 27
 
@@ -89,7 +92,8 @@ class TransformersEngine:
         self.book = TaskBook(tasks)
         self.device = resolve_device(cfg.device)
         self.tok = tokenizer if tokenizer is not None else load_tokenizer(None, cfg.model)
-        self.model = (model if model is not None else load_causal_lm(cfg.model)).to(self.device).eval()
+        self.model = (model if model is not None else load_causal_lm(cfg.model, dtype=TORCH_DTYPES[cfg.dtype]))
+        self.model = self.model.to(self.device).eval()
         self.batch_size = cfg.max_batch_size
         self.pad_id = self.tok.pad_token_id
         eos = self.model.generation_config.eos_token_id

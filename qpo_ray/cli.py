@@ -73,9 +73,9 @@ def _version_dir(path: str) -> tuple[Path, int]:
 
 
 def cmd_run(args) -> int:
+    cfg = None if args.resume else _cfg(args)  # before the driver's imports (torch, Ray): a mistake is quick
     from qpo_ray.driver import run
 
-    cfg = None if args.resume else _cfg(args)
     run(cfg, resume=args.resume)
     return 0
 
@@ -109,16 +109,16 @@ def cmd_bootstrap(args) -> int:
 
 
 def cmd_train(args) -> int:
+    cfg = _cfg(args)  # the arguments first, before the imports of torch and Ray: a mistake is quick
+    run_dir, version = _version_dir(args.data)
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise QPOError(f"--out {args.out} is a file: give a folder for the policy")
+    _check_init(args.schedule, args.init)
     from qpo_ray.data.store import DatasetStore
     from qpo_ray.driver.resources import ensure_cluster, train_need
     from qpo_ray.train import train_policy
     from qpo_ray.train.trainer import check_trainable
 
-    cfg = _cfg(args)
-    run_dir, version = _version_dir(args.data)
-    _check_init(args.schedule, args.init)
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        raise QPOError(f"--out {args.out} is a file: give a folder for the policy")
     store = DatasetStore(run_dir)
     check_trainable(cfg, store, version)  # before Ray starts: bad or too little data is one line, not a traceback
     ensure_cluster(cfg, [[train_need(cfg.train)]])

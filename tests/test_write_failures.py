@@ -151,3 +151,14 @@ def test_a_task_file_with_aliases_fails_before_ray_starts(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and len(_error_lines(err)) == 1 and "YAML aliases (*a) are not allowed" in err, err
     assert not (tmp_path / "r").exists()
+
+
+def test_an_import_into_a_folder_it_may_not_write_fails_before_reading(tmp_path, monkeypatch, capsys):
+    (tmp_path / "rows.jsonl").write_text(json.dumps({"query": "q", "prompt": "p", "reward": 1, "label": "joy"}))
+    monkeypatch.setattr(os, "access", lambda *_a, **_k: False)  # as for a user without write permission
+    rc = main(["data", "import", "--format", "jsonl", "--input", str(tmp_path / "rows.jsonl"), "--run-dir",
+               str(tmp_path / "run"), "--task", "t", "--target", "m"])
+    err = capsys.readouterr().err
+    assert rc == 2 and _error_lines(err) == [
+        f"qpo-ray: error: cannot write in {tmp_path}: permission denied or a read-only file system"], err
+    assert not (tmp_path / "run").exists()

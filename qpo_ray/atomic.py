@@ -14,6 +14,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any
 
+from qpo_ray.errors import ResourceError, os_reason
+
 if TYPE_CHECKING:
     import pyarrow as pa
 
@@ -21,23 +23,36 @@ if TYPE_CHECKING:
 class AtomicFile:
     """A file handle on ``path``'s temporary twin: ``commit()`` makes it ``path``, ``discard()`` drops it.
 
-    As a context manager it commits when the block ends normally and discards when it raises."""
+    As a context manager it commits when the block ends normally and discards when it raises. A write the
+    OS refuses (full disk, file-size limit, unwritable folder) leaves no temporary file and is a
+    ``ResourceError`` naming ``path`` and the OS's reason."""
 
     def __init__(self, path: str | Path, mode: str = "wb"):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex[:8]}.tmp")
-        self.file: IO[Any] = open(self.tmp, mode, encoding=None if "b" in mode else "utf-8")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.file: IO[Any] = open(self.tmp, mode, encoding=None if "b" in mode else "utf-8")
+        except OSError as e:
+            raise write_error(self.path, e) from e
 
     def commit(self) -> None:
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
-        os.replace(self.tmp, self.path)
+        try:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+            os.replace(self.tmp, self.path)
+        except OSError as e:
+            self.discard()
+            raise write_error(self.path, e) from e
 
     def discard(self) -> None:
-        self.file.close()
-        self.tmp.unlink(missing_ok=True)
+        try:
+            self.file.close()  # flushes what is buffered: on a full disk that fails too, and closes anyway
+        except OSError:
+            pass
+        finally:
+            self.tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> IO[Any]:
         return self.file
@@ -46,8 +61,15 @@ class AtomicFile:
                  tb: TracebackType | None) -> None:
         if kind is None:
             self.commit()
-        else:
-            self.discard()
+            return
+        self.discard()
+        if isinstance(exc, OSError):
+            raise write_error(self.path, exc) from exc
+
+
+def write_error(path: Path, e: OSError) -> ResourceError:
+    """The one-line error of a write the OS refused."""
+    return ResourceError(f"cannot write {path}: {os_reason(e)}")
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -71,4 +93,5 @@ def atomic_write_table(path: str | Path, table: pa.Table) -> None:
         pq.write_table(table, f)
 
 
-__all__ = ["AtomicFile", "atomic_write_bytes", "atomic_write_json", "atomic_write_table", "atomic_write_text"]
+__all__ = ["AtomicFile", "atomic_write_bytes", "atomic_write_json", "atomic_write_table", "atomic_write_text",
+           "write_error"]

@@ -3,16 +3,45 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
+import os
 import sys
+import traceback
 from pathlib import Path
 
 from qpo_ray.config import PROFILES, load_config
-from qpo_ray.errors import QPOError
-from qpo_ray.jsonl import read_jsonl, write_jsonl
+from qpo_ray.errors import DataError, QPOError, os_reason
+from qpo_ray.jsonl import read_jsonl, text_lines, write_jsonl
 
 log = logging.getLogger("qpo_ray")
+
+# OS errors that are the machine's or the user's doing, not a bug: one line, not a traceback.
+ENVIRONMENT_ERRNOS = frozenset({
+    errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EMFILE,
+    errno.ENFILE, errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG, errno.ELOOP,
+})
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose mistakes end like every other error of the CLI: usage, then one ``qpo-ray: error:``
+    line naming the subcommand."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        sub = self.prog.partition(" ")[2]
+        self.exit(2, f"qpo-ray: error: {sub + ': ' if sub else ''}{message}\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{n} must be at least 1")
+    return n
 
 
 def _config_args(p: argparse.ArgumentParser, default: str = "tiny") -> None:
@@ -44,9 +73,9 @@ def _version_dir(path: str) -> tuple[Path, int]:
 
 
 def cmd_run(args) -> int:
+    cfg = None if args.resume else _cfg(args)  # before the driver's imports (torch, Ray): a mistake is quick
     from qpo_ray.driver import run
 
-    cfg = None if args.resume else _cfg(args)
     run(cfg, resume=args.resume)
     return 0
 
@@ -80,13 +109,16 @@ def cmd_bootstrap(args) -> int:
 
 
 def cmd_train(args) -> int:
+    cfg = _cfg(args)  # the arguments first, before the imports of torch and Ray: a mistake is quick
+    run_dir, version = _version_dir(args.data)
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise QPOError(f"--out {args.out} is a file: give a folder for the policy")
+    _check_init(args.schedule, args.init)
     from qpo_ray.data.store import DatasetStore
     from qpo_ray.driver.resources import ensure_cluster, train_need
     from qpo_ray.train import train_policy
     from qpo_ray.train.trainer import check_trainable
 
-    cfg = _cfg(args)
-    run_dir, version = _version_dir(args.data)
     store = DatasetStore(run_dir)
     check_trainable(cfg, store, version)  # before Ray starts: bad or too little data is one line, not a traceback
     ensure_cluster(cfg, [[train_need(cfg.train)]])
@@ -100,18 +132,51 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _check_init(schedule: str, init: str | None) -> None:
+    """``--init`` goes with ``--schedule finetune`` and names a saved policy; checked before Ray starts."""
+    if schedule == "scratch":
+        if init:
+            raise QPOError("--init is for --schedule finetune (scratch starts from policy.model)")
+        return
+    if not init:
+        raise QPOError("--schedule finetune needs --init POLICY_DIR (the saved policy to fine-tune)")
+    from qpo_ray.policy.model import check_saved_policy
+
+    check_saved_policy(Path(init))
+
+
 def _read_queries(path: str) -> list[str]:
+    """The queries of ``--in``: a text file (one a line, blank lines skipped) or JSONL with a text 'query'."""
     p = Path(path)
     if not p.is_file():
         raise QPOError(f"--in {path}: no such file")
+    out = []
     if p.suffix == ".jsonl":
-        out = []
         for n, rec in read_jsonl(p):
-            if "query" not in rec:
-                raise QPOError(f"{path}: line {n}: expected a JSON object with a 'query' field")
-            out.append(str(rec["query"]))
+            q = rec.get("query")
+            if not isinstance(q, str) or not q.strip():
+                raise DataError(f"{path} line {n}: expected a JSON object whose 'query' is non-empty text, "
+                                f"got {'no query' if 'query' not in rec else repr(q)[:80]}")
+            out.append(q)
         return out
-    return [ln for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    for n, text, why in text_lines(p):
+        if why is not None:
+            raise DataError(f"{path} line {n}: {why}")
+        if text.strip():
+            out.append(text)
+    return out
+
+
+def _check_out_file(path: str) -> None:
+    """An output file's folder must exist and be writable: found before the work, not after it."""
+    p = Path(path)
+    folder = p.parent
+    if p.is_dir():
+        raise QPOError(f"--out {path} is a folder: give a file name")
+    if not folder.is_dir():
+        raise QPOError(f"--out {path}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise QPOError(f"--out {path}: folder {folder} is not writable")
 
 
 def cmd_generate(args) -> int:
@@ -120,6 +185,8 @@ def cmd_generate(args) -> int:
     from qpo_ray.policy.model import QPOPolicy
     from qpo_ray.policy.served import describe_settings, load_served
 
+    if args.out:
+        _check_out_file(args.out)
     served = load_served(args.policy, args.config, args.overrides)
     queries = _read_queries(args.inp)
     policy = QPOPolicy.load(args.policy)
@@ -137,11 +204,16 @@ def cmd_generate(args) -> int:
 
 def cmd_score(args) -> int:
     from qpo_ray.driver.resources import ensure_cluster, target_need
-    from qpo_ray.score.cli_score import score_file
+    from qpo_ray.score.cli_score import read_pairs, score_file
+    from qpo_ray.tasks import load_task
 
     cfg = _cfg(args)
+    # Before Ray starts: a missing task, pairs file or output folder is one line, not a started pool.
+    load_task(cfg.task.name)
+    rows = read_pairs(args.inp)
+    _check_out_file(args.out)
     ensure_cluster(cfg, [[target_need(cfg.target)]])
-    score_file(cfg, args.inp, args.out)
+    score_file(cfg, args.inp, args.out, rows=rows)
     return 0
 
 
@@ -195,7 +267,7 @@ def cmd_import(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="qpo-ray", description="QPO prompt-policy training on Ray.")
+    ap = _Parser(prog="qpo-ray", description="QPO prompt-policy training on Ray.")
     ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
@@ -227,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--in", dest="inp", required=True, help="text file (one query a line) or JSONL with 'query'")
     p.add_argument("--out", help="JSONL output (default: stdout)")
     _served_config_args(p, "e.g. --set eval.method=greedy --set eval.target_reward=80")
-    p.add_argument("--batch-size", type=int, default=64, help="rows per forward pass of generation [64]")
+    p.add_argument("--batch-size", type=_positive_int, default=64, help="rows per forward pass of generation [64]")
     p.set_defaults(fn=cmd_generate)
 
     p = sub.add_parser("score", help="score (query, prompt) pairs with the target pool")
@@ -288,6 +360,14 @@ def main(argv: list[str] | None = None) -> int:
         return args.fn(args)
     except QPOError as e:
         print(f"qpo-ray: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in ENVIRONMENT_ERRNOS:
+            raise
+        if args.verbose:
+            traceback.print_exc()
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"qpo-ray: error: {where}{os_reason(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("qpo-ray: interrupted", file=sys.stderr)

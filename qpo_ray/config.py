@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from qpo_ray.atomic import atomic_write_text
 from qpo_ray.errors import ConfigError
+from qpo_ray.yamlio import load_yaml, yaml_error_line
 
 # Upper bounds of sizes and counts: far above any real use, low enough that a typo fails instead of hanging.
 _4K, _64K, _1M, _1G = 1 << 12, 1 << 16, 1 << 20, 1 << 30
@@ -29,7 +30,10 @@ REWARD_SCALE = (0.0, 100.0)  # the normalised reward the policy is conditioned o
 
 class _Section(BaseModel):
     # allow_inf_nan=False: one rule for every float field of every section (lr=inf was accepted).
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(), allow_inf_nan=False)
+    # strict: a number is a number and a switch a boolean; `target_reward: true` or `"50"` is an error, not 1.0
+    # or 50.0 (an int is still a float).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(), allow_inf_nan=False,
+                              strict=True)
 
 
 class PolicyConfig(_Section):
@@ -315,13 +319,13 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if path.is_dir():
         raise ConfigError(f"config {path} is a directory, not a YAML file (a run's config is RUN_DIR/config.yaml)")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = load_yaml(path.read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"config {path} cannot be read: {e}") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        raise ConfigError(f"{path}: not valid YAML: {yaml_error_line(e)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     return data
@@ -330,9 +334,12 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 def _parse_scalar(text: str) -> Any:
     # YAML gives ints, floats, bools, null and [lists] the way a user types them on a command line.
     try:
-        return yaml.safe_load(text)
+        value = load_yaml(text)
     except yaml.YAMLError:
         return text
+    if isinstance(value, str) and value.strip().lower().lstrip("+-") in ("nan", "inf", "infinity"):
+        return float(value)  # typed as a number, so validation can say "not finite" rather than "not a number"
+    return value
 
 
 def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:

@@ -22,3 +22,16 @@ class ModelSourceError(QPOError):
 
 class TargetError(QPOError):
     """The target LLM (engine, server, replica) cannot score a request."""
+
+
+class ResourceError(QPOError):
+    """The machine refused: a full disk, a file-size limit, an unwritable folder, too many open files."""
+
+
+def os_reason(e: OSError) -> str:
+    """The OS's words for ``e`` ("No space left on device"), on one line, whatever raised it (Python or Arrow)."""
+    return " ".join(str(e.strerror or e).split())
+
+
+class TrainingError(QPOError):
+    """Training cannot go on: the loss or the weights stopped being finite numbers."""

@@ -357,3 +357,22 @@ def test_killed_worker_restarts_from_its_last_checkpoint(run_dir, ray_quiet, mon
     drilled, clean = (load_file(p / "model.safetensors") for p in (res.policy_dir, ref.policy_dir))
     assert drilled.keys() == clean.keys()
     assert all(torch.equal(drilled[k], clean[k]) for k in clean)
+
+
+@pytest.mark.slow
+def test_a_non_finite_loss_stops_every_rank_with_one_error_and_no_policy(run_dir, ray_quiet):
+    """A reward scale that overflows float32 makes the first loss infinite: both ranks stop before their
+    first optimizer step, Ray Train does not retry (max_failures=2), and no policy is written."""
+    from qpo_ray.errors import TrainingError
+    from qpo_ray.train.checkpoints import STOP_DIR
+
+    cfg = _cfg(run_dir, "train.num_workers=2", "train.mse_scale=1e-300", "train.scratch.epochs=2",
+               "train.max_failures=2")
+    with pytest.raises(TrainingError, match=r"^training stopped at epoch 1, step 1 of run 'nan-loss' on dataset "
+                                            r"v000: the loss \((inf|nan)\) is not a finite number .*no policy"):
+        train_policy(cfg, store=DatasetStore(run_dir), version=0, out_dir=run_dir / "policy-nan",
+                     schedule="scratch", run_name="nan-loss")
+    assert not (run_dir / "policy-nan").exists()
+    run = Path(storage_path(cfg)) / "nan-loss"
+    assert len(list((run / STOP_DIR).iterdir())) == 1
+    assert not list(run.glob("epoch-*"))  # nothing of the stopped state was reported as a checkpoint

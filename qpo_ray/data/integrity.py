@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from qpo_ray.data.schema import COLUMNS, OPTIONAL_FLOATS, SCHEMA, SETTINGS
+from qpo_ray.data.schema import COLUMNS, MAX_ABS_REWARD, OPTIONAL_FLOATS, SCHEMA, SETTINGS
 from qpo_ray.errors import DataError
 
 
@@ -39,6 +39,8 @@ def check_rows(batch: pa.RecordBatch, where: Path, offset: int) -> None:
             fail(f.name, pc.is_null(batch.column(f.name)), "is missing (null)")
     for col in ("reward", *OPTIONAL_FLOATS):
         fail(col, pc.invert(pc.fill_null(pc.is_finite(batch.column(col)), True)), "is not a finite number")
+    fail("reward", pc.greater(pc.abs(batch.column("reward")), MAX_ABS_REWARD),
+         f"is outside [-{MAX_ABS_REWARD:g}, {MAX_ABS_REWARD:g}]")
     for col in ("task", "target", "query", "label", "source"):
         fail(col, pc.equal(pc.utf8_trim_whitespace(batch.column(col)), ""), "is empty")
     fail("setting", pc.invert(pc.is_in(batch.column("setting"), value_set=pa.array(SETTINGS))),

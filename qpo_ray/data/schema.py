@@ -35,6 +35,10 @@ SCHEMA = pa.schema(
 )
 COLUMNS = tuple(SCHEMA.names)
 REQUIRED_TEXT = ("task", "setting", "target", "query", "label", "source")
+# Raw rewards live within ±MAX_ABS_REWARD: far beyond any real scale (0-1, 0-100, 10·acc − NLL), and near
+# enough to zero that the normalisation's range (max − min) cannot overflow. Two rows at ±1e308 made that
+# range infinite, every normalised reward NaN, and the trained policy NaN.
+MAX_ABS_REWARD = 1e6
 OPTIONAL_FLOATS = ("correct", "nll", "prompt_acc")
 
 
@@ -123,6 +127,8 @@ def _float(val: Any, source: str, row: int, col: str, *, required: bool) -> floa
     f = float(val)
     if not math.isfinite(f):
         raise DataError(f"{_where(source, row, col)}: {f} is not a finite number")
+    if col == "reward" and abs(f) > MAX_ABS_REWARD:
+        raise DataError(f"{_where(source, row, col)}: {f!r} is outside [-{MAX_ABS_REWARD:g}, {MAX_ABS_REWARD:g}]")
     return f
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import re
 import shutil
@@ -35,8 +34,8 @@ import pyarrow.parquet as pq
 
 from qpo_ray.data.integrity import read_checked, sha256_file
 from qpo_ray.data.keyset import KeySet
-from qpo_ray.data.schema import COLUMNS, SCHEMA, check_table
-from qpo_ray.errors import DataError
+from qpo_ray.data.schema import COLUMNS, MAX_ABS_REWARD, SCHEMA, check_table
+from qpo_ray.errors import DataError, ResourceError, os_reason
 from qpo_ray.runs import fault_point
 
 log = logging.getLogger(__name__)
@@ -194,8 +193,9 @@ class DatasetStore:
         then their content (readable parquet, SCHEMA, every row valid). Reads the whole version once."""
         m = self.manifest(version)
         where = self.path(version) / MANIFEST
-        if not (math.isfinite(m.reward_min) and math.isfinite(m.reward_max) and m.reward_min <= m.reward_max):
-            raise DataError(f"{where}: reward range [{m.reward_min}, {m.reward_max}] is not a finite range")
+        if not (-MAX_ABS_REWARD <= m.reward_min <= m.reward_max <= MAX_ABS_REWARD):  # False for NaN too
+            raise DataError(f"{where}: reward range [{m.reward_min}, {m.reward_max}] is not a finite range within "
+                            f"[-{MAX_ABS_REWARD:g}, {MAX_ABS_REWARD:g}]")
         names = [f.name for f in m.files]
         if len(set(names)) != len(names):
             raise DataError(f"{where}: a file is listed twice ({sorted(n for n in set(names) if names.count(n) > 1)})")
@@ -242,9 +242,12 @@ class DatasetStore:
             version = 0 if latest is None else latest + 1
         if (self.path(version) / MANIFEST).exists():
             raise DataError(f"dataset version v{version:03d} already exists in {self.root}")
-        self.root.mkdir(parents=True, exist_ok=True)
         tmp = self.root / f".tmp-v{version:03d}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            tmp.mkdir()
+        except OSError as e:
+            raise ResourceError(f"cannot write dataset v{version:03d} in {self.root}: {os_reason(e)}") from None
         try:
             files: list[FileEntry] = []
             seen = KeySet()
@@ -332,6 +335,9 @@ class DatasetStore:
             os.rename(tmp, self.path(version))  # the commit point
             _fsync_dir(self.root)
             return m
+        except OSError as e:  # a full disk, a file-size limit: one line, and the half-written version is gone
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise ResourceError(f"cannot write dataset v{version:03d} in {self.root}: {os_reason(e)}") from e
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -23,6 +23,7 @@ from qpo_ray.models import check_model_spec
 from qpo_ray.ray_init import init_ray, link_ray_logs
 from qpo_ray.runs import RunDir, fault_point
 from qpo_ray.score.engines import target_precision
+from qpo_ray.tasks import load_task
 
 log = logging.getLogger("qpo_ray")
 
@@ -118,6 +119,7 @@ def prepare_run(cfg: RunConfig | None, resume: str | Path | None) -> tuple[RunCo
 
 def _preflight(cfg: RunConfig) -> None:
     """Errors that would otherwise surface only after minutes of work (the cluster's size: ``ensure_cluster``)."""
+    load_task(cfg.task.name)  # a missing or malformed task file, before Ray starts
     check_model_spec(cfg.policy.model, "policy.model")
     if cfg.eval.rerank_margin == "fit":
         raise ConfigError("eval.rerank_margin='fit' is fitted on recorded logs held out of training, which only "

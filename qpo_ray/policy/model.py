@@ -60,6 +60,22 @@ def _read_meta(path: Path) -> dict[str, Any]:
     return meta
 
 
+def check_saved_policy(path: Path) -> tuple[PolicyConfig, list[int] | None]:
+    """The config and prompt vocabulary ``policy_config.json`` records, checked without loading weights; a
+    ModelSourceError naming the folder when it is not a saved QPO policy."""
+    meta = _read_meta(path)
+    try:
+        pcfg = PolicyConfig.model_validate(meta["policy"])
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = ".".join(str(x) for x in err["loc"])
+        raise ModelSourceError(f"{path / POLICY_CONFIG}: policy.{key}: {err['msg']}") from None
+    vocab = meta.get("vocab_ids")
+    if vocab is not None and (not isinstance(vocab, list) or not all(type(i) is int for i in vocab)):
+        raise ModelSourceError(f"{path / POLICY_CONFIG}: 'vocab_ids' must be a list of token ids")
+    return pcfg, vocab
+
+
 def trim_padding(query_ids: torch.Tensor, query_mask: torch.Tensor, prompt_ids: torch.Tensor,
                  prompt_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Drop the pad columns no row of the batch uses: the leading ones of the (left-padded) queries and the
@@ -335,16 +351,7 @@ class QPOPolicy(nn.Module):
         Every way a folder can be malformed (a missing or mistyped ``policy_config.json`` field, a value out of
         the config's bounds, weights of another shape) is a ModelSourceError naming the folder."""
         path = Path(path)
-        meta = _read_meta(path)
-        try:
-            pcfg = PolicyConfig.model_validate(meta["policy"])
-        except ValidationError as e:
-            err = e.errors()[0]
-            key = ".".join(str(x) for x in err["loc"])
-            raise ModelSourceError(f"{path / POLICY_CONFIG}: policy.{key}: {err['msg']}") from None
-        vocab = meta.get("vocab_ids")
-        if vocab is not None and (not isinstance(vocab, list) or not all(type(i) is int for i in vocab)):
-            raise ModelSourceError(f"{path / POLICY_CONFIG}: 'vocab_ids' must be a list of token ids")
+        pcfg, vocab = check_saved_policy(path)
         try:
             base = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=torch.float32)
             tok = load_tokenizer(str(path), str(path)) if (path / "tokenizer_config.json").exists() else None

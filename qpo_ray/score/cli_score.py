@@ -14,6 +14,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from qpo_ray.atomic import atomic_write_table
@@ -33,7 +34,10 @@ def read_pairs(path: str | Path) -> list[dict[str, Any]]:
     if not p.is_file():
         raise DataError(f"pairs file not found: {p}")
     if p.suffix.lower() == ".parquet":
-        rows = pq.read_table(p).to_pylist()
+        try:
+            rows = pq.read_table(p).to_pylist()
+        except (pa.ArrowException, OSError) as e:
+            raise DataError(f"{p}: not a readable parquet file ({type(e).__name__}: {e})") from None
     else:
         rows = [rec for _, rec in read_jsonl(p)]
     for i, r in enumerate(rows):
@@ -54,10 +58,11 @@ def write_rows(rows: list[dict[str, Any]], path: str | Path) -> None:
 
 
 def score_file(cfg: RunConfig, in_path: str | Path, out_path: str | Path, *, local: bool = False,
-               run_id: str | None = None) -> dict[str, Any]:
-    """Score every pair of ``in_path`` and write the schema rows to ``out_path``; returns a summary."""
+               run_id: str | None = None, rows: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Score every pair of ``in_path`` (or ``rows``, already read from it) and write the schema rows to
+    ``out_path``; returns a summary."""
     task = load_task(cfg.task.name)
-    rows = read_pairs(in_path)
+    rows = read_pairs(in_path) if rows is None else rows
     t0 = time.time()
     by_source: dict[str, list[int]] = {}
     for i, r in enumerate(rows):

@@ -35,6 +35,7 @@ import yaml
 from qpo_ray.data.schema import content_id
 from qpo_ray.errors import ConfigError, DataError
 from qpo_ray.jsonl import read_jsonl
+from qpo_ray.yamlio import load_yaml, yaml_error_line
 
 TaskType = Literal["classification", "math"]
 SPLITS = ("train", "collect", "test")
@@ -291,9 +292,14 @@ def load_task(name_or_path: str | Path) -> Task:
         if not path.is_file():
             raise ConfigError(f"unknown task '{spec}': not a file and not a built-in task "
                               f"(built-in: {', '.join(builtin_tasks()) or 'none'})")
-    text = path.read_text(encoding="utf-8")
     try:
-        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as e:
-        raise ConfigError(f"{path}: not valid {'JSON' if path.suffix.lower() == '.json' else 'YAML'}: {e}") from None
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"task file {path} cannot be read: {e}") from None
+    try:
+        data = json.loads(text) if path.suffix.lower() == ".json" else load_yaml(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON: {e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {yaml_error_line(e)}") from None
     return _build(data or {}, str(path), path.parent)

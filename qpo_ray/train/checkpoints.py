@@ -63,6 +63,33 @@ def mark_complete(storage: str, run_name: str, dir_name: str) -> None:
         f.write(b"")
 
 
+STOP_DIR = ".stopped"  # ``<storage>/<run>/.stopped/<call id>.json``: why the workers of that call stopped early
+
+
+def write_stop(storage: str, run_name: str, call_id: str, info: dict[str, Any]) -> None:
+    """Rank 0's record that training call ``call_id`` stopped before its last epoch, and why (Ray Train V2
+    hands the driver the metrics of checkpoints only, and a stopped run reports none)."""
+    import pyarrow.fs as pafs
+
+    fs, root = pafs.FileSystem.from_uri(storage)
+    folder = f"{root.rstrip('/')}/{run_name}/{STOP_DIR}"
+    fs.create_dir(folder, recursive=True)
+    with fs.open_output_stream(f"{folder}/{call_id}.json") as f:
+        f.write(json.dumps(info).encode("utf-8"))
+
+
+def read_stop(storage: str, run_name: str, call_id: str) -> dict[str, Any] | None:
+    """What ``write_stop`` recorded for ``call_id``; None when that call did not stop early."""
+    import pyarrow.fs as pafs
+
+    fs, root = pafs.FileSystem.from_uri(storage)
+    path = f"{root.rstrip('/')}/{run_name}/{STOP_DIR}/{call_id}.json"
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(path) as f:
+        return json.loads(f.read().decode("utf-8"))
+
+
 def latest_checkpoint(registered, storage: str, run_name: str):
     """Ray Train's latest registered checkpoint, or a newer complete one in storage (written by a worker
     whose controller died before registering it, e.g. with a killed driver); None when there is neither."""
@@ -103,5 +130,6 @@ def copy_policy_out(checkpoint, out_dir: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-__all__ = ["COMPLETE_DIR", "DS_TAG", "EPOCH_FILE", "POLICY_DIR", "checkpoint_epoch", "copy_policy_out",
-           "latest_checkpoint", "mark_complete", "newest_complete_checkpoint", "read_checkpoint_json"]
+__all__ = ["COMPLETE_DIR", "DS_TAG", "EPOCH_FILE", "POLICY_DIR", "STOP_DIR", "checkpoint_epoch", "copy_policy_out",
+           "latest_checkpoint", "mark_complete", "newest_complete_checkpoint", "read_checkpoint_json", "read_stop",
+           "write_stop"]

@@ -19,9 +19,15 @@ from typing import Any
 from qpo_ray.atomic import atomic_write_json
 from qpo_ray.config import RunConfig
 from qpo_ray.data.store import DatasetStore
-from qpo_ray.errors import DataError
+from qpo_ray.errors import DataError, TrainingError
 from qpo_ray.runs import FAULT_ENV
-from qpo_ray.train.checkpoints import EPOCH_FILE, copy_policy_out, latest_checkpoint, read_checkpoint_json
+from qpo_ray.train.checkpoints import (
+    EPOCH_FILE,
+    copy_policy_out,
+    latest_checkpoint,
+    read_checkpoint_json,
+    read_stop,
+)
 from qpo_ray.train.progress import training_progress
 from qpo_ray.train.worker import Schedule, grad_accum_steps, saved_vocab, train_loop_per_worker
 
@@ -121,6 +127,13 @@ def train_policy(cfg: RunConfig, *, store: DatasetStore, version: int, out_dir: 
             "call_id": call_id, "version": version, "vocab_ids": plan.vocab_ids, "storage": storage,
             "run_name": run_name, "fault": os.environ.get(FAULT_ENV), "progress": board,
             "steps_per_epoch": steps, "cache_rows": cache})
+    stopped = read_stop(storage, run_name, call_id)
+    if stopped is not None:
+        what = "a weight" if stopped.get("weights") else f"the loss ({stopped['loss']})"
+        raise TrainingError(
+            f"training stopped at epoch {stopped['epoch']}, step {stopped['step']} of run '{run_name}' on dataset "
+            f"v{version:03d}: {what} is not a finite number (ce {stopped['ce']}, reward mse {stopped['mse']}); no "
+            f"policy written. Check the rewards' range or lower train.{schedule}.lr ({sched.lr:g})")
     # A worker orphaned by a killed driver may have finished the run, so this call trained nothing and
     # Ray Train registered nothing new: the newest complete checkpoint in storage is the result.
     ckpt = latest_checkpoint(result.checkpoint, storage, run_name)

@@ -24,7 +24,14 @@ import numpy as np
 from qpo_ray.allocator import keep_freed_memory
 from qpo_ray.config import RunConfig, TrainConfig
 from qpo_ray.runs import FAULT_ENV, fault_point
-from qpo_ray.train.checkpoints import DS_TAG, EPOCH_FILE, POLICY_DIR, latest_checkpoint, mark_complete
+from qpo_ray.train.checkpoints import (
+    DS_TAG,
+    EPOCH_FILE,
+    POLICY_DIR,
+    latest_checkpoint,
+    mark_complete,
+    write_stop,
+)
 from qpo_ray.train.progress import StepPoster
 
 log = logging.getLogger(__name__)
@@ -125,6 +132,27 @@ def _sum_across_ranks(value: float, device) -> float:
     return float(t.item())
 
 
+class NonFiniteLoss(Exception):
+    """Every rank stops: the loss of a micro-batch (or, at the end, a weight) is not a finite number."""
+
+    def __init__(self, info: dict[str, Any]):
+        super().__init__(info)
+        self.info = info
+
+
+def _any_across_ranks(flag: bool, device) -> bool:
+    """Whether ``flag`` holds on any rank: every rank gets the same answer, so all stop at the same step
+    (a rank that stopped alone would leave the others waiting in a collective)."""
+    return _sum_across_ranks(1.0 if flag else 0.0, device) > 0
+
+
+def _weights_finite(module) -> bool:
+    import torch
+
+    # Under ZeRO-3 a parameter holds no data on its own; its rank's partition is ``ds_tensor``.
+    return all(bool(torch.isfinite(getattr(p, "ds_tensor", p).detach()).all()) for p in module.parameters())
+
+
 def _export_policy(engine, stage: int, dest: Path, rank: int) -> None:
     """Write the full policy on rank 0. Under ZeRO-3 the weights are sharded: every rank must join the
     gather, then rank 0 saves the materialised module."""
@@ -170,6 +198,8 @@ def _run_epoch(engine, batches, *, epoch: int, tcfg: TrainConfig, gas: int, rank
     that streaming's start-up counts in the epoch's time). Micro-batches are applied in groups of ``gas`` so
     every optimizer step sees a full accumulation window; a trailing partial window is dropped (identically on
     every rank, since the shards are equal) instead of leaking its gradients into the next epoch."""
+    import torch
+
     from qpo_ray.policy.loss import qpo_loss_terms
 
     # Sums stay on the device (0-d tensors): one read per epoch, not a GPU→CPU sync per micro-batch.
@@ -188,6 +218,11 @@ def _run_epoch(engine, batches, *, epoch: int, tcfg: TrainConfig, gas: int, rank
                            reward=b["reward_target"] / tcfg.mse_scale)
             loss, m = qpo_loss_terms(logits, reward_pred / tcfg.mse_scale, targets, lambda_high=tcfg.lambda_high,
                                      lambda_low=tcfg.lambda_low, mse_switch=tcfg.mse_switch)
+            # Checked before the step: a NaN gradient would make every weight NaN, and a NaN policy writes
+            # "1 1 1 ..." with no error anywhere. One device sync per micro-batch: the price of that check.
+            if _any_across_ranks(not bool(torch.isfinite(m["loss"])), engine.device):
+                raise NonFiniteLoss({"epoch": epoch + 1, "step": micro // gas + 1, "loss": float(m["loss"]),
+                                     "ce": float(m["ce"]), "mse": float(m["mse"]), "rank": rank})
             engine.backward(loss)
             engine.step()
             for k in sums:
@@ -275,6 +310,26 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     poster = StepPoster(config["progress"], config["steps_per_epoch"]) if rank == 0 and config.get("progress") else None
     if config.get("fault"):  # fault-injection drills reach the workers through their config
         os.environ[FAULT_ENV] = config["fault"]
+    try:
+        _train_epochs(engine, optimizer, shard, cached, poster, config, cfg=cfg, schedule=schedule, base_lr=base_lr,
+                      epochs=epochs, start_epoch=start_epoch, history=history, gas=gas, rank=rank, world=world)
+    except NonFiniteLoss as e:
+        # Every rank is here at the same step (the check is collective). Returning, not raising: Ray Train
+        # would restart the workers from the last checkpoint, max_failures times, to meet the same NaN. The
+        # driver finds the record and says what happened; no checkpoint of this state is reported.
+        if rank == 0:
+            write_stop(config["storage"], config["run_name"], config["call_id"], e.info)
+            log.error("qpo-ray train: stopped: non-finite loss %s", e.info)
+
+
+def _train_epochs(engine, optimizer, shard, cached, poster, config: dict[str, Any], *, cfg: RunConfig,
+                  schedule: Schedule, base_lr: float, epochs: int, start_epoch: int, history: list,
+                  gas: int, rank: int, world: int) -> None:
+    """The epochs from ``start_epoch``: train, then report a checkpoint (the last one holds the policy)."""
+    import ray.train
+    import torch
+
+    tcfg = cfg.train
     for epoch in range(start_epoch, epochs):
         lr = step_lr(base_lr, epoch, tcfg.lr_step_epochs, tcfg.lr_gamma)
         for group in optimizer.param_groups:  # the ZeRO wrappers share these group dicts
@@ -297,6 +352,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             log.info("qpo-ray train: epoch %d/%d loss %.4f ce %.4f mse %.2f lr %.3g tokens/s %.0f", epoch + 1,
                      epochs, metrics["loss"], metrics["ce"], metrics["mse"], metrics["lr"],
                      metrics["tokens_per_s"])
+        if last and _any_across_ranks(not _weights_finite(engine.module), engine.device):
+            raise NonFiniteLoss({"epoch": epoch + 1, "step": metrics["steps"], "loss": metrics["loss"],
+                                 "ce": metrics["ce"], "mse": metrics["mse"], "rank": rank, "weights": True})
         with tempfile.TemporaryDirectory(prefix="qpo-ckpt-") as tmp:
             engine.save_checkpoint(tmp, tag=DS_TAG)  # collective: each rank writes its ZeRO shard
             if last:
@@ -315,5 +373,5 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             mark_complete(config["storage"], config["run_name"], dir_name)
 
 
-__all__ = ["Schedule", "deepspeed_config", "grad_accum_steps", "saved_vocab", "seed_everything", "step_lr",
+__all__ = ["NonFiniteLoss", "Schedule", "deepspeed_config", "grad_accum_steps", "saved_vocab", "seed_everything", "step_lr",
            "train_loop_per_worker"]

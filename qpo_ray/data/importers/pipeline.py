@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Iterable, Iterator, Mapping
 from itertools import chain
 from pathlib import Path
@@ -17,13 +18,13 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from qpo_ray.atomic import AtomicFile
+from qpo_ray.atomic import AtomicFile, write_error
 from qpo_ray.data.importers.common import CHUNK_ROWS, FORMATS, ImportOptions, ImportReport
 from qpo_ray.data.importers.oirl import oirl_rows
 from qpo_ray.data.importers.tabular import csv_rows, jsonl_rows, parquet_rows
 from qpo_ray.data.schema import SCHEMA, split_of
 from qpo_ray.data.store import DatasetStore
-from qpo_ray.errors import DataError
+from qpo_ray.errors import DataError, ResourceError
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,10 @@ class _EvalQueryWriter:
         if self.out is None:
             return
         rec = {k: row[k] for k in ("task", "query_id", "query", "label")}
-        self.out.file.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        try:
+            self.out.file.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        except OSError as e:  # named here: the dataset commit reading these rows would take the blame
+            raise write_error(self.out.path, e) from e
         self.count += 1
 
     def close(self, ok: bool) -> None:
@@ -154,6 +158,17 @@ def _not_in(tables: Iterable[pa.Table], store: DatasetStore, version: int,
             yield t
 
 
+def _check_writable(folder: Path) -> None:
+    """That ``folder`` exists and is writable, or can be made where it is missing (nothing is created)."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ResourceError(f"cannot create {folder}: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ResourceError(f"cannot write in {existing}: permission denied or a read-only file system")
+
+
 def import_to_store(run_dir: str | Path, fmt: str, *, path: str | Path | None = None,
                     logs: str | Path | None = None, queries: str | Path | None = None,
                     prompts: str | Path | None = None, opts: ImportOptions | None = None) -> ImportReport:
@@ -167,6 +182,7 @@ def import_to_store(run_dir: str | Path, fmt: str, *, path: str | Path | None = 
     report = ImportReport(source=source)
     tables = read_format(fmt, opts, report, path=path, logs=logs, queries=queries, prompts=prompts)
     store = DatasetStore(run_dir)
+    _check_writable(store.root)  # before reading the input: a long import should not fail at its commit
     report.parent = store.latest()
     if report.parent is not None:
         tables = _not_in(tables, store, report.parent, report)

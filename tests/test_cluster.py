@@ -13,7 +13,7 @@ from qpo_ray.config import load_config
 from qpo_ray.data.schema import rows_to_table
 from qpo_ray.data.store import DatasetStore
 from qpo_ray.driver.resources import run_phases
-from qpo_ray.driver.storage import MARKER, check_shared_storage, probe_node, shared_paths
+from qpo_ray.driver.storage import MARKER, check_shared_storage, probe_nodes, shared_paths
 from qpo_ray.driver.watch import Watchdog, pending_demands, watch
 from qpo_ray.errors import ConfigError
 
@@ -123,22 +123,21 @@ def test_ingest_runs_while_every_cpu_is_held(every_cpu_held, tmp_path):
 # -- shared storage ----------------------------------------------------------------------------------------
 def test_a_node_that_cannot_see_run_dir_is_one_error_naming_it(ray_local, tmp_path):
     cfg = load_config("tiny", [f"run_dir={tmp_path / 'run'}"])
-    here = ray_local.get_runtime_context().get_node_id()
-    probed = []
+    here, elsewhere = ray_local.get_runtime_context().get_node_id(), "b" * 56
 
-    def probe(node_id, markers):
-        probed.append(node_id)
-        if node_id == here:
-            return probe_node(here, markers)
-        # "node-b" mounts no shared volume: its task looks where run_dir would be on that node, finds nothing.
-        moved = [(p.replace(str(tmp_path), str(tmp_path / "not-mounted")), t) for p, t in markers]
-        missing = probe_node(here, moved)
-        return [p for p, _ in markers if p.replace(str(tmp_path), str(tmp_path / "not-mounted")) in missing]
+    def hide(path: str) -> str:
+        return path.replace(str(tmp_path), str(tmp_path / "not-mounted"))
+
+    def probe(node_ids, markers):
+        # Both tasks run on this node. "node-b" mounts no shared volume: its task looks for the marker where
+        # run_dir would be on that node and finds nothing.
+        assert node_ids == [here, elsewhere]
+        missing_b = probe_nodes([here], [(hide(p), t) for p, t in markers])[0]
+        return [probe_nodes([here], markers)[0], [p for p, _ in markers if hide(p) in missing_b]]
 
     with pytest.raises(ConfigError) as err:
-        check_shared_storage(cfg, nodes=lambda: [(here, "10.0.0.1"), ("b" * 56, "10.0.0.2")], probe=probe)
+        check_shared_storage(cfg, nodes=lambda: [(here, "10.0.0.1"), (elsewhere, "10.0.0.2")], probe=probe)
     print(f"\nstorage error: {err.value}")
-    assert probed == [here, "b" * 56]
     msg = str(err.value)
     assert msg.startswith(f"storage not shared by every node: node bbbbbbbbbbbb (10.0.0.2) cannot read "
                           f"{tmp_path / 'run'} (run_dir={tmp_path / 'run'})")

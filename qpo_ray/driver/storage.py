@@ -20,7 +20,8 @@ from qpo_ray.errors import ConfigError
 log = logging.getLogger("qpo_ray")
 
 MARKER = ".qpo-storage-check"
-Probe = Callable[[str, list[tuple[str, str]]], list[str]]  # (node id, [(path, token)]) → paths it cannot read
+# ([node id], [(path, token)]) → for each node, the marker paths it cannot read
+Probe = Callable[[list[str], list[tuple[str, str]]], list[list[str]]]
 
 
 def read_markers(markers: list[tuple[str, str]]) -> list[str]:
@@ -35,14 +36,16 @@ def read_markers(markers: list[tuple[str, str]]) -> list[str]:
     return missing
 
 
-def probe_node(node_id: str, markers: list[tuple[str, str]]) -> list[str]:
-    """``read_markers`` in a zero-CPU task pinned to ``node_id`` (it runs even on a node whose CPUs are held)."""
+def probe_nodes(node_ids: list[str], markers: list[tuple[str, str]]) -> list[list[str]]:
+    """``read_markers`` on every node at once, in zero-CPU tasks pinned to each (they run even on a node whose
+    CPUs are held)."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    task = ray.remote(num_cpus=0, max_retries=0)(read_markers).options(
-        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False))
-    return ray.get(task.remote(markers), timeout=120)
+    task = ray.remote(num_cpus=0, max_retries=0)(read_markers)
+    refs = [task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False)).remote(markers)
+            for n in node_ids]
+    return ray.get(refs, timeout=300)
 
 
 def alive_nodes() -> list[tuple[str, str]]:
@@ -68,7 +71,7 @@ def shared_paths(cfg: RunConfig) -> list[tuple[str, Path]]:
 
 
 def check_shared_storage(cfg: RunConfig, *, nodes: Callable[[], list[tuple[str, str]]] = alive_nodes,
-                         probe: Probe = probe_node) -> None:
+                         probe: Probe = probe_nodes) -> None:
     """On a cluster of two or more nodes, every node reads a fresh marker under each ``shared_paths`` folder;
     a node that cannot is a ConfigError naming the node, the path and the setting."""
     have = nodes()
@@ -84,8 +87,8 @@ def check_shared_storage(cfg: RunConfig, *, nodes: Callable[[], list[tuple[str, 
             markers.append((setting, str(path), token))
         pairs = [(p, t) for _, p, t in markers]
         problems = []
-        for node_id, address in have:
-            for path in probe(node_id, pairs):
+        for (node_id, address), missing in zip(have, probe([n for n, _ in have], pairs), strict=True):
+            for path in missing:
                 setting = next(s for s, p, _ in markers if p == path)
                 problems.append(f"node {node_id[:12]} ({address}) cannot read {Path(path).parent} ({setting}="
                                 f"{getattr(cfg, setting) if setting == 'run_dir' else cfg.train.storage_path})")
@@ -99,4 +102,4 @@ def check_shared_storage(cfg: RunConfig, *, nodes: Callable[[], list[tuple[str, 
             Path(path).unlink(missing_ok=True)
 
 
-__all__ = ["check_shared_storage", "probe_node", "read_markers", "shared_paths"]
+__all__ = ["check_shared_storage", "probe_nodes", "read_markers", "shared_paths"]

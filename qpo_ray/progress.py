@@ -62,10 +62,10 @@ def bar(total: int, desc: str, unit: str = "it", *, initial: int = 0, stream: IO
     stream = stream if stream is not None else sys.stderr
     if _is_tty(stream):
         return _Meter(total=total, desc=desc, unit=unit, initial=initial, file=stream, dynamic_ncols=True,
-                    disable=not enabled)
+                      disable=not enabled)
     # miniters=0: print whenever every_s has passed, however few units came in since.
     return _Meter(total=total, desc=desc, unit=unit, initial=initial, file=_Lines(stream), mininterval=every_s,
-                maxinterval=every_s, miniters=0, ascii=True, bar_format=PLAIN_FORMAT, disable=not enabled)
+                  maxinterval=every_s, miniters=0, ascii=True, bar_format=PLAIN_FORMAT, disable=not enabled)
 
 
 def restart_clock(meter: tqdm, done: int) -> None:

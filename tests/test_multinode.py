@@ -32,9 +32,9 @@ RUN = ["--config", "tiny", "--set", "loops=1", "--set", "train.num_workers=2", "
        "--set", "train.scratch.epochs=1", "--set", "task.max_train_queries=8", "--set", "task.max_prompts=3",
        "--set", "collect.num_queries=4", "--set", "collect.compare_pool=false", "--set", "eval.max_test_queries=4",
        "--set", "resource_wait_s=900"]
-# Ray's own detached bookkeeping actors (Serve's controller, Ray Data's stats and autoscaling coordinator):
-# they outlive a job by design and hold no CPU or GPU.
-RAY_INTERNAL = re.compile(r"ServeController|_\w+")
+# Ray's own detached bookkeeping actors (Serve's controller; Ray Data's stats, autoscaling coordinator and
+# actor location tracker): they outlive a job by design and hold no CPU or GPU.
+RAY_INTERNAL = re.compile(r"ServeController|ActorLocationTracker|_\w+")
 JOB_TIMEOUT_S = 600
 
 
@@ -67,7 +67,11 @@ def _state(env: dict[str, str], address: str, what: str, *filters: str) -> list[
     args = ["list", what, "--address", address, "--format", "json", "--detail", "--limit", "1000"]
     for f in filters:
         args += ["--filter", f]
-    p = ray_cli(env, *args)
+    for _ in range(10):  # the dashboard's API server answers late on a loaded machine
+        p = ray_cli(env, *args)
+        if p.returncode == 0:
+            break
+        time.sleep(3)
     assert p.returncode == 0, p.stdout + p.stderr
     return [] if p.stdout.startswith("No resource") else json.loads(p.stdout)  # an empty list is said in words
 

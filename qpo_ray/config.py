@@ -80,6 +80,9 @@ class TrainConfig(_Section):
     num_workers: int = Field(1, ge=1, le=_4K)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0, le=_4K)  # Ray sets a worker's torch threads to its CPU count
+    # Ray Train's placement group: PACK puts the workers on as few nodes as fit them (fast collectives);
+    # SPREAD puts them on different nodes where it can (one node lost costs one worker).
+    placement_strategy: Literal["PACK", "SPREAD"] = "PACK"
     zero_stage: Literal[0, 1, 2, 3] = 0
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     batch_size: int = Field(128, ge=1, le=_1M)  # global batch (all workers, after gradient accumulation)

@@ -99,9 +99,13 @@ def ray_cli(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess
 
 
 @contextmanager
-def ray_head(temp_dir: Path, env: dict[str, str], num_cpus: int = 4) -> Iterator[str]:
-    """A head node with a dashboard on free ports; yields the job-submission address."""
+def ray_head(temp_dir: Path, env: dict[str, str], num_cpus: int = 4,
+             ports: dict[str, int] | None = None) -> Iterator[str]:
+    """A head node with a dashboard on free ports; yields the job-submission address (and puts the GCS port
+    in ``ports["gcs"]``, for ``ray_node``)."""
     gcs, dash, client, agent_http, agent_grpc, metrics, rt_env, nm, om = free_ports(9)
+    if ports is not None:
+        ports["gcs"] = gcs
     log = open(temp_dir.parent / "head.log", "w")
     head = subprocess.Popen(
         [str(RAY), "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dash}",
@@ -124,6 +128,31 @@ def ray_head(temp_dir: Path, env: dict[str, str], num_cpus: int = 4) -> Iterator
         yield address
     finally:
         stop_head(head, temp_dir)
+        log.close()
+
+
+@contextmanager
+def ray_node(temp_dir: Path, env: dict[str, str], gcs: int, num_cpus: int) -> Iterator[subprocess.Popen]:
+    """Another node of the head at ``127.0.0.1:gcs`` (its ``temp_dir``), on this machine, with ports of its own;
+    stopped like the head, by signalling its own ``ray start --block``."""
+    agent_http, agent_grpc, metrics, rt_env, nm, om = free_ports(6)
+    log = open(temp_dir.parent / f"node-{nm}.log", "w")
+    node = subprocess.Popen(
+        [str(RAY), "start", "--block", f"--address=127.0.0.1:{gcs}", f"--num-cpus={num_cpus}",
+         f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
+         f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={rt_env}", f"--node-manager-port={nm}",
+         f"--object-manager-port={om}", f"--temp-dir={temp_dir}"],
+        env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        yield node
+    finally:
+        if node.poll() is None:
+            node.send_signal(signal.SIGTERM)
+            try:
+                node.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(node.pid, signal.SIGKILL)
+                node.wait(timeout=30)
         log.close()
 
 

@@ -107,7 +107,8 @@ def image_problems(where: str, image: str, ray_version: str, gpu: bool) -> list[
 
 
 def gpus_needed(cfg: Any) -> int:
-    """Peak GPUs of a run: the scoring pool stays up, Train workers and sampling actors take turns."""
+    """GPUs for a run whose scoring pool stays up beside the Train workers and the sampling actors (what the
+    manifests are sized for: with fewer, the run releases the pool while the policy trains)."""
     replicas = cfg.target.num_replicas
     if cfg.target.autoscaling:
         replicas = max(replicas, int(cfg.target.autoscaling.get("max_replicas", replicas)))

@@ -5,9 +5,12 @@ types can fulfill resource request`` every 30 s and nothing else happens (``qpo-
 cluster without GPUs). Here that is one error line naming the config keys, at once, or after
 ``resource_wait_s`` on a cluster (``RAY_ADDRESS``) whose autoscaler may still add nodes.
 
-A run keeps its scoring pool up from the first score to the end; the Train workers and the sampling actors
-take turns beside it. So every single replica, worker and actor must fit on one node, and the pool plus the
-Train workers, and the pool plus the sampling actors, must fit the cluster's totals.
+A run's steps take turns: the scoring pool (bootstrap, score, eval), the Train workers (train) and the
+sampling actors (collect). Ray Data's ingest tasks ask for no CPU (``train.loader``), so nothing else holds a
+CPU or GPU. The pool stays up through training and sampling when the cluster holds it beside them; else it is
+released before the policy trains and started again for the next score (a held GPU pool would leave a
+cluster that has room for only one of them idle: ``plan_pool``). So every single replica, worker and actor
+must fit on one node, and each of the three groups must fit the cluster's totals.
 """
 
 from __future__ import annotations
@@ -65,12 +68,20 @@ def collect_need(c: CollectConfig) -> Need:
                 c.num_cpus_per_actor, c.num_gpus_per_actor)
 
 
-def run_phases(cfg: RunConfig) -> list[list[Need]]:
-    """What a ``qpo-ray run`` holds at once: the pool with the Train workers, the pool with the sampling actors."""
+def run_phases(cfg: RunConfig, *, hold_pool: bool = False) -> list[list[Need]]:
+    """What a ``qpo-ray run`` holds at once: the pool, the Train workers, the sampling actors, one after the
+    other; with ``hold_pool``, the pool beside each of the other two."""
     pool = target_need(cfg.target)
     if cfg.loops == 0:
         return [[pool]]
-    return [[pool, train_need(cfg.train)], [pool, collect_need(cfg.collect)]]
+    train, sample = train_need(cfg.train), collect_need(cfg.collect)
+    return [[pool, train], [pool, sample]] if hold_pool else [[pool], [train], [sample]]
+
+
+def peak(phases: Sequence[Phase]) -> tuple[float, float]:
+    """The most CPUs and GPUs any phase holds at once (what a cluster of the preflight's size has)."""
+    sums = [(sum(n.units * n.cpus for n in ph), sum(n.units * n.gpus for n in ph)) for ph in phases]
+    return max(c for c, _ in sums), max(g for _, g in sums)
 
 
 def _fits(need: Need, node: Node) -> bool:
@@ -142,7 +153,9 @@ def check_cluster(phases: Sequence[Phase], *, wait_s: float, can_grow: bool,
         problems = _wait(phases, problems, wait_s, nodes, request, poll_s)
         if not problems:
             return
-    if not can_grow:
+    if not can_grow and os.environ.get("RAY_ADDRESS"):
+        hint = " (the cluster has no autoscaler that adds nodes: give it more, or lower those keys)"
+    elif not can_grow:
         hint = " (embedded Ray: this machine is the whole cluster; set RAY_ADDRESS to use another one)"
     elif waited:
         hint = f" (waited {wait_s:g} s: resource_wait_s)"
@@ -175,9 +188,61 @@ def _wait(phases: Sequence[Phase], problems: list[str], wait_s: float, nodes: Ca
     return problems
 
 
+def autoscaler_adds_nodes(status: Callable[[], dict | None] | None = None) -> bool:
+    """Whether the connected cluster can grow: never embedded Ray; on a cluster (``RAY_ADDRESS``), unless its
+    autoscaler only mirrors the nodes it has. A cluster started by hand (``ray start``, KubeRay without
+    ``enableInTreeAutoscaling``) runs the autoscaler "readonly", which names every node type ``node_<id>``."""
+    if not os.environ.get("RAY_ADDRESS"):
+        return False
+    report = ((status or _autoscaler_status)() or {}).get("autoscaler_report") or {}
+    types = {*(report.get("active_nodes") or {}), *(report.get("idle_nodes") or {}),
+             *(report.get("pending_launches") or {}), *(report.get("node_type_mapping") or {}).values()}
+    if not types:
+        return True  # nothing reported yet (or autoscaler v2): assume it may grow, as before this check
+    return not all(t.startswith("node_") for t in types)
+
+
+def _autoscaler_status() -> dict | None:
+    """The autoscaler's last report, as ``ray status`` reads it (GCS key-value store)."""
+    import json
+
+    from ray._private import ray_constants
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    try:  # no public API says whether a cluster has an autoscaler that adds nodes
+        raw = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
+        return json.loads(raw) if raw else None
+    except Exception:
+        return None
+
+
 def ensure_cluster(cfg: RunConfig, phases: Sequence[Phase]) -> None:
     """Connect to (or start) Ray, then ``check_cluster`` with the config's ``resource_wait_s``."""
     from qpo_ray.ray_init import init_ray
 
     init_ray()
-    check_cluster(phases, wait_s=cfg.resource_wait_s, can_grow=bool(os.environ.get("RAY_ADDRESS")))
+    check_cluster(phases, wait_s=cfg.resource_wait_s, can_grow=autoscaler_adds_nodes())
+
+
+def plan_pool(cfg: RunConfig, nodes: Callable[[], list[Node]] = cluster_nodes) -> bool:
+    """Whether the scoring pool is held through training and sampling (True: the cluster holds it beside
+    them) or released for them; logs the preflight's figure. After ``ensure_cluster``."""
+    have = nodes()
+    hold = not shortfalls(run_phases(cfg, hold_pool=True), have)
+    log.info(preflight_line(cfg, have, hold))
+    return hold
+
+
+def preflight_line(cfg: RunConfig, nodes: Sequence[Node], hold: bool) -> str:
+    cpu, gpu = peak(run_phases(cfg))
+    groups = "; ".join(f"{n.units} {n.what}(s) {n.units * n.cpus:g} CPU/{n.units * n.gpus:g} GPU"
+                       for ph in run_phases(cfg) for n in ph)
+    line = f"preflight: the run needs {cpu:g} CPU and {gpu:g} GPU at once ({groups}, one group at a time); " \
+           f"the cluster has {_shapes(nodes)}"
+    if cfg.loops == 0:
+        return line
+    held_cpu, held_gpu = peak(run_phases(cfg, hold_pool=True))
+    if hold:
+        return line + f": the scoring pool stays up through training and sampling ({held_cpu:g} CPU/{held_gpu:g} GPU)"
+    return line + (f": the scoring pool is released while the policy trains and samples (beside them it would "
+                   f"need {held_cpu:g} CPU/{held_gpu:g} GPU)")

@@ -15,8 +15,10 @@ from tqdm import tqdm
 from qpo_ray.atomic import atomic_write_json
 from qpo_ray.config import RunConfig, dump_config, load_config
 from qpo_ray.driver import steps
-from qpo_ray.driver.resources import ensure_cluster, run_phases
+from qpo_ray.driver.resources import autoscaler_adds_nodes, ensure_cluster, plan_pool, run_phases
 from qpo_ray.driver.session import Session, StepTimer
+from qpo_ray.driver.storage import check_shared_storage
+from qpo_ray.driver.watch import FIXED_FAIL_S, watch
 from qpo_ray.errors import ConfigError, QPOError
 from qpo_ray.evaluate.report import loop_over_loop, summary_table, write_report
 from qpo_ray.models import check_model_spec
@@ -35,14 +37,21 @@ def run(cfg: RunConfig | None = None, *, resume: str | Path | None = None) -> Pa
     with _logging_to(rd.path / "logs" / "driver.log"):
         init_ray()
         link_ray_logs(rd.path)
+        hold = plan_pool(cfg)
+        check_shared_storage(cfg)
+        can_grow = autoscaler_adds_nodes()
+        needs = [n for phase in run_phases(cfg) for n in phase]
         s = Session(cfg, rd)
         try:
             def step(name: str, fn: Callable[[], dict[str, Any]]) -> None:
                 if rd.done(name) is not None:
                     log.info("[%s] done earlier: skipped", name)
                     return
+                if not hold and name.endswith((".train", ".collect")):
+                    s.release_pool()  # its CPUs/GPUs go to the Train workers or the sampling actors
                 log.info("[%s] start", name)
-                with StepTimer(s) as t:
+                with StepTimer(s) as t, watch(name, needs, can_grow=can_grow,
+                                              fail_s=cfg.resource_wait_s if can_grow else FIXED_FAIL_S):
                     info = fn()
                 fault_point(f"{name}.before-mark")
                 rd.mark(name, {**info, **t.info, "step": name, "finished": time.time()})

@@ -139,6 +139,12 @@ class Session:
             known[r["key"]] = r
         fault_point(f"score.{tag}.chunk")
 
+    def release_pool(self) -> None:
+        """Stop the scoring pool; the next score starts it again (the run's score cache stays)."""
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+
     def close(self) -> None:
         if self._pool is not None:
             self._pool.close()

@@ -18,7 +18,6 @@ log-probabilities, one for generation; a prompt that fails in the model fails al
 
 import asyncio
 import json
-import os
 import time
 import uuid
 from typing import Annotated, Any, Literal
@@ -233,12 +232,12 @@ def serve_target(cfg: RunConfig | TargetConfig, host: str = "127.0.0.1", port: i
     """
     import httpx
 
-    from qpo_ray.driver.resources import check_cluster, target_need
+    from qpo_ray.driver.resources import autoscaler_adds_nodes, check_cluster, target_need
     from qpo_ray.ray_init import init_ray
 
     target = _target_cfg(cfg)
     init_ray()
-    check_cluster([[target_need(target)]], can_grow=bool(os.environ.get("RAY_ADDRESS")),
+    check_cluster([[target_need(target)]], can_grow=autoscaler_adds_nodes(),
                   wait_s=cfg.resource_wait_s if isinstance(cfg, RunConfig) else 0.0)
     serve.start(http_options={"host": host, "port": port})
     app = TargetServer.options(

@@ -28,6 +28,11 @@ READ_COLUMNS = ["query", "prompt", "reward"]
 MAX_CANDIDATES = 256
 # What a training batch holds (names and shapes are the policy package's encode_rows contract).
 TRAIN_COLUMNS = ("query_ids", "query_mask", "prompt_ids", "prompt_mask", "reward", "reward_target")
+# The read+tokenise tasks ask Ray for no CPU. They run while the Train workers they feed hold their CPUs
+# (and the scoring pool its own), so a task that asked for one could wait for ever on a cluster of exactly the
+# run's size. They are short: a worker whose shard fits train.cache_mib reads it once; tokenising shares the
+# workers' cores for that moment, at most train.num_workers tasks at once.
+INGEST_CPUS = 0
 BLOCK_BYTES = 8 << 20  # Ray Data target block size of the training pipeline (Ray's default: 128 MiB)
 # Through the object store token ids travel as int32 and masks as uint8, a third of int64's bytes;
 # train_batches() widens them again as the batches reach the model.
@@ -212,7 +217,7 @@ def training_dataset(store: DatasetStore, version: int, pcfg: PolicyConfig, *, t
 
     ``tokenizer`` overrides ``pcfg.tokenizer`` (e.g. the folder of a policy being fine-tuned). Rewards are
     normalised to [0, 100] with the version's manifest range (fixed by v000, DESIGN §2). At most
-    ``tokenize_tasks`` read+tokenise tasks run at once.
+    ``tokenize_tasks`` read+tokenise tasks run at once, each asking for ``INGEST_CPUS``.
 
     Shuffling stays streaming: the file order is shuffled at read time with a seed that advances on every
     execution (a different, reproducible order per epoch), and the trainer mixes rows with a seeded local
@@ -230,7 +235,7 @@ def training_dataset(store: DatasetStore, version: int, pcfg: PolicyConfig, *, t
     ctx.target_max_block_size = BLOCK_BYTES
     try:
         ds = ray.data.read_datasource(VersionSource(files, READ_COLUMNS, seed=seed), concurrency=tasks,
-                                      override_num_blocks=len(files))
+                                      override_num_blocks=len(files), num_cpus=INGEST_CPUS)
     finally:
         ctx.target_max_block_size = saved
     # Whole blocks (batch_size=None), one read task per file (no output split) and the same task cap on both
@@ -250,5 +255,6 @@ def training_dataset(store: DatasetStore, version: int, pcfg: PolicyConfig, *, t
         batch_size=None,
         batch_format="numpy",
         compute=ray.data.TaskPoolStrategy(size=tasks),
+        num_cpus=INGEST_CPUS,
         udf_modifying_row_count=True,  # rows with too long a prompt are dropped
     )

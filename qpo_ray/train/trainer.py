@@ -170,7 +170,8 @@ def _fit(cfg: RunConfig, ds, *, run_name: str, storage: str, config: dict[str, A
         train_loop_per_worker,
         train_loop_config=config,
         scaling_config=ray.train.ScalingConfig(num_workers=tcfg.num_workers, use_gpu=tcfg.use_gpu,
-                                               resources_per_worker={"CPU": tcfg.cpus_per_worker}),
+                                               resources_per_worker={"CPU": tcfg.cpus_per_worker},
+                                               placement_strategy=tcfg.placement_strategy),
         run_config=ray.train.RunConfig(
             name=run_name,
             storage_path=storage,

@@ -29,7 +29,9 @@ GOAL_S = 2.0
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--small", type=int, default=40, help="small requests measured per setting")
+    p.add_argument("--small", type=int, default=40, help="small requests measured with ours and alone")
+    p.add_argument("--baseline-small", type=int, default=5,
+                   help="small requests measured with the baseline (each waits for a whole big batch)")
     p.add_argument("--big", type=int, default=8, help="maximum-size requests kept in flight")
     p.add_argument("--queries", type=int, default=64, help="queries per big request")
     p.add_argument("--chars", type=int, default=4000, help="characters per query of a big request")
@@ -37,7 +39,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def quick(args: argparse.Namespace) -> None:
-    args.small, args.big, args.queries, args.chars = 8, 2, 8, 500
+    args.small, args.baseline_small, args.big, args.queries, args.chars = 8, 3, 2, 40, 500
 
 
 def _p(xs: list[float], q: float) -> float:
@@ -54,7 +56,7 @@ def _app(policy_dir, sets: list[str]):
     return build_api(rep), rep
 
 
-async def _measure(app, args: argparse.Namespace, load: bool) -> dict:
+async def _measure(app, args: argparse.Namespace, load: bool, small: int) -> dict:
     import httpx
 
     words = "the quick brown fox jumps over the lazy dog and keeps running far away "
@@ -76,14 +78,14 @@ async def _measure(app, args: argparse.Namespace, load: bool) -> dict:
         bigs = [asyncio.create_task(big_client()) for _ in range(args.big)] if load else []
         await asyncio.sleep(0.5 if load else 0)
         lat = []
-        for i in range(args.small):
+        for i in range(small):
             t = time.perf_counter()
             r = await c.post("/v1/prompts", json={"query": f"how was your day {i}?"})
             r.raise_for_status()
             lat.append(time.perf_counter() - t)
         stop.set()
         await asyncio.gather(*bigs)
-    return {"p50_s": round(_p(lat, 0.5), 3), "p99_s": round(_p(lat, 0.99), 3), "max_s": round(max(lat), 3),
+    return {"n": len(lat), "p50_s": round(_p(lat, 0.5), 3), "p99_s": round(_p(lat, 0.99), 3), "max_s": round(max(lat), 3),
             "big_requests_done": len(big_done),
             "big_p50_s": round(statistics.median(big_done), 2) if big_done else None}
 
@@ -107,10 +109,10 @@ def run(args: argparse.Namespace) -> dict:
                      "max_batch_size": scfg.max_batch_size, "ours_max_batch_queries": ours_q,
                      "baseline_max_batch_queries": base_q}
         app, _ = _app(policy_dir, [*limits, f"serve.max_batch_queries={ours_q}"])
-        raw["alone"] = asyncio.run(_measure(app, args, load=False))
-        raw["ours"] = asyncio.run(_measure(app, args, load=True))
+        raw["alone"] = asyncio.run(_measure(app, args, load=False, small=args.small))
+        raw["ours"] = asyncio.run(_measure(app, args, load=True, small=args.small))
         app, _ = _app(policy_dir, [*limits, f"serve.max_batch_queries={base_q}"])
-        raw["baseline"] = asyncio.run(_measure(app, args, load=True))
+        raw["baseline"] = asyncio.run(_measure(app, args, load=True, small=args.baseline_small))
     ours, base = raw["ours"]["p99_s"], raw["baseline"]["p99_s"]
     return result(NAME, ratio=ours / base if base else float("nan"), goal=GOAL_S, op="<=", ours=ours, baseline=base,
                   units="s (small request p99 with the big ones in flight)", raw=raw,

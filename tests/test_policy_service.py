@@ -360,7 +360,7 @@ def test_a_hung_target_does_not_take_the_service_down(service, policy_dir):
         finally:
             serve.delete("qpo-policy-test-hung")
     assert [r.status_code for r in done] == [504] * 40, [(r.status_code, r.text[:200]) for r in done]
-    assert took < deadline_s + 5, took
+    assert took < deadline_s + 10, took  # the deadline and a loaded machine's slack
     assert len(waits["/healthz"]) >= 3 and max(waits["/healthz"]) < 1.0, waits
     assert max(waits["/v1/prompts"]) < 2.0, waits
 

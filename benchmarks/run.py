@@ -25,7 +25,7 @@ from pathlib import Path
 
 from benchmarks._common import host_info, line, raw_lines
 
-BENCHMARKS = ("train", "score", "collect", "stream", "dedupe")
+BENCHMARKS = ("train", "score", "collect", "stream", "dedupe", "serve")
 RESULTS = Path(__file__).resolve().parent / "results"
 
 

@@ -228,7 +228,9 @@ def cmd_serve(args) -> int:
     from qpo_ray.policy.served import load_served
     from qpo_ray.serve import serve_policy
 
-    serve_policy(args.policy, load_served(args.policy, args.config, args.overrides), args.host, args.port)
+    # --host/--port are serve.host/serve.port: validated with the config (a port outside 1-65535 is one line).
+    flags = [f"serve.{k}={v}" for k, v in (("host", args.host), ("port", args.port)) if v is not None]
+    serve_policy(args.policy, load_served(args.policy, args.config, [*args.overrides, *flags]))
     return 0
 
 

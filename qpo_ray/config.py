@@ -230,10 +230,20 @@ class ServeConfig(_Section):
     num_replicas: int = Field(1, ge=1, le=_4K)
     autoscaling: dict[str, Any] | None = None
     max_batch_size: int = Field(16, ge=1, le=_4K)  # requests per generate_prompts call in a replica (score.batcher)
+    # Queries per generate_prompts call: a bigger request is generated in slices of this many, taking turns
+    # with the other requests, so a small request waits for one slice, not for a big request's every query.
+    max_batch_queries: int = Field(16, ge=1, le=_64K)
     batch_wait_timeout_s: float = Field(0.02, ge=0, le=60)  # an idle policy runs a partial batch after this long without a request
     max_queries_per_request: int = Field(64, ge=1, le=_64K)
     max_query_chars: int = Field(4000, ge=1, le=_1M)
-    api_key_env: str | None = None  # when set and the variable is non-empty, requests need that key
+    # Requests a replica holds at once (Serve's max_ongoing_requests); /v1/answer may hold at most half of
+    # them (503 beyond), so /healthz and /v1/prompts find room while the target is slow.
+    max_ongoing_requests: int = Field(128, ge=2, le=_64K)
+    # Total deadline of one /v1/answer call (its prompts, every target call and retry): 504 when it passes.
+    answer_timeout_s: float = Field(30.0, gt=0, le=DAY_S)
+    # The variable holding the key every request must send; a named variable that is unset or empty refuses
+    # to start (never serves without the key). None: no key.
+    api_key_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 class RunConfig(_Section):

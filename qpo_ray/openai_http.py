@@ -4,11 +4,16 @@ Retried: transport errors (connect/read errors, timeouts), 429 and 5xx, up to ``
 exponential backoff and jitter (so many clients that were refused together do not come back together).
 Anything else is the server's answer and goes back to the caller, who decides what it means: the scoring
 engine raises ``TargetError``, the policy service answers 502.
+
+A caller with a total deadline (a ``time.monotonic()`` instant: the policy service's ``/v1/answer``) passes it
+along: no attempt or backoff wait runs past it, each attempt's timeouts are cut to the time left, and the
+call ends in ``TargetTimeout`` once it has passed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import random
 import time
@@ -29,6 +34,14 @@ class TargetUnreachable(TargetError):
 
     def __init__(self, url: str, attempts: int, last: str):
         super().__init__(f"{url} unreachable after {attempts} attempt(s): {last}")
+        self.url, self.attempts, self.last = url, attempts, last
+
+
+class TargetTimeout(TargetError):
+    """The caller's deadline passed before the target answered."""
+
+    def __init__(self, url: str, attempts: int, last: str):
+        super().__init__(f"{url} did not answer before the deadline ({attempts} attempt(s); last: {last or 'none'})")
         self.url, self.attempts, self.last = url, attempts, last
 
 
@@ -63,14 +76,33 @@ def _full_url(client: httpx.Client | httpx.AsyncClient, url: str) -> str:
 Outcome = httpx.Response | httpx.TransportError
 
 
-def _policy(url: str, retries: int) -> Generator[float, Outcome, httpx.Response]:
+def _left(deadline: float | None) -> float:
+    return math.inf if deadline is None else deadline - time.monotonic()
+
+
+def _policy(url: str, retries: int, deadline: float | None = None) -> Generator[float, Outcome, httpx.Response]:
     last = ""
     for attempt in range(retries + 1):
-        outcome = yield backoff_s(attempt) if attempt else 0.0
+        wait = backoff_s(attempt) if attempt else 0.0
+        if _left(deadline) <= wait:  # no time left for this attempt
+            raise TargetTimeout(url, attempt, last)
+        outcome = yield wait
         if isinstance(outcome, httpx.Response) and not retryable(outcome):
             return outcome
         last = _describe(outcome)
+        if _left(deadline) <= 0:
+            raise TargetTimeout(url, attempt + 1, last)
     raise TargetUnreachable(url, retries + 1, last)
+
+
+def _timeout(client: httpx.Client | httpx.AsyncClient, deadline: float | None) -> Any:
+    """The client's timeouts, each cut to the time left before ``deadline``."""
+    if deadline is None:
+        return httpx.USE_CLIENT_DEFAULT
+    left = max(_left(deadline), 0.001)
+    t = client.timeout
+    return httpx.Timeout(connect=min(t.connect or left, left), read=min(t.read or left, left),
+                         write=min(t.write or left, left), pool=min(t.pool or left, left))
 
 
 def _attempt(send: Callable[[], httpx.Response]) -> Outcome:
@@ -80,16 +112,18 @@ def _attempt(send: Callable[[], httpx.Response]) -> Outcome:
         return e
 
 
-def post_json(client: httpx.Client, url: str, body: dict[str, Any], retries: int) -> httpx.Response:
+def post_json(client: httpx.Client, url: str, body: dict[str, Any], retries: int,
+              deadline: float | None = None) -> httpx.Response:
     """POST ``body`` to ``url`` (absolute or relative to the client's base URL) under the retry policy.
 
-    Returns the first non-retryable response; raises ``TargetUnreachable`` when every attempt failed."""
-    policy = _policy(_full_url(client, url), retries)
+    Returns the first non-retryable response; raises ``TargetUnreachable`` when every attempt failed,
+    ``TargetTimeout`` when ``deadline`` (``time.monotonic()``) passed first."""
+    policy = _policy(_full_url(client, url), retries, deadline)
     try:
         wait = next(policy)
         while True:
             time.sleep(wait)
-            wait = policy.send(_attempt(lambda: client.post(url, json=body)))
+            wait = policy.send(_attempt(lambda: client.post(url, json=body, timeout=_timeout(client, deadline))))
     except StopIteration as done:
         return done.value
 
@@ -109,4 +143,4 @@ async def apost_json(client: httpx.AsyncClient, url: str, body: dict[str, Any], 
         return done.value
 
 
-__all__ = ["TargetUnreachable", "apost_json", "auth_headers", "backoff_s", "post_json", "retryable"]
+__all__ = ["TargetTimeout", "TargetUnreachable", "apost_json", "auth_headers", "backoff_s", "post_json", "retryable"]

@@ -11,6 +11,7 @@ import asyncio
 import json
 import random
 import socket
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
@@ -322,6 +323,54 @@ def test_answer_without_target_is_503(service, policy_dir):
         assert httpx.get(url + "/healthz", timeout=30).json()["auth"] is False
     finally:
         serve.delete("qpo-policy-test-503")
+
+
+def test_a_hung_target_does_not_take_the_service_down(service, policy_dir):
+    """A target that accepts connections and never answers, 40 concurrent /v1/answer calls (each would retry
+    4 × 60 s): /healthz answers within 1 s and /v1/prompts within 2 s throughout, and every answer is a 504
+    once serve.answer_timeout_s has passed."""
+    from ray import serve
+
+    from qpo_ray.serve.app import make_app
+    from tests.test_serve_guards import hung_target
+
+    deadline_s = 4.0
+    with hung_target() as url:
+        served = load_served(policy_dir, "tiny", [
+            "serve.batch_wait_timeout_s=0.01", f"serve.answer_timeout_s={deadline_s}", "target.engine=openai",
+            f"target.base_url={url}", "target.model=m", "target.timeout_s=60", "target.retries=3"])
+        base = _deploy(make_app(policy_dir, served), "qpo-policy-test-hung", "/policy-test-hung", service["port"])
+        try:
+            with ThreadPoolExecutor(42) as pool:
+                t0 = time.monotonic()
+                def timed_answer(i):
+                    s = time.monotonic()
+                    r = httpx.post(base + "/v1/answer", json={"query": f"q {i}"}, timeout=60)
+                    return r, time.monotonic() - s
+
+                answers = [pool.submit(timed_answer, i) for i in range(40)]
+                time.sleep(1.0)  # the answers' own prompts made: from here on they wait on the target
+                waits = {"/healthz": [], "/v1/prompts": []}
+                while not all(a.done() for a in answers) and time.monotonic() - t0 < 30:
+                    for path in waits:
+                        s = time.monotonic()
+                        r = (httpx.get(base + path, timeout=30) if path == "/healthz"
+                             else httpx.post(base + path, json={"query": "hi"}, timeout=30))
+                        assert r.status_code == 200, r.text
+                        waits[path].append(time.monotonic() - s)
+                    time.sleep(0.2)
+                done = [a.result() for a in answers]
+        finally:
+            serve.delete("qpo-policy-test-hung")
+    took = [t for _, t in done]
+    print(f"hung target: 40 answers {sorted({r.status_code for r, _ in done})} in {min(took):.2f}-{max(took):.2f} s "
+          f"(deadline {deadline_s:g} s); /healthz max {max(waits['/healthz']):.3f} s over "
+          f"{len(waits['/healthz'])}, /v1/prompts max {max(waits['/v1/prompts']):.3f} s over "
+          f"{len(waits['/v1/prompts'])}")
+    assert [r.status_code for r, _ in done] == [504] * 40, [(r.status_code, r.text[:200]) for r, _ in done]
+    assert len(waits["/healthz"]) >= 3 and max(waits["/healthz"]) < 1.0, waits
+    assert max(waits["/v1/prompts"]) < 2.0, waits
+    assert max(took) < deadline_s + 10, took  # the deadline and a loaded machine's slack
 
 
 def test_healthz_and_openapi(service):

@@ -64,13 +64,22 @@ def check_saved_policy(path: Path) -> tuple[PolicyConfig, list[int] | None]:
     """The config and prompt vocabulary ``policy_config.json`` records, checked without loading weights; a
     ModelSourceError naming the folder when it is not a saved QPO policy."""
     meta = _read_meta(path)
+    # save() writes every key: one missing means a damaged or hand-made file, and a default filled in for
+    # it (another base model, the full vocabulary) would generate from a policy that was never trained.
+    missing = [k for k in PolicyConfig.model_fields if k not in meta["policy"]]
+    if missing:
+        raise ModelSourceError(f"{path / POLICY_CONFIG}: 'policy' lacks {', '.join(missing)} "
+                               "(written by QPOPolicy.save: the folder is damaged or incomplete)")
+    if "vocab_ids" not in meta:
+        raise ModelSourceError(f"{path / POLICY_CONFIG}: no 'vocab_ids' (null for the full vocabulary; written by "
+                               "QPOPolicy.save: the folder is damaged or incomplete)")
     try:
         pcfg = PolicyConfig.model_validate(meta["policy"])
     except ValidationError as e:
         err = e.errors()[0]
         key = ".".join(str(x) for x in err["loc"])
         raise ModelSourceError(f"{path / POLICY_CONFIG}: policy.{key}: {err['msg']}") from None
-    vocab = meta.get("vocab_ids")
+    vocab = meta["vocab_ids"]
     if vocab is not None and (not isinstance(vocab, list) or not all(type(i) is int for i in vocab)):
         raise ModelSourceError(f"{path / POLICY_CONFIG}: 'vocab_ids' must be a list of token ids")
     return pcfg, vocab

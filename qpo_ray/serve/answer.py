@@ -22,14 +22,15 @@ def answer_mode(task: Task) -> Mode:
     return "label" if task.type == "classification" else "math"
 
 
-def read_answer(engine: OpenAIEngine, task: Task, text: str) -> dict[str, Any]:
-    """The fields of one ``AnswerItem`` beyond query, prompt and input. Blocking (HTTP); raises TargetError."""
+def read_answer(engine: OpenAIEngine, task: Task, text: str, deadline: float | None = None) -> dict[str, Any]:
+    """The fields of one ``AnswerItem`` beyond query, prompt and input. Blocking (HTTP); raises TargetError
+    (``TargetTimeout`` once ``deadline``, a ``time.monotonic()`` instant, has passed)."""
     if answer_mode(task) == "label":
-        nll, _ = engine.label_nlls(task, text)
+        nll, _ = engine.label_nlls(task, text, deadline)
         best = predicted_label(task, nll)
         return {"answer": task.labels[best], "score": -nll[best],
                 "label_scores": {lab: -v for lab, v in zip(task.labels, nll, strict=True)}}
-    reply, _, _ = engine.math_reply(text)
+    reply, _, _ = engine.math_reply(text, deadline)
     return {"answer": predicted_answer(reply), "reply": reply}
 
 

@@ -3,14 +3,19 @@
 Deploy with ``serve run qpo_ray.serve.app:build_app policy_dir=DIR``, a KubeRay RayService
 (``import_path: qpo_ray.serve.app:build_app``), or ``qpo-ray serve --policy DIR``. Each resolves what to serve
 with ``qpo_ray.policy.served.load_served``: the run's config, then the folder's ``inference.json`` (how the
-policy was evaluated), then ``--set`` / ``overrides``.
+policy was evaluated), then ``--set`` / ``overrides``. The policy folder is loaded once before anything is
+deployed, so a damaged or incomplete one is one clear error (as ``qpo-ray generate`` says it), not a replica
+that fails inside Serve.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import shlex
 import signal
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -20,7 +25,7 @@ from ray.serve import Application
 
 from qpo_ray.errors import ConfigError, QPOError
 from qpo_ray.policy.served import Served, describe_settings, load_served
-from qpo_ray.serve.deployment import PolicyService, policy_name
+from qpo_ray.serve.deployment import PolicyService, api_key, policy_name
 
 log = logging.getLogger("qpo_ray.serve")
 
@@ -30,15 +35,19 @@ APP_NAME = "qpo-policy"
 def make_app(policy_dir: str | Path, served: Served, *, ray_actor_options: dict[str, Any] | None = None
              ) -> Application:
     """The bound application: replicas/autoscaling from ``served.cfg.serve``; ``ray_actor_options`` for extras
-    such as a runtime_env (the API key variable must exist in the replica's environment)."""
+    such as a runtime_env (the API key variable must exist in the replica's environment).
+
+    Loads the policy here first: a folder it cannot rebuild is a ModelSourceError naming the cause."""
+    from qpo_ray.policy.model import QPOPolicy
+
     path = Path(policy_dir).expanduser().resolve()
     if not (path / "policy_config.json").is_file():
         raise QPOError(f"policy {policy_dir}: not a saved QPO policy folder (no policy_config.json)")
+    QPOPolicy.load(path)
     s = served.cfg.serve
-    opts: dict[str, Any] = {
-        # Enough requests in flight on one replica to fill a batch while the previous one runs.
-        "max_ongoing_requests": max(2 * s.max_batch_size, 8),
-    }
+    # Room for batches to fill while one runs, for answers waiting on the target, and for health checks
+    # beside both (the deployment lets /v1/answer hold at most half).
+    opts: dict[str, Any] = {"max_ongoing_requests": s.max_ongoing_requests}
     if s.autoscaling:
         opts["autoscaling_config"] = s.autoscaling
     else:
@@ -86,6 +95,18 @@ def http_address() -> tuple[str, int] | None:
     return client.http_config.host, client.http_config.port
 
 
+def check_port_free(host: str, port: int) -> None:
+    """A QPOError when ``host:port`` cannot be bound here (in use, or an address this machine lacks)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Serve's proxy binds: TIME_WAIT is no conflict
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            why = "is in use" if e.errno == errno.EADDRINUSE else f"cannot be bound ({e.strerror or e})"
+            raise QPOError(f"serve.port: {host}:{port} {why}: pick another with --port (or --set serve.port=...)"
+                           ) from None
+
+
 def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
@@ -94,12 +115,19 @@ def serve_policy(policy_dir: str | Path, served: Served, host: str | None = None
                  blocking: bool = True) -> str:
     """Start Serve (Ray embedded, or RAY_ADDRESS's cluster) and deploy the policy; returns the base URL.
 
-    With ``blocking`` it serves until interrupted."""
+    Checked before Ray starts: the API key (``serve.api_key_env`` naming an unset or empty variable is a
+    ConfigError), the policy folder, and, with Ray embedded, that the port is free. With ``blocking`` it
+    serves until interrupted."""
+    import ray
+
     from qpo_ray.ray_init import init_ray
 
     host = host or served.cfg.serve.host
     port = port or served.cfg.serve.port
+    api_key(served.cfg.serve)
     app = make_app(policy_dir, served)
+    if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
+        check_port_free(host, port)  # else Serve's proxy fails to bind it inside Ray, with a traceback
     init_ray()
     running = http_address()
     if running is not None and running[1] != port:
@@ -122,4 +150,4 @@ def serve_policy(policy_dir: str | Path, served: Served, host: str | None = None
     return url
 
 
-__all__ = ["APP_NAME", "build_app", "http_address", "make_app", "serve_policy"]
+__all__ = ["APP_NAME", "build_app", "check_port_free", "http_address", "make_app", "serve_policy"]

@@ -1,26 +1,36 @@
-"""What a request to the policy service may hold: the request/response models and the body-size limit.
+"""What a request to the policy service may hold: the request/response models and the gate every request
+passes before FastAPI reads it (the API key, the body-size limit, duplicate JSON keys).
 
-The models validate what FastAPI can (types, ranges, one of ``query``/``queries``, no empty query); limits
-that depend on the served config (query count and length) are checked by the deployment.
+The models validate what FastAPI can (types, ranges, one of ``query``/``queries``, no empty query, a
+``target_reward`` that is a JSON number); limits that depend on the served config (query count and length)
+are checked by the deployment.
 """
 
 # No `from __future__ import annotations`: FastAPI reads these models' annotations inside Serve replicas.
+import hmac
 import json
+import unicodedata
 from collections.abc import Callable
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from qpo_ray.config import REWARD_SCALE, ServeConfig
-from qpo_ray.serve.http import check_text
+from qpo_ray.serve.http import check_text, json_safe
 
 REWARD_MIN, REWARD_MAX = REWARD_SCALE  # the normalised reward scale the policy is conditioned on
 
 
+def _blank(c: str) -> bool:
+    # Whitespace, control characters (NUL, ...) and format characters (zero-width space, joiner, BOM, ...).
+    return c.isspace() or unicodedata.category(c) in ("Cc", "Cf")
+
+
 def _query(text: str) -> str:
     check_text(text)
-    if not text.strip():
-        raise ValueError("empty or whitespace-only query: there is nothing to write a prompt for")
+    if all(_blank(c) for c in text):
+        raise ValueError("empty or whitespace-only query (control and zero-width characters count as blank): "
+                         "there is nothing to write a prompt for")
     return text
 
 
@@ -36,7 +46,8 @@ class PromptRequest(BaseModel):
     queries: list[Query] | None = Field(None, min_length=1, description="queries (one or many, none empty)")
     query: Query | None = Field(None, description="a single query (instead of `queries`)")
     task: Text | None = Field(None, description="must match the served task when given")
-    target_reward: float | None = Field(None, ge=REWARD_MIN, le=REWARD_MAX, allow_inf_nan=False,
+    # strict: a JSON number; `true` or "50" is a client's mistake, not 1.0 or 50.0.
+    target_reward: float | None = Field(None, ge=REWARD_MIN, le=REWARD_MAX, allow_inf_nan=False, strict=True,
                                         description="reward to condition on (0–100); default: the served "
                                                     "eval.target_reward, the one the policy was evaluated at")
 
@@ -84,29 +95,69 @@ class AnswerResponse(BaseModel):
     target_reward: float
 
 
-# -- the body limit --------------------------------------------------------------------------------------
+# -- the gate ------------------------------------------------------------------------------------------------
+# Open without a key: liveness and the API's description. Every other path needs the key (fails closed).
+PUBLIC_PATHS = frozenset({"/healthz", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc"})
+UNAUTHORIZED = "missing or wrong API key (Authorization: Bearer <key> or X-API-Key)"
+
+
 def max_body_bytes(scfg: ServeConfig) -> int:
     """The body bound: every query at its longest, JSON-escaped at worst (12 bytes a character), + slack."""
     return scfg.max_queries_per_request * (scfg.max_query_chars * 12 + 16) + 64 * 1024
 
 
-class BodyLimit:
-    """ASGI middleware: 413 for a body over ``limit()`` bytes, checked on Content-Length and while reading.
+def given_key(headers: dict[bytes, bytes]) -> str:
+    """The key a request sends: ``Authorization: Bearer <key>``, else ``X-API-Key``."""
+    scheme, _, cred = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
+    if scheme.lower() == "bearer" and cred.strip():
+        return cred.strip()
+    return headers.get(b"x-api-key", b"").decode("latin-1").strip()
+
+
+def duplicate_key(body: bytes) -> str | None:
+    """The first key a JSON object of ``body`` holds twice; None when there is none or it is not JSON (FastAPI
+    then says what is wrong with it)."""
+    found: list[str] = []
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        seen: set[str] = set()
+        for k, _ in items:
+            if k in seen and not found:
+                found.append(k)
+            seen.add(k)
+        return {}
+
+    try:
+        json.loads(body, object_pairs_hook=pairs)
+    except ValueError:
+        return None
+    return found[0] if found else None
+
+
+class RequestGate:
+    """ASGI middleware, in this order before FastAPI reads anything: 401 without the key (so an
+    unauthenticated caller learns nothing about its body), 413 for a body over ``limit()`` bytes (on
+    Content-Length and while reading), 422 for a JSON object with a key twice (Python's parser keeps the last
+    one silently; the importer refuses them too).
 
     The body is read here before the app sees it (FastAPI reads it whole anyway): an error raised from inside
     the app's body read would come out as FastAPI's generic 400."""
 
-    def __init__(self, app, limit: Callable[[], int]):
-        self.app = app
-        self.limit = limit
+    def __init__(self, app, limit: Callable[[], int], key: Callable[[], str]):
+        self.app, self.limit, self.key = app, limit, key
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        key = self.key()
+        if key and _route(scope) not in PUBLIC_PATHS and not hmac.compare_digest(
+                given_key(headers).encode("utf-8", "backslashreplace"), key.encode()):
+            return await _reply(send, 401, {"detail": UNAUTHORIZED}, [(b"www-authenticate", b"Bearer")])
         limit = self.limit()
-        declared = dict(scope.get("headers") or []).get(b"content-length")
+        declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            return await self._reject(send, limit)
+            return await _over(send, limit)
         buffered, seen = [], 0
         while True:
             msg = await receive()
@@ -115,22 +166,39 @@ class BodyLimit:
                 break
             seen += len(msg.get("body", b""))
             if seen > limit:
-                return await self._reject(send, limit)
+                return await _over(send, limit)
             if not msg.get("more_body", False):
                 break
+        body = b"".join(m.get("body", b"") for m in buffered if m["type"] == "http.request")
+        dup = duplicate_key(body) if body else None
+        if dup is not None:
+            err = {"type": "duplicate_key", "loc": ["body", dup],
+                   "msg": f"key {dup!r} appears twice in one JSON object: send each key once"}
+            return await _reply(send, 422, {"detail": [json_safe(err)]})
 
         async def replay():
             return buffered.pop(0) if buffered else await receive()
 
         await self.app(scope, replay, send)
 
-    @staticmethod
-    async def _reject(send, limit: int) -> None:
-        body = json.dumps({"detail": f"request body over {limit} bytes"}).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+
+def _route(scope) -> str:
+    """The path inside the app (Serve mounts it under a route prefix, the scope's root_path)."""
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    return (path[len(root):] or "/") if root and path.startswith(root) else path
 
 
-__all__ = ["AnswerItem", "AnswerResponse", "BodyLimit", "PromptItem", "PromptRequest", "PromptResponse",
-           "max_body_bytes"]
+async def _over(send, limit: int) -> None:
+    await _reply(send, 413, {"detail": f"request body over {limit} bytes"})
+
+
+async def _reply(send, status: int, doc: dict[str, Any], headers: list[tuple[bytes, bytes]] = ()) -> None:
+    body = json.dumps(doc).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            *headers]})
+    await send({"type": "http.response.body", "body": body})
+
+
+__all__ = ["PUBLIC_PATHS", "AnswerItem", "AnswerResponse", "PromptItem", "PromptRequest", "PromptResponse",
+           "RequestGate", "duplicate_key", "given_key", "max_body_bytes"]

@@ -70,11 +70,12 @@ class OpenAIEngine:
         self.__init__(state["cfg"], state["tasks"])
 
     # -- HTTP -------------------------------------------------------------------------------------
-    def post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        """POST under the shared retry policy (``qpo_ray.openai_http``); TargetError when it gives up."""
+    def post(self, path: str, body: dict[str, Any], deadline: float | None = None) -> dict[str, Any]:
+        """POST under the shared retry policy (``qpo_ray.openai_http``); TargetError when it gives up,
+        ``TargetTimeout`` when ``deadline`` (``time.monotonic()``) passes first."""
         url = f"{self.base_url}{path}"
         try:
-            resp = post_json(self.http, path, body, self.cfg.retries)
+            resp = post_json(self.http, path, body, self.cfg.retries, deadline)
         except TargetUnreachable as e:
             raise TargetError(f"target server {e}") from None
         if resp.status_code >= 400:
@@ -106,13 +107,13 @@ class OpenAIEngine:
         return grade_math(task, req, reply, nll, tokens, calls=1)
 
     # -- the two calls, also what the policy service answers with -------------------------------------
-    def label_nlls(self, task: Task, text: str) -> tuple[list[float], int]:
+    def label_nlls(self, task: Task, text: str, deadline: float | None = None) -> tuple[list[float], int]:
         """The mean token NLL of each label's verbalizer after ``text`` (``task.labels`` order), and the
         tokens the call used."""
         verbs = [task.verbalizers[lab] for lab in task.labels]
         body = {"model": self.cfg.model, "prompt": [text + v for v in verbs], "max_tokens": ECHO_MAX_TOKENS,
                 "echo": True, "logprobs": 1, "temperature": 0.0}
-        out = self.post("/completions", body)
+        out = self.post("/completions", body, deadline)
         choices = sorted(out.get("choices", []), key=lambda c: c.get("index", 0))
         if len(choices) != len(verbs):
             raise TargetError(f"target server {self.base_url}: {len(choices)} choices for {len(verbs)} prompts")
@@ -120,11 +121,11 @@ class OpenAIEngine:
                for c, v in zip(choices, verbs, strict=True)]
         return nll, _tokens(out)
 
-    def math_reply(self, text: str) -> tuple[str, float, int]:
+    def math_reply(self, text: str, deadline: float | None = None) -> tuple[str, float, int]:
         """The target's greedy chat reply to ``text``, its mean token NLL, and the tokens the call used."""
         body = {"model": self.cfg.model, "messages": [{"role": "user", "content": text}],
                 "max_tokens": self.cfg.max_new_tokens, "temperature": 0.0, "logprobs": True}
-        out = self.post("/chat/completions", body)
+        out = self.post("/chat/completions", body, deadline)
         try:
             choice = out["choices"][0]
             reply = choice["message"].get("content") or ""

@@ -9,11 +9,13 @@ import logging
 import os
 import sys
 import traceback
+from contextlib import nullcontext
 from pathlib import Path
 
 from qpo_ray.config import PROFILES, load_config
 from qpo_ray.errors import DataError, QPOError, os_reason
 from qpo_ray.jsonl import read_jsonl, text_lines, write_jsonl
+from qpo_ray.stopping import Stopped
 
 log = logging.getLogger("qpo_ray")
 
@@ -73,10 +75,14 @@ def _version_dir(path: str) -> tuple[Path, int]:
 
 
 def cmd_run(args) -> int:
+    if args.resume and args.config is not None:
+        raise QPOError(f"--config cannot be used with --resume: a resumed run goes on with its own config "
+                       f"({Path(args.resume) / 'config.yaml'}); to run more loops: --resume {args.resume} "
+                       "--set loops=N")
     cfg = None if args.resume else _cfg(args)  # before the driver's imports (torch, Ray): a mistake is quick
     from qpo_ray.driver import run
 
-    run(cfg, resume=args.resume)
+    run(cfg, resume=args.resume, overrides=args.overrides if args.resume else None)
     return 0
 
 
@@ -87,24 +93,28 @@ def cmd_demo(args) -> int:
     done = Path(cfg.run_dir, "config.yaml").exists()
     if done:
         print(f"[qpo-ray] {cfg.run_dir} exists: resuming it (delete it for a fresh demo)", flush=True)
-    run(None if done else cfg, resume=cfg.run_dir if done else None)
+    if done:
+        run(None, resume=cfg.run_dir, overrides=args.overrides)
+    else:
+        run(cfg)
     return 0
 
 
 def cmd_bootstrap(args) -> int:
     from qpo_ray.driver import steps
-    from qpo_ray.driver.run import prepare_run
+    from qpo_ray.driver.run import open_run
     from qpo_ray.driver.session import Session
     from qpo_ray.ray_init import init_ray
 
-    cfg, rd = prepare_run(_cfg(args), None) if not Path(_cfg(args).run_dir, "config.yaml").exists() \
-        else prepare_run(None, _cfg(args).run_dir)
-    init_ray()
-    s = Session(cfg, rd)
-    try:
-        print(json.dumps(steps.bootstrap(s)))
-    finally:
-        s.close()
+    cfg = _cfg(args)
+    started = Path(cfg.run_dir, "config.yaml").exists()
+    with open_run(None if started else cfg, cfg.run_dir if started else None) as (cfg, rd):
+        init_ray()
+        s = Session(cfg, rd)
+        try:
+            print(json.dumps(steps.bootstrap(s)))
+        finally:
+            s.close()
     return 0
 
 
@@ -116,16 +126,21 @@ def cmd_train(args) -> int:
     _check_init(args.schedule, args.init)
     from qpo_ray.data.store import DatasetStore
     from qpo_ray.driver.resources import ensure_cluster, train_need
+    from qpo_ray.locks import writer_lock
+    from qpo_ray.runs import run_dir_of
     from qpo_ray.train import train_policy
     from qpo_ray.train.trainer import check_trainable
 
     store = DatasetStore(run_dir)
-    check_trainable(cfg, store, version)  # before Ray starts: bad or too little data is one line, not a traceback
-    ensure_cluster(cfg, [[train_need(cfg.train)]])
     out = Path(args.out).resolve()
-    res = train_policy(cfg, store=store, version=version, out_dir=out, schedule=args.schedule,
-                       init_policy=Path(args.init) if args.init else None,
-                       run_name=args.name or f"qpo-train-{out.name}")
+    # A policy written into a run directory (e.g. RUN_DIR/policy/...) makes this one more writer of that run.
+    into = run_dir_of(out)
+    with writer_lock(into) if into is not None else nullcontext():
+        check_trainable(cfg, store, version)  # before Ray starts: bad or too little data is one line, not a traceback
+        ensure_cluster(cfg, [[train_need(cfg.train)]])
+        res = train_policy(cfg, store=store, version=version, out_dir=out, schedule=args.schedule,
+                           init_policy=Path(args.init) if args.init else None,
+                           run_name=args.name or f"qpo-train-{out.name}")
     for m in res.epoch_metrics:
         print(json.dumps(m), flush=True)
     print(f"policy saved to {res.policy_dir}", flush=True)
@@ -251,8 +266,12 @@ def cmd_eval(args) -> int:
 
     if not args.data or not args.out:
         raise QPOError("--target replay needs --data (recorded logs) and --out (where the policy and report go)")
-    res = evaluate_offline(load_config(args.config or "offline", args.overrides), args.data, args.out,
-                           version=args.version, test_fraction=args.test_fraction, seed=args.seed)
+    from qpo_ray.locks import writer_lock
+
+    cfg = load_config(args.config or "offline", args.overrides)
+    with writer_lock(args.out):  # --out becomes a run directory: its dataset v000, the policy, the report
+        res = evaluate_offline(cfg, args.data, args.out, version=args.version, test_fraction=args.test_fraction,
+                               seed=args.seed)
     s, tr = res["split"], res["training"]
     print(f"replay eval of {res['data']['run_dir']} v{res['data']['version']:03d}: train {s['train_queries']} "
           f"queries ({s['train_rows']} rows), test {s['evaluated_test_queries']} queries; "
@@ -274,7 +293,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     p = sub.add_parser("run", help="the full multi-loop QPO pipeline (bootstrap → loops → report)")
-    _config_args(p)
+    p.add_argument("--config", help=f"profile ({', '.join(PROFILES)}) or YAML file [tiny]; not with --resume")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted override, e.g. --set train.scratch.lr=1e-4 (repeatable); with --resume only "
+                        "loops, raised to run more loops")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run; finished steps are skipped")
     p.set_defaults(fn=cmd_run)
 
@@ -371,6 +393,10 @@ def main(argv: list[str] | None = None) -> int:
         where = f"{e.filename}: " if e.filename else ""
         print(f"qpo-ray: error: {where}{os_reason(e)}", file=sys.stderr)
         return 2
+    except Stopped as e:
+        resume = f"; resume with: qpo-ray run --resume {e.run_dir}" if e.run_dir is not None else ""
+        print(f"qpo-ray: stopped by {e}{resume}", file=sys.stderr, flush=True)
+        return e.exit_code
     except KeyboardInterrupt:
         print("qpo-ray: interrupted", file=sys.stderr)
         return 130

@@ -10,6 +10,8 @@ import logging
 import os
 from pathlib import Path
 
+from qpo_ray.stopping import install as install_stop_handlers
+
 log = logging.getLogger("qpo_ray")
 
 # Driver-side loggers of Ray's libraries that print INFO lines of their own on every call.
@@ -41,6 +43,9 @@ def init_ray() -> None:
         # sampling actors coexist on a laptop; they run one at a time in the driver's loop anyway.
         # address="local": always a fresh embedded instance, never a stray cluster found on the machine.
         ray.init(address="local", num_cpus=max(8, os.cpu_count() or 1), include_dashboard=False, **kw)
+    # ray.init sets a SIGTERM handler of its own (exit, and a native stack dump as the process dies): a run
+    # stopping on signals takes it back.
+    install_stop_handlers()
     ray.data.DataContext.get_current().enable_progress_bars = False
     if not loud:
         for name in RAY_LOGGERS:

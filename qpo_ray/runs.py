@@ -36,6 +36,17 @@ def fault_point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def run_dir_of(path: str | Path) -> Path | None:
+    """The run directory ``path`` lies in (or is): the nearest folder at or above it that holds a run
+    (``config.yaml`` and ``steps/``) or dataset versions (``data/vNNN``); None when there is none."""
+    p = Path(path).resolve()
+    for folder in (p, *p.parents):
+        if ((folder / "config.yaml").is_file() and (folder / "steps").is_dir()) \
+                or any((folder / "data").glob("v[0-9]*/manifest.json")):
+            return folder
+    return None
+
+
 class RunDir:
     """Paths and step markers of one run directory."""
 

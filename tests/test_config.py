@@ -81,13 +81,14 @@ def test_config_that_is_a_directory(tmp_path):
 
 
 def test_a_fitted_rerank_margin_is_for_replay_only(tmp_path):
-    from qpo_ray.driver.run import prepare_run
+    from qpo_ray.driver.run import open_run
 
     assert load_config("offline").eval.rerank_margin == "fit" and load_config("demo").eval.rerank_margin == 0.0
     cfg = load_config("tiny", [f"run_dir={tmp_path / 'run'}", "policy.reward_head=last_prompt",
                                "eval.method=rerank", "eval.rerank_margin=fit"])
     with pytest.raises(ConfigError, match="only `qpo-ray eval --target replay`"):
-        prepare_run(cfg, None)
+        with open_run(cfg, None):
+            pass
     assert not (tmp_path / "run").exists()  # refused before anything was written
 
 

@@ -6,7 +6,8 @@ Layout::
     RUN_DIR/data/v001/...
 
 A version is written to ``data/.tmp-vNNN-*`` and renamed into place only when complete, so a reader sees
-the old set of versions or the new one, never half of one. A child version holds its parent's files
+the old set of versions or the new one, never half of one. Writing takes the run directory's writer lock
+(``qpo_ray.locks``): one writer at a time, so a temporary version is removed only when its writer is gone. A child version holds its parent's files
 (hard links, copied where links are unsupported) plus the new rows, so each version is self-contained.
 The reward range used for normalisation is fixed by v000 and inherited by every later version.
 
@@ -36,6 +37,7 @@ from qpo_ray.data.integrity import read_checked, sha256_file
 from qpo_ray.data.keyset import KeySet
 from qpo_ray.data.schema import COLUMNS, MAX_ABS_REWARD, SCHEMA, check_table
 from qpo_ray.errors import DataError, ResourceError, os_reason
+from qpo_ray.locks import writer_lock
 from qpo_ray.runs import fault_point
 
 log = logging.getLogger(__name__)
@@ -214,10 +216,12 @@ class DatasetStore:
 
     # -- writing -------------------------------------------------------------------------------------
     def clean_tmp(self) -> None:
-        """Remove half-written versions left by a crash (they were never visible)."""
+        """Remove half-written versions left by a crash (they were never visible). Under the writer lock: a
+        version another process is writing now is never removed (that process is refused instead)."""
         if self.root.is_dir():
-            for p in self.root.glob(".tmp-v*"):
-                shutil.rmtree(p, ignore_errors=True)
+            with writer_lock(self.root.parent):
+                for p in self.root.glob(".tmp-v*"):
+                    shutil.rmtree(p, ignore_errors=True)
 
     def commit(
         self,
@@ -236,7 +240,13 @@ class DatasetStore:
         Rows are validated chunk by chunk (errors name source, row and column). With ``dedupe``, a row
         whose key is already in the parent or earlier in ``chunks`` is dropped and counted. The reward
         range is the parent's; for a root version it is ``reward_range`` or the min/max of its rows.
+        Holds the run directory's writer lock (re-entrant: a command that holds it already keeps it).
         """
+        with writer_lock(self.root.parent):
+            return self._commit(chunks, version=version, parent=parent, reward_range=reward_range, source=source,
+                                note=note, dedupe=dedupe, _fail_after_rows=_fail_after_rows)
+
+    def _commit(self, chunks, *, version, parent, reward_range, source, note, dedupe, _fail_after_rows) -> Manifest:
         if version is None:
             latest = self.latest()
             version = 0 if latest is None else latest + 1

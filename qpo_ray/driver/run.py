@@ -21,19 +21,37 @@ from qpo_ray.driver.storage import check_shared_storage
 from qpo_ray.driver.watch import FIXED_FAIL_S, watch
 from qpo_ray.errors import ConfigError, QPOError
 from qpo_ray.evaluate.report import loop_over_loop, summary_table, write_report
+from qpo_ray.locks import writer_lock
 from qpo_ray.models import check_model_spec
 from qpo_ray.ray_init import init_ray, link_ray_logs
 from qpo_ray.runs import RunDir, fault_point
 from qpo_ray.score.engines import target_precision
+from qpo_ray.stopping import Stopped, check_stop, stop_on_signals
 from qpo_ray.tasks import load_task
 
 log = logging.getLogger("qpo_ray")
 
 
-def run(cfg: RunConfig | None = None, *, resume: str | Path | None = None) -> Path:
-    """Run (or resume) a QPO run; returns the report's path."""
+def run(cfg: RunConfig | None = None, *, resume: str | Path | None = None,
+        overrides: list[str] | None = None) -> Path:
+    """Run (or resume) a QPO run; returns the report's path. ``overrides`` apply to a resumed run's saved
+    config (``resume_config``: only ``loops`` may change). Holds the run directory's writer lock throughout;
+    SIGINT/SIGTERM raise :class:`Stopped` carrying the run directory."""
     t0 = time.time()
-    cfg, rd = prepare_run(cfg, resume)
+    where = Path(resume if resume is not None else (cfg or load_config("tiny")).run_dir).resolve()
+    try:
+        with stop_on_signals(), open_run(cfg, resume, overrides) as (cfg, rd):
+            path, calls = _run_steps(cfg, rd)
+    except Stopped as e:
+        if (where / "config.yaml").is_file():  # stopped once the run existed: it can be resumed
+            e.run_dir = where
+        raise
+    print_summary(rd, path, started=t0, calls_here=calls)
+    return path
+
+
+def _run_steps(cfg: RunConfig, rd: RunDir) -> tuple[Path, int]:
+    """Every step not done yet, then the report; returns the report's path and this invocation's target calls."""
     with _logging_to(rd.path / "logs" / "driver.log"):
         init_ray()
         link_ray_logs(rd.path)
@@ -44,6 +62,7 @@ def run(cfg: RunConfig | None = None, *, resume: str | Path | None = None) -> Pa
         s = Session(cfg, rd)
         try:
             def step(name: str, fn: Callable[[], dict[str, Any]]) -> None:
+                check_stop()
                 if rd.done(name) is not None:
                     log.info("[%s] done earlier: skipped", name)
                     return
@@ -54,6 +73,8 @@ def run(cfg: RunConfig | None = None, *, resume: str | Path | None = None) -> Pa
                                               fail_s=cfg.resource_wait_s if can_grow else FIXED_FAIL_S):
                     info = fn()
                 fault_point(f"{name}.before-mark")
+                # A step whose signal a library swallowed may have returned early: it gets no marker.
+                check_stop()
                 rd.mark(name, {**info, **t.info, "step": name, "finished": time.time()})
                 fault_point(f"{name}.done")
                 log.info("[%s] done in %.1f s (%d target calls)", name, t.info["wall_s"], t.info["target_calls"])
@@ -66,11 +87,11 @@ def run(cfg: RunConfig | None = None, *, resume: str | Path | None = None) -> Pa
                 step(f"loop-{t}.score", lambda t=t: steps.score(s, t))
                 step(f"loop-{t}.merge", lambda t=t: steps.merge(s, t))
                 step(f"loop-{t}.eval", lambda t=t: steps.evaluate(s, t))
+            check_stop()
             path = report(s)
         finally:
             s.close()  # stops the scoring pool first: Serve's shutdown messages come before the summary
-    print_summary(rd, path, started=t0, calls_here=s.calls)
-    return path
+    return path, s.calls
 
 
 @contextmanager
@@ -87,12 +108,18 @@ def _logging_to(path: Path) -> Iterator[None]:
         handler.close()
 
 
+def check_run_dir(rd: RunDir, what: str = "--resume") -> None:
+    """A QPOError unless ``rd`` holds a run (its config.yaml): checked before its writer lock is taken, so a
+    mistyped path gets no lock file."""
+    if not (rd.path / "config.yaml").is_file():
+        raise QPOError(f"{what} {rd.path}: no config.yaml there — not a qpo-ray run directory")
+
+
 def load_run_config(rd: RunDir, overrides: list[str] | None = None, *, what: str = "--resume") -> RunConfig:
     """The run's saved config, with ``run_dir`` where the run is now: a moved or copied run works on itself,
     never on its old location. The saved file is updated when the run has moved."""
+    check_run_dir(rd, what)
     saved = rd.path / "config.yaml"
-    if not saved.is_file():
-        raise QPOError(f"{what} {rd.path}: no config.yaml there — not a qpo-ray run directory")
     cfg = load_config(saved, overrides)
     if Path(cfg.run_dir) != rd.path:
         log.info("run directory %s was created as %s: it works on %s", rd.path, cfg.run_dir, rd.path)
@@ -102,28 +129,77 @@ def load_run_config(rd: RunDir, overrides: list[str] | None = None, *, what: str
     return cfg
 
 
-def prepare_run(cfg: RunConfig | None, resume: str | Path | None) -> tuple[RunConfig, RunDir]:
-    """The run's config and directory: ``resume``'s saved run, else a new one for ``cfg`` (checked, its
-    config.yaml written); fails before any work when the cluster cannot host it."""
+def _leaves(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_leaves(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def resume_config(rd: RunDir, overrides: list[str] | None = None) -> RunConfig:
+    """The config a resumed run goes on with: its saved one, with ``loops`` raised when ``--set loops=N``
+    asks for more (the saved config.yaml is updated). Any other changed setting is refused: the finished
+    steps were made with the saved one, and a run mixing two would be neither."""
+    cfg = load_run_config(rd)
+    if not overrides:
+        return cfg
+    saved = rd.path / "config.yaml"
+    asked = load_config(saved, overrides)
+    # What the overrides change in the saved file (its run_dir may be where a moved run was created).
+    old, new = _leaves(load_config(saved).model_dump(mode="json")), _leaves(asked.model_dump(mode="json"))
+    changed = sorted(k for k in old.keys() | new.keys()
+                     if old.get(k) != new.get(k) and not (k == "run_dir" and Path(new[k]).resolve() == rd.path))
+    refused = [k for k in changed if k != "loops"]
+    if refused:
+        raise ConfigError(f"--resume {rd.path}: --set {', '.join(refused)} cannot change a run that has started "
+                          f"(its finished steps used {saved}); only loops can be raised on --resume. Start a new "
+                          "run (another run_dir) for other settings")
+    if asked.loops < cfg.loops:
+        raise ConfigError(f"--resume {rd.path}: --set loops={asked.loops} is fewer than the run's {cfg.loops} loops; "
+                          "loops can only be raised on --resume")
+    if asked.loops > cfg.loops:
+        log.info("extending %s from %d to %d loops", rd.path, cfg.loops, asked.loops)
+        cfg = cfg.model_copy(update={"loops": asked.loops})
+        dump_config(cfg, saved)
+    return cfg
+
+
+@contextmanager
+def open_run(cfg: RunConfig | None, resume: str | Path | None,
+             overrides: list[str] | None = None) -> Iterator[tuple[RunConfig, RunDir]]:
+    """The run's config and directory, its writer lock held inside the block: ``resume``'s saved run (with
+    ``overrides``: ``resume_config``), else a new one for ``cfg`` (checked, its config.yaml written). Fails
+    before any work when the cluster cannot host the run, or when another process writes the directory."""
     if resume is not None:
         rd = RunDir(resume)
-        cfg = load_run_config(rd)
-        ensure_cluster(cfg, run_phases(cfg))
-        log.info("resuming %s", rd.path)
-        return cfg, rd
+        check_run_dir(rd)
+        with writer_lock(rd.path):
+            cfg = resume_config(rd, overrides)  # may rewrite config.yaml: under the lock
+            ensure_cluster(cfg, run_phases(cfg))
+            log.info("resuming %s", rd.path)
+            yield cfg, rd
+        return
     if cfg is None:
         cfg = load_config("tiny")
     _preflight(cfg)
     rd = RunDir(cfg.run_dir)
-    if (rd.path / "config.yaml").exists():
-        raise QPOError(f"run directory {rd.path} already holds a run: use --resume {rd.path} or another run_dir")
+    _check_new(rd)
     cfg = cfg.model_copy(update={"run_dir": str(rd.path)})
     # Before the run directory exists: a run the cluster cannot host leaves nothing to clean up.
     ensure_cluster(cfg, run_phases(cfg))
-    rd.path.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, rd.path / "config.yaml")
-    _ = rd.run_id  # fixed now, while the run is where it was created
-    return cfg, rd
+    with writer_lock(rd.path):
+        _check_new(rd)  # again under the lock: two runs started at once into one run_dir
+        dump_config(cfg, rd.path / "config.yaml")
+        _ = rd.run_id  # fixed now, while the run is where it was created
+        yield cfg, rd
+
+
+def _check_new(rd: RunDir) -> None:
+    if (rd.path / "config.yaml").exists():
+        raise QPOError(f"run directory {rd.path} already holds a run: use --resume {rd.path} or another run_dir")
 
 
 def _preflight(cfg: RunConfig) -> None:

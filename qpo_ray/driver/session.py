@@ -21,6 +21,7 @@ from qpo_ray.data.prompts import prompt_identity
 from qpo_ray.data.schema import SCHEMA, content_id, pair_key, rows_to_table
 from qpo_ray.data.store import DatasetStore
 from qpo_ray.runs import RunDir, fault_point
+from qpo_ray.stopping import check_stop
 from qpo_ray.tracking import Tracker
 
 log = logging.getLogger("qpo_ray")
@@ -56,6 +57,7 @@ class Session:
             # Named after where the run is: a copy of the run resumed beside it gets its own pool.
             self._pool = ScoringPool(self.cfg.target, self.task,
                                      app_name=f"qpo-target-{content_id(str(self.run.path), n=8)}").start()
+            check_stop()  # a signal while Serve deployed the pool stops the run here at the latest
         return self._pool
 
     def _load_cache(self) -> dict[str, dict[str, Any]]:
@@ -111,6 +113,7 @@ class Session:
             log.info("[%s] scoring %d new pair(s) (%d already known)", tag, len(todo), len(pairs) - len(todo))
             with self.pool.progress(len(todo) * requests_per_pair(self.cfg, phase), f"score {tag}"):
                 for chunk in _chunks_by_prompt(todo, SCORE_CHUNK):
+                    check_stop()
                     # prompt_acc counts every pair of the step with that prompt, also those scored before
                     # (score_pairs' definition, as in `qpo-ray score`): they ride along, at no call.
                     prompts = {p["prompt"] for p in chunk}

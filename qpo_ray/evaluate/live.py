@@ -75,7 +75,7 @@ def evaluate_loop(session, loop: int) -> dict[str, Any]:
     best = best_single_on_train(train_acc, pool)
     if loop >= 1:
         log.info("[eval %d] writing the policy's prompts for %d test queries", loop, len(queries))
-        # prepare_run refuses rerank_margin="fit" for live runs: it is a number here.
+        # open_run refuses rerank_margin="fit" for live runs: it is a number here.
         settings = InferenceSettings.from_config(cfg, candidates=pool, default_prompt=best["prompt"] if best else None)
         qpo, took = qpo_prompts(session.run.policy_dir(loop), [q.query for q in queries], settings)
     trained_on = trained_prompts(session.store, loop - 1) if loop >= 1 else None

@@ -49,26 +49,29 @@ def evaluate_run(run_dir: str | Path, *, loops: str | None = None, redo: bool = 
                  overrides: list[str] | None = None) -> Path:
     """Evaluate the run's missing (or all, with ``redo``) loops; returns the report's path."""
     from qpo_ray.driver import steps
-    from qpo_ray.driver.run import load_run_config, print_summary, report
+    from qpo_ray.driver.run import check_run_dir, load_run_config, print_summary, report
     from qpo_ray.driver.session import Session
+    from qpo_ray.locks import writer_lock
     from qpo_ray.ray_init import init_ray
     from qpo_ray.runs import RunDir
 
     rd = RunDir(run_dir)
-    cfg = load_run_config(rd, overrides, what="--run-dir")
-    if rd.done("bootstrap") is None:
-        raise QPOError(f"{rd.path}: the run has no dataset yet (bootstrap not done); run or resume it first")
-    todo = [t for t in _loops(rd, cfg, loops) if redo or not (rd.path / "eval" / f"loop-{t}.json").is_file()]
-    if todo:
-        init_ray()  # only scoring needs Ray; a report from existing results does not
-    s = Session(cfg, rd)
-    try:
-        for t in todo:
-            log.info("[evaluate] loop %d", t)
-            steps.evaluate(s, t)
-        path = report(s)
-    finally:
-        s.close()
+    check_run_dir(rd, "--run-dir")
+    with writer_lock(rd.path):  # it writes the run's eval/, scores/ and report: one writer at a time
+        cfg = load_run_config(rd, overrides, what="--run-dir")
+        if rd.done("bootstrap") is None:
+            raise QPOError(f"{rd.path}: the run has no dataset yet (bootstrap not done); run or resume it first")
+        todo = [t for t in _loops(rd, cfg, loops) if redo or not (rd.path / "eval" / f"loop-{t}.json").is_file()]
+        if todo:
+            init_ray()  # only scoring needs Ray; a report from existing results does not
+        s = Session(cfg, rd)
+        try:
+            for t in todo:
+                log.info("[evaluate] loop %d", t)
+                steps.evaluate(s, t)
+            path = report(s)
+        finally:
+            s.close()
     print_summary(rd, path, calls_here=s.calls)
     return path
 

@@ -25,6 +25,7 @@ from qpo_ray.data.importers.tabular import csv_rows, jsonl_rows, parquet_rows
 from qpo_ray.data.schema import SCHEMA, split_of
 from qpo_ray.data.store import DatasetStore
 from qpo_ray.errors import DataError, ResourceError
+from qpo_ray.locks import writer_lock
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +176,8 @@ def import_to_store(run_dir: str | Path, fmt: str, *, path: str | Path | None = 
     """Import into the run's dataset store as one new version (a child of the latest one, if any).
 
     Rows stream from the reader into :meth:`DatasetStore.commit`, which re-validates, drops repeated pair
-    keys and commits atomically. When every row is already in the latest version nothing is committed
+    keys and commits atomically, holding the run directory's writer lock throughout (a second writer is refused
+    at once). When every row is already in the latest version nothing is committed
     (``report.version`` is None). Raises DataError when no valid row is left to write."""
     opts = opts or ImportOptions()
     source = str(path or logs)
@@ -183,18 +185,20 @@ def import_to_store(run_dir: str | Path, fmt: str, *, path: str | Path | None = 
     tables = read_format(fmt, opts, report, path=path, logs=logs, queries=queries, prompts=prompts)
     store = DatasetStore(run_dir)
     _check_writable(store.root)  # before reading the input: a long import should not fail at its commit
-    report.parent = store.latest()
-    if report.parent is not None:
-        tables = _not_in(tables, store, report.parent, report)
-    first = next(tables, None)  # peek: an import with nothing to write should say why, not commit nothing
-    if first is None:
-        if report.rows_already_present:
-            log.warning("%s", report.headline())
-            return report
-        hint = f"; e.g. {report.skipped_examples[0]}" if report.skipped_examples else ""
-        raise DataError(f"{source}: no rows to import ({report.rows_read} valid, {report.rows_other_split} in the "
-                        f"other split, {report.skipped} bad line(s) skipped){hint}")
-    m = store.commit(chain([first], tables), parent=report.parent, source=source, note=f"import {fmt} {source}")
+    # One writer: the parent chosen here is still the latest version when the import commits.
+    with writer_lock(run_dir):
+        report.parent = store.latest()
+        if report.parent is not None:
+            tables = _not_in(tables, store, report.parent, report)
+        first = next(tables, None)  # peek: an import with nothing to write should say why, not commit nothing
+        if first is None:
+            if report.rows_already_present:
+                log.warning("%s", report.headline())
+                return report
+            hint = f"; e.g. {report.skipped_examples[0]}" if report.skipped_examples else ""
+            raise DataError(f"{source}: no rows to import ({report.rows_read} valid, {report.rows_other_split} in "
+                            f"the other split, {report.skipped} bad line(s) skipped){hint}")
+        m = store.commit(chain([first], tables), parent=report.parent, source=source, note=f"import {fmt} {source}")
     report.version, report.rows_written, report.duplicates_dropped = m.version, m.new_rows, m.duplicates_dropped
     if report.skipped:
         log.warning("%s: skipped %d bad line(s); first: %s", source, report.skipped, report.skipped_examples[0])

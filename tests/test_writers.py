@@ -1,4 +1,5 @@
-"""One writer per run directory and per dataset (qpo_ray.locks), and what `run --resume` may change.
+"""One writer per run directory and per dataset (qpo_ray.locks), what `run --resume` may change, and how a
+signal stops a run (qpo_ray.stopping).
 
 Another writer is a real second process (a few lines of Python holding the lock, as an import or a run
 would); the command refused is run in this process through the CLI's ``main``: no Ray starts for a refusal.
@@ -6,12 +7,14 @@ would); the command refused is run in this process through the CLI's ``main``: n
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,6 +29,7 @@ from qpo_ray.driver.run import resume_config
 from qpo_ray.errors import ConfigError
 from qpo_ray.locks import HOLDER_FILE, LOCK_FILE, LockedError, writer_lock
 from qpo_ray.runs import RunDir, run_dir_of
+from qpo_ray.stopping import Stopped, check_stop, keep_signal_handlers, stop_on_signals
 
 REPO = Path(__file__).resolve().parents[1]
 HOLDING = "held"
@@ -222,3 +226,61 @@ def test_cli_refusals_while_another_process_writes(held, run, tmp_path, capsys):
     for argv in LOCKED:
         assert main(_argv(argv, run)) == 2, argv
         assert f"PID {held.pid}" in _one_error(capsys), argv
+
+
+# -- signals (in this process; tests/test_signals.py stops a real run) ----------------------------------------
+def test_a_signal_inside_the_block_is_stopped_with_its_exit_code():
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Stopped) as e, stop_on_signals():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises before this ends
+    assert (e.value.signum, e.value.exit_code) == (signal.SIGTERM, 143)
+    assert signal.getsignal(signal.SIGTERM) is before  # the handlers from before are back
+
+
+def _like_ray_get() -> None:
+    """Ray's blocking calls turn whatever a signal handler raised into a KeyboardInterrupt of their own."""
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt from None
+
+
+def test_a_signal_that_ray_reraises_is_still_the_signal_received():
+    with pytest.raises(Stopped) as e, stop_on_signals():
+        _like_ray_get()
+    assert e.value.exit_code == 143
+
+
+def test_a_swallowed_signal_stops_at_the_next_check():
+    with pytest.raises(Stopped) as e, stop_on_signals():
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+        except KeyboardInterrupt:
+            pass  # a library that goes on
+        check_stop()
+    assert e.value.exit_code == 130
+
+
+def test_a_library_that_replaces_the_handlers_gets_them_back():
+    with stop_on_signals():
+        ours = signal.getsignal(signal.SIGINT)
+        with keep_signal_handlers():
+            signal.signal(signal.SIGINT, lambda *_: None)  # what Ray Train's fit() does
+        assert signal.getsignal(signal.SIGINT) is ours
+
+
+def test_a_stopped_run_says_how_to_resume(run, monkeypatch, capsys):
+    driver = importlib.import_module("qpo_ray.driver.run")  # the module: qpo_ray.driver.run is also its function
+
+    def stopped_mid_step(cfg, rd):
+        _like_ray_get()
+
+    monkeypatch.setattr(driver, "ensure_cluster", lambda *a: None)
+    monkeypatch.setattr(driver, "_run_steps", stopped_mid_step)
+    assert main(["run", "--resume", str(run)]) == 143
+    err = capsys.readouterr().err
+    assert err.strip() == f"qpo-ray: stopped by SIGTERM; resume with: qpo-ray run --resume {run}"
+    assert not (run / HOLDER_FILE).exists()

@@ -27,6 +27,7 @@ from qpo_ray.ray_init import init_ray, link_ray_logs
 from qpo_ray.runs import RunDir, fault_point
 from qpo_ray.score.engines import target_precision
 from qpo_ray.stopping import Stopped, check_stop, stop_on_signals
+from qpo_ray.stopping import install as install_stop_handlers
 from qpo_ray.tasks import load_task
 
 log = logging.getLogger("qpo_ray")
@@ -63,6 +64,7 @@ def _run_steps(cfg: RunConfig, rd: RunDir) -> tuple[Path, int]:
         try:
             def step(name: str, fn: Callable[[], dict[str, Any]]) -> None:
                 check_stop()
+                install_stop_handlers()  # in case a library of the last step replaced them
                 if rd.done(name) is not None:
                     log.info("[%s] done earlier: skipped", name)
                     return

@@ -21,6 +21,7 @@ from qpo_ray.config import RunConfig
 from qpo_ray.data.store import DatasetStore
 from qpo_ray.errors import DataError, TrainingError
 from qpo_ray.runs import FAULT_ENV
+from qpo_ray.stopping import keep_signal_handlers, stopping_signals
 from qpo_ray.train.checkpoints import (
     EPOCH_FILE,
     copy_policy_out,
@@ -165,8 +166,15 @@ def _fit(cfg: RunConfig, ds, *, run_name: str, storage: str, config: dict[str, A
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    class Trainer(TorchTrainer):
+        def _register_sigint_handler(self, controller):
+            # Ray Train sets a SIGINT handler of its own in fit() (abort the training, return) and leaves it
+            # set: inside a run that stops on signals (qpo_ray.stopping), Ctrl-C must stop the run instead.
+            if not stopping_signals():
+                super()._register_sigint_handler(controller)
+
     tcfg = cfg.train
-    trainer = TorchTrainer(
+    trainer = Trainer(
         train_loop_per_worker,
         train_loop_config=config,
         scaling_config=ray.train.ScalingConfig(num_workers=tcfg.num_workers, use_gpu=tcfg.use_gpu,
@@ -183,7 +191,8 @@ def _fit(cfg: RunConfig, ds, *, run_name: str, storage: str, config: dict[str, A
         # counts per rank, so with drop_last every rank runs the same number of steps.
         datasets={"train": ds},
     )
-    return trainer.fit()
+    with keep_signal_handlers():
+        return trainer.fit()
 
 
 __all__ = ["TrainResult", "check_trainable", "storage_path", "train_policy"]

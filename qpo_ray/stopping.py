@@ -4,11 +4,11 @@ Inside :func:`stop_on_signals` both signals raise :class:`Stopped` in the main t
 KeyboardInterrupt: no ``except Exception`` catches it, every ``finally`` runs (the scoring pool is deleted, a
 half-written file or dataset version is removed) and the step it interrupts never gets its marker, so
 ``qpo-ray run --resume`` redoes that step and nothing else. A KeyboardInterrupt because Ray's blocking calls
-(``ray.get``) turn any exception of a signal handler into a KeyboardInterrupt of their own, or fail
-otherwise; the block turns those back into :class:`Stopped` for the signal that came. Ray's driver sets a
-SIGTERM handler of its own (exit, then a native stack dump as its threads die): :func:`install` is called
-again after ``ray.init`` to take SIGTERM back. A signal that some library swallowed is still seen at the
-next :func:`check_stop` (between steps, between scoring chunks). Ray Train's ``fit`` sets a SIGINT handler
+(``ray.get``) take only that from a signal handler (anything else ends in a SystemError) and raise a
+KeyboardInterrupt of their own: the block turns it back into :class:`Stopped` for the signal that came. Ray's
+driver sets a SIGTERM handler of its own (exit, then a native stack dump as its threads die): :func:`install`
+is called again after ``ray.init`` to take SIGTERM back. A signal that some library swallowed is still seen at
+the next :func:`check_stop` (between steps, between scoring chunks). Ray Train's ``fit`` sets a SIGINT handler
 of its own and leaves it set (``qpo_ray.train.trainer`` keeps ours: :func:`keep_signal_handlers`).
 """
 

@@ -2,8 +2,11 @@
 first holds the run: each stop says how to resume and exits 128 + the signal, with no traceback and no native
 stack dump, and the next resume finishes with no pair scored twice.
 
-One copy of the shared reference run is resumed three times: its last step (loop 2's evaluation) and every
-evaluation score are removed, so each resume starts the scoring pool and scores the pool's test pairs again."""
+One copy of the shared reference run is resumed three times. Loop 2's training and evaluation are marked
+undone and every evaluation score is removed: the first resume calls Ray Train's ``fit`` again (it finds the
+final checkpoint and trains nothing, but sets a SIGINT handler of its own, as a fresh run's training does), and
+each resume then starts the scoring pool to score the pool's test pairs again. Both signals arrive while the
+pool starts."""
 
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from tests.e2e import REPO, qpo, scored_keys
 pytestmark = pytest.mark.slow
 
 STEP = "loop-2.eval"
+POOL_STARTS = "[eval-2] scoring"  # the step has found pairs to score: the pool starts now
 
 
 def _start(run_dir: Path, out: Path) -> subprocess.Popen:
@@ -51,7 +55,7 @@ def _stop(run_dir: Path, tmp_path: Path, sig: signal.Signals, holder_check=None)
     out = tmp_path / f"{sig.name}.txt"
     p = _start(run_dir, out)
     try:
-        _wait_for(p, log, offset, f"[{STEP}] start")
+        _wait_for(p, log, offset, POOL_STARTS)
         if holder_check is not None:
             holder_check(p)
         p.send_signal(sig)
@@ -71,7 +75,8 @@ def _stop(run_dir: Path, tmp_path: Path, sig: signal.Signals, holder_check=None)
 def test_signals_stop_a_run_that_then_resumes(reference_run, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(reference_run, run_dir, symlinks=True)
-    (run_dir / "steps" / f"{STEP}.json").unlink()
+    for step in ("loop-2.train", STEP):
+        (run_dir / "steps" / f"{step}.json").unlink()
     for f in (run_dir / "scores").glob("eval-*.parquet"):
         f.unlink()
 

@@ -24,7 +24,7 @@ from typing import Any
 from filelock import FileLock, Timeout
 
 from qpo_ray.atomic import atomic_write_json
-from qpo_ray.errors import QPOError
+from qpo_ray.errors import QPOError, ResourceError, os_reason
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def _acquire(root: Path, command: str) -> tuple[FileLock, bool]:
         raise LockedError(f"{root} is being written by {describe(holder(root))}: one writer at a time; "
                           "wait for it to finish or stop it") from None
     except OSError as e:
-        raise QPOError(f"{root}: cannot write there ({e.strerror or e})") from None
+        raise ResourceError(f"{root}: cannot write there ({os_reason(e)})") from None
     stale = holder(root)
     if stale is not None:
         # The kernel released the lock with its holder: what is left of that writer's work is never trusted
@@ -86,7 +86,7 @@ def _acquire(root: Path, command: str) -> tuple[FileLock, bool]:
                                                "command": command, "since": time.time()})
     except OSError as e:
         _release(root, lock, created)
-        raise QPOError(f"{root}: cannot write there ({e.strerror or e})") from None
+        raise ResourceError(f"{root}: cannot write there ({os_reason(e)})") from None
     return lock, created
 
 

@@ -263,8 +263,8 @@ def test_http_bodies_get_their_status_and_a_json_body(case):
     (["target.num_gpus_per_replica=1", "target.device=cuda"], r"one target replica \(1 CPU, 1 GPU; .*target\.num_gpus_per_replica=1\)"),
     (["collect.num_gpus_per_actor=0.5"], r"one sampling actor \(1 CPU, 0\.5 GPU; .*collect\.num_gpus_per_actor"),
     (["target.num_cpus_per_replica=64"], r"one target replica \(64 CPU, 0 GPU; .*target\.num_cpus_per_replica=64"),
-    (["train.num_workers=8", "train.micro_batch_size=2"],
-     r"1 target replica\(s\) \+ 8 train worker\(s\) need 9 CPU and 0 GPU at once .*train\.num_workers=8"),
+    (["train.num_workers=8", "train.micro_batch_size=2", "train.cpus_per_worker=2"],
+     r"8 train worker\(s\) need 16 CPU and 0 GPU at once .*train\.num_workers=8"),
 ])
 def test_a_config_the_cluster_cannot_host_fails_before_any_work(sets, message, tmp_path, capsys, ray_local):
     run_dir = tmp_path / "r"

@@ -5,6 +5,7 @@ never with `ray stop` (which would stop every Ray instance on the machine)."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -96,6 +97,21 @@ def ray_env(token: str) -> dict[str, str]:
 def ray_cli(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     """Run the venv's ``ray`` command line."""
     return subprocess.run([str(RAY), *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+EXCLUDES = [".venv", "runs", ".git", "**/__pycache__", ".pytest_cache", ".ruff_cache", "*.egg-info"]
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+
+
+def job_status(env: dict[str, str], address: str, job_id: str) -> str:
+    # `ray job status` words the terminal states ("Job 'x' succeeded") and prints the others as
+    # "Status for job 'x': RUNNING".
+    out = ray_cli(env, "job", "status", "--address", address, job_id).stdout
+    for word, status in (("succeeded", "SUCCEEDED"), ("failed", "FAILED"), ("was stopped", "STOPPED")):
+        if f"Job '{job_id}' {word}" in out:
+            return status
+    m = re.search(r"Status for job '[^']+': (\w+)", out)
+    return m.group(1) if m else "UNKNOWN"
 
 
 @contextmanager

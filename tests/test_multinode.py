@@ -21,8 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e import REPO, ray_cli, ray_env, ray_head, ray_node
-from tests.test_job_submit import EXCLUDES, TERMINAL, _status
+from tests.e2e import EXCLUDES, REPO, TERMINAL, job_status, ray_cli, ray_env, ray_head, ray_node
 
 pytestmark = pytest.mark.slow
 
@@ -52,7 +51,7 @@ def _job(env: dict[str, str], address: str, args: list[str], fault: str | None =
     assert sub.returncode == 0, sub.stdout + sub.stderr
     status = "PENDING"
     while time.time() - t0 < timeout_s:
-        status = _status(env, address, job_id)
+        status = job_status(env, address, job_id)
         if status in TERMINAL:
             break
         time.sleep(2)

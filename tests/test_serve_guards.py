@@ -167,11 +167,12 @@ def test_a_damaged_policy_folder_is_one_line(case, command, tmp_path, capsys):
     folder = _tampered(tmp_path, edit)
     (tmp_path / "q.txt").write_text("hello\n")
     args = ["--in", str(tmp_path / "q.txt")] if command == "generate" else ["--port", str(_free_port())]
+    ray_before = _ray_running()
     rc = main([command, "--policy", folder, *args])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("qpo-ray: error: ") and "Traceback" not in err, err
     assert len(err.strip().splitlines()) == 1 and re.search(message, err), err
-    assert not _ray_running()
+    assert _ray_running() == ray_before, "Ray was started before the folder was checked"
 
 
 def _free_port() -> int:
@@ -181,6 +182,8 @@ def _free_port() -> int:
 
 
 def test_serve_refuses_a_bad_port_or_a_missing_key(policy_dir, capsys):
+    ray_before = _ray_running()
+
     def serve(*args: str) -> str:
         rc = main(["serve", "--policy", str(policy_dir), *args])
         err = capsys.readouterr().err
@@ -200,7 +203,7 @@ def test_serve_refuses_a_bad_port_or_a_missing_key(policy_dir, capsys):
     with _key(""):
         assert f"the variable {KEY_ENV} is empty" in serve("--set", f"serve.api_key_env={KEY_ENV}")
     assert re.search(r"'serve\.api_key_env': String should match pattern", serve("--set", 'serve.api_key_env=""'))
-    assert not _ray_running()
+    assert _ray_running() == ray_before, "Ray was started before the mistake was found"
 
 
 def test_a_replica_without_its_key_does_not_start(policy_dir):

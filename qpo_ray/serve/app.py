@@ -116,7 +116,7 @@ def serve_policy(policy_dir: str | Path, served: Served, host: str | None = None
     """Start Serve (Ray embedded, or RAY_ADDRESS's cluster) and deploy the policy; returns the base URL.
 
     Checked before Ray starts: the API key (``serve.api_key_env`` naming an unset or empty variable is a
-    ConfigError), the policy folder, and, with Ray embedded, that the port is free. With ``blocking`` it
+    ConfigError), the policy folder, and, with Ray on this machine, that the port is free. With ``blocking`` it
     serves until interrupted."""
     import ray
 
@@ -126,8 +126,10 @@ def serve_policy(policy_dir: str | Path, served: Served, host: str | None = None
     port = port or served.cfg.serve.port
     api_key(served.cfg.serve)
     app = make_app(policy_dir, served)
-    if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
-        check_port_free(host, port)  # else Serve's proxy fails to bind it inside Ray, with a traceback
+    # Ray on this machine (not RAY_ADDRESS) and no Serve proxy yet: the proxy will bind here, and a port it
+    # cannot bind fails inside Ray, with a traceback.
+    if not os.environ.get("RAY_ADDRESS") and (not ray.is_initialized() or http_address() is None):
+        check_port_free(host, port)
     init_ray()
     running = http_address()
     if running is not None and running[1] != port:

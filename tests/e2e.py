@@ -162,27 +162,26 @@ def ray_node(temp_dir: Path, env: dict[str, str], gcs: int, num_cpus: int) -> It
     try:
         yield node
     finally:
-        if node.poll() is None:
-            node.send_signal(signal.SIGTERM)
-            try:
-                node.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(node.pid, signal.SIGKILL)
-                node.wait(timeout=30)
+        _stop_block(node)
         log.close()
+
+
+def _stop_block(proc: subprocess.Popen) -> None:
+    """SIGTERM a ``ray start --block`` (it then stops what it started); its process group if it hangs."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
 
 
 def stop_head(head: subprocess.Popen, temp_dir: Path) -> None:
     """Stop a head started with ``ray start --block`` and every process still using its temp dir."""
     # `ray start --block` kills the processes it started when it gets SIGTERM; its process group and any
     # process still naming our temp dir (workers) are cleaned up after it, by id.
-    if head.poll() is None:
-        head.send_signal(signal.SIGTERM)
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait(timeout=30)
+    _stop_block(head)
     for pid in pids_using(temp_dir):
         try:
             os.kill(pid, signal.SIGKILL)

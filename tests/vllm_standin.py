@@ -26,17 +26,6 @@ class Logprob:
 
 
 @dataclass
-class SamplingParams:
-    """The fields of vLLM's SamplingParams the engine sets."""
-
-    max_tokens: int | None = 16
-    temperature: float = 1.0
-    logprobs: int | None = None
-    prompt_logprobs: int | None = None
-    logprob_token_ids: list[int] | None = None
-
-
-@dataclass
 class SamplingParamsWithoutIds:
     """A vLLM whose SamplingParams has no ``logprob_token_ids``."""
 
@@ -44,6 +33,13 @@ class SamplingParamsWithoutIds:
     temperature: float = 1.0
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+
+
+@dataclass
+class SamplingParams(SamplingParamsWithoutIds):
+    """The fields of vLLM's SamplingParams the engine sets."""
+
+    logprob_token_ids: list[int] | None = None
 
 
 @dataclass

@@ -433,7 +433,7 @@ def task_pairs(task_name: str, n: int, seed: int = 0, fits: Callable[[str], bool
 
 def smollm2_available() -> bool:
     try:
-        from qpo_ray.models import smollm2_gguf
+        from qpo_ray.pretrained import smollm2_gguf
 
         smollm2_gguf()
         return True

@@ -153,7 +153,7 @@ def run(args: argparse.Namespace) -> dict:
     import torch
 
     from qpo_ray.config import load_config
-    from qpo_ray.models import load_causal_lm, load_tokenizer
+    from qpo_ray.pretrained import load_causal_lm, load_tokenizer
     from qpo_ray.score.engines.base import ScoreRequest, request_text
     from qpo_ray.score.pairs import score_pairs
     from qpo_ray.score.pool import ScoringPool

@@ -115,7 +115,7 @@ def chunks(n: int, chunk: int, seed: int, clock: list[float], words: list[str], 
 def run_one(args: argparse.Namespace, n: int, root: Path) -> dict:
     from qpo_ray.config import load_config
     from qpo_ray.data.store import DatasetStore
-    from qpo_ray.models import load_tokenizer
+    from qpo_ray.pretrained import load_tokenizer
 
     pcfg = load_config("demo" if args.tokenizer in ("auto", "smollm2") else "tiny").policy
     if args.tokenizer == "auto":

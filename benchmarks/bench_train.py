@@ -112,7 +112,7 @@ def make_store(args: argparse.Namespace, cfg, root: Path):
     from benchmarks._common import task_pairs
     from qpo_ray.data.schema import rows_to_table
     from qpo_ray.data.store import DatasetStore
-    from qpo_ray.models import load_tokenizer
+    from qpo_ray.pretrained import load_tokenizer
 
     tok = load_tokenizer(cfg.policy.tokenizer, cfg.policy.model)
     budget = cfg.policy.max_prompt_tokens
@@ -183,9 +183,9 @@ def baseline(args: argparse.Namespace, cfg, store) -> dict:
     import psutil
     import torch
 
-    from qpo_ray.models import load_tokenizer
     from qpo_ray.policy.loss import qpo_loss
     from qpo_ray.policy.model import QPOPolicy
+    from qpo_ray.pretrained import load_tokenizer
     from qpo_ray.train.loader import plan_prompts
     from qpo_ray.train.worker import grad_accum_steps, seed_everything, step_lr
 

@@ -80,23 +80,23 @@ def cmd_run(args) -> int:
                        f"({Path(args.resume) / 'config.yaml'}); to run more loops: --resume {args.resume} "
                        "--set loops=N")
     cfg = None if args.resume else _cfg(args)  # before the driver's imports (torch, Ray): a mistake is quick
-    from qpo_ray.driver import run
+    from qpo_ray.driver.run import run_qpo
 
-    run(cfg, resume=args.resume, overrides=args.overrides if args.resume else None)
+    run_qpo(cfg, resume=args.resume, overrides=args.overrides if args.resume else None)
     return 0
 
 
 def cmd_demo(args) -> int:
-    from qpo_ray.driver import run
+    from qpo_ray.driver.run import run_qpo
 
     cfg = load_config("demo", args.overrides)
     done = Path(cfg.run_dir, "config.yaml").exists()
     if done:
         print(f"[qpo-ray] {cfg.run_dir} exists: resuming it (delete it for a fresh demo)", flush=True)
     if done:
-        run(None, resume=cfg.run_dir, overrides=args.overrides)
+        run_qpo(None, resume=cfg.run_dir, overrides=args.overrides)
     else:
-        run(cfg)
+        run_qpo(cfg)
     return 0
 
 
@@ -125,8 +125,8 @@ def cmd_train(args) -> int:
         raise QPOError(f"--out {args.out} is a file: give a folder for the policy")
     _check_init(args.schedule, args.init)
     from qpo_ray.data.store import DatasetStore
-    from qpo_ray.driver.resources import ensure_cluster, train_need
     from qpo_ray.locks import writer_lock
+    from qpo_ray.resources import ensure_cluster, train_need
     from qpo_ray.runs import run_dir_of
     from qpo_ray.train import train_policy
     from qpo_ray.train.trainer import check_trainable
@@ -218,7 +218,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_score(args) -> int:
-    from qpo_ray.driver.resources import ensure_cluster, target_need
+    from qpo_ray.resources import ensure_cluster, target_need
     from qpo_ray.score.cli_score import read_pairs, score_file
     from qpo_ray.tasks import load_task
 

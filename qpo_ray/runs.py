@@ -13,8 +13,6 @@ its path each time.
 from __future__ import annotations
 
 import json
-import os
-import signal
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -22,18 +20,7 @@ from typing import Any
 from qpo_ray.atomic import atomic_write_bytes, atomic_write_json
 from qpo_ray.data.schema import content_id
 
-FAULT_ENV = "QPO_RAY_FAULT"
 RUN_ID_FILE = "run_id"
-
-
-def fault_point(name: str) -> None:
-    """Named crash point for fault-injection tests: SIGKILL this process when ``$QPO_RAY_FAULT == name``.
-
-    Nothing else in the code knows about faults; the kill is as abrupt as a node loss.
-    """
-    if os.environ.get(FAULT_ENV) == name:
-        print(f"[qpo-ray] fault injection: SIGKILL at '{name}'", flush=True)
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def run_dir_of(path: str | Path) -> Path | None:

@@ -202,8 +202,8 @@ def test_target_errors_are_clear(case, tmp_path, capsys, ray_local):
 def _http_app():
     from fastapi import FastAPI, Request
 
+    from qpo_ray.http_api import install_error_handlers
     from qpo_ray.score.server import CompletionBody, read_body
-    from qpo_ray.serve.http import install_error_handlers
     from qpo_ray.serve.messages import PromptRequest
 
     app = FastAPI()

@@ -12,10 +12,10 @@ import pytest
 from qpo_ray.config import load_config
 from qpo_ray.data.schema import rows_to_table
 from qpo_ray.data.store import DatasetStore
-from qpo_ray.driver.resources import run_phases
 from qpo_ray.driver.storage import MARKER, check_shared_storage, probe_nodes, shared_paths
 from qpo_ray.driver.watch import Watchdog, pending_demands, watch
 from qpo_ray.errors import ConfigError
+from qpo_ray.resources import run_phases
 
 SPREAD_RUN = ["train.num_workers=2", "train.cpus_per_worker=1", "target.num_replicas=2", "train.batch_size=16"]
 NEEDS = [n for phase in run_phases(load_config("tiny", SPREAD_RUN)) for n in phase]

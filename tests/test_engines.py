@@ -241,7 +241,7 @@ def test_vllm_engine_boundary(tasks):
 def vllm_pair(tasks):
     """A transformers engine and a vLLM engine over a stand-in, on the same tiny weights, whose generation config
     names a second stop token that the model emits inside a math reply."""
-    from qpo_ray.models import load_causal_lm, load_tokenizer
+    from qpo_ray.pretrained import load_causal_lm, load_tokenizer
     from tests.vllm_standin import StandInLLM
 
     model, tok = load_causal_lm("tiny-llama"), load_tokenizer(None, "tiny-llama")

@@ -12,7 +12,8 @@ import time
 import pytest
 
 from qpo_ray.config import load_config
-from qpo_ray.driver.resources import (
+from qpo_ray.errors import ConfigError
+from qpo_ray.resources import (
     autoscaler_adds_nodes,
     check_cluster,
     peak,
@@ -20,7 +21,6 @@ from qpo_ray.driver.resources import (
     run_phases,
     shortfalls,
 )
-from qpo_ray.errors import ConfigError
 
 LAPTOP = [{"CPU": 8.0, "memory": 1e10}]
 GPU_NODE = {"CPU": 16.0, "GPU": 1.0}

@@ -92,8 +92,8 @@ def test_deepspeed_config_batch_arithmetic_and_precision():
 
 @pytest.mark.parametrize("spec", ["gpt2", "smollm2"])
 def test_fast_tokenizer_gives_the_transformers_ids(spec):
-    from qpo_ray.models import load_tokenizer
     from qpo_ray.policy.tokenize import encode_rows
+    from qpo_ray.pretrained import load_tokenizer
     from qpo_ray.tasks import load_task
     from qpo_ray.train.loader import _tokenizer, tokenizer_source
 
@@ -153,7 +153,7 @@ def test_tokenize_batch_drops_prompts_that_do_not_fit():
 
 
 def test_plan_prompts_counts_drops_and_builds_the_vocabulary(tmp_path):
-    from qpo_ray.models import load_tokenizer
+    from qpo_ray.pretrained import load_tokenizer
     from qpo_ray.train.loader import plan_prompts
 
     store = DatasetStore(tmp_path)

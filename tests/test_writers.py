@@ -7,7 +7,6 @@ would); the command refused is run in this process through the CLI's ``main``: n
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import signal
@@ -273,7 +272,7 @@ def test_a_library_that_replaces_the_handlers_gets_them_back():
 
 
 def test_a_stopped_run_says_how_to_resume(run, monkeypatch, capsys):
-    driver = importlib.import_module("qpo_ray.driver.run")  # the module: qpo_ray.driver.run is also its function
+    import qpo_ray.driver.run as driver
 
     def stopped_mid_step(cfg, rd):
         _like_ray_get()

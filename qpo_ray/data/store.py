@@ -37,8 +37,8 @@ from qpo_ray.data.integrity import read_checked, sha256_file
 from qpo_ray.data.keyset import KeySet
 from qpo_ray.data.schema import COLUMNS, MAX_ABS_REWARD, SCHEMA, check_table
 from qpo_ray.errors import DataError, ResourceError, os_reason
+from qpo_ray.faults import fault_point
 from qpo_ray.locks import writer_lock
-from qpo_ray.runs import fault_point
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,1 @@
-"""The driver: runs the QPO loops as persisted, resumable steps (DESIGN §1)."""
-
-from qpo_ray.driver.run import run
-
-__all__ = ["run"]
+"""The driver: runs the QPO loops as persisted, resumable steps (docs/design.md §1)."""

@@ -15,16 +15,17 @@ from tqdm import tqdm
 from qpo_ray.atomic import atomic_write_json
 from qpo_ray.config import RunConfig, dump_config, load_config
 from qpo_ray.driver import steps
-from qpo_ray.driver.resources import autoscaler_adds_nodes, ensure_cluster, plan_pool, run_phases
 from qpo_ray.driver.session import Session, StepTimer
 from qpo_ray.driver.storage import check_shared_storage
 from qpo_ray.driver.watch import FIXED_FAIL_S, watch
 from qpo_ray.errors import ConfigError, QPOError
 from qpo_ray.evaluate.report import loop_over_loop, summary_table, write_report
+from qpo_ray.faults import fault_point
 from qpo_ray.locks import writer_lock
-from qpo_ray.models import check_model_spec
+from qpo_ray.pretrained import check_model_spec
 from qpo_ray.ray_init import init_ray, link_ray_logs
-from qpo_ray.runs import RunDir, fault_point
+from qpo_ray.resources import autoscaler_adds_nodes, ensure_cluster, plan_pool, run_phases
+from qpo_ray.runs import RunDir
 from qpo_ray.score.engines import target_precision
 from qpo_ray.stopping import Stopped, check_stop, stop_on_signals
 from qpo_ray.stopping import install as install_stop_handlers
@@ -33,7 +34,7 @@ from qpo_ray.tasks import load_task
 log = logging.getLogger("qpo_ray")
 
 
-def run(cfg: RunConfig | None = None, *, resume: str | Path | None = None,
+def run_qpo(cfg: RunConfig | None = None, *, resume: str | Path | None = None,
         overrides: list[str] | None = None) -> Path:
     """Run (or resume) a QPO run; returns the report's path. ``overrides`` apply to a resumed run's saved
     config (``resume_config``: only ``loops`` may change). Holds the run directory's writer lock throughout;

@@ -13,8 +13,8 @@ from qpo_ray.collect import pick_collect_queries, sample_prompts
 from qpo_ray.collect.screen import Candidate, ScreenStats, screen
 from qpo_ray.data.prompts import prompt_identity
 from qpo_ray.driver.session import Session, read_rows
+from qpo_ray.faults import fault_point
 from qpo_ray.grow import merge_rows
-from qpo_ray.runs import fault_point
 
 log = logging.getLogger("qpo_ray")
 
@@ -123,7 +123,7 @@ def score(s: Session, loop: int) -> dict[str, Any]:
 
 
 def merge(s: Session, loop: int) -> dict[str, Any]:
-    """Commit v<loop> = v<loop-1> + the loop's rows that pass the merge rule (grow/merge.py)."""
+    """Commit v<loop> = v<loop-1> + the loop's rows that pass the merge rule (qpo_ray/grow.py)."""
     if loop in s.store.versions():  # committed before a crash, marker not yet written
         m = s.store.verify(loop)
         return {"rows": m.rows, "added": m.new_rows}

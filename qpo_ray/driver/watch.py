@@ -1,6 +1,6 @@
 """No silent hang: a step that makes no progress while Ray has resource demands it cannot place says so.
 
-The preflight (``driver.resources``) checks the cluster once, before the run; this watches each step. When
+The preflight (``qpo_ray.resources``) checks the cluster once, before the run; this watches each step. When
 Ray has pending demands (tasks, actors, placement groups waiting for CPUs or GPUs) and the step's progress
 meters have not moved for ``WARN_S``, the driver logs what is pending and the config keys that ask for that
 shape, every ``WARN_S``. On a cluster whose autoscaler adds nodes it waits up to ``resource_wait_s``; on a
@@ -18,8 +18,8 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 from qpo_ray import progress
-from qpo_ray.driver.resources import Need
 from qpo_ray.errors import ConfigError
+from qpo_ray.resources import Need
 
 log = logging.getLogger("qpo_ray")
 

@@ -26,7 +26,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreT
 
 from qpo_ray.config import PolicyConfig
 from qpo_ray.errors import ConfigError, ModelSourceError
-from qpo_ray.models import load_causal_lm, load_tokenizer
+from qpo_ray.pretrained import load_causal_lm, load_tokenizer
 
 WEIGHTS = "model.safetensors"
 POLICY_CONFIG = "policy_config.json"

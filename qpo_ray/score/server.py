@@ -12,7 +12,7 @@ Endpoints (greedy decoding only):
 Request bodies are bounded: a body over ``max_body_bytes`` or with more than ``max_prompts`` prompts is
 413; a prompt whose tokens plus ``max_tokens`` exceed ``target.max_length`` is 422; a temperature above 0
 is 422 (this server only decodes greedily); text with a lone surrogate is 422. Every error body is JSON
-(``qpo_ray.serve.http``). Concurrent requests are batched per prompt (``score.batcher``): one batcher for
+(``qpo_ray.http_api``). Concurrent requests are batched per prompt (``score.batcher``): one batcher for
 log-probabilities, one for generation; a prompt that fails in the model fails alone.
 """
 
@@ -28,8 +28,8 @@ from ray import serve
 
 from qpo_ray.config import RunConfig, TargetConfig
 from qpo_ray.errors import TargetError
+from qpo_ray.http_api import check_text, install_error_handlers, json_safe
 from qpo_ray.score.batcher import EngineBatcher
-from qpo_ray.serve.http import check_text, install_error_handlers, json_safe
 
 APP_NAME = "qpo-target-server"
 MAX_PROMPTS = 64
@@ -232,8 +232,8 @@ def serve_target(cfg: RunConfig | TargetConfig, host: str = "127.0.0.1", port: i
     """
     import httpx
 
-    from qpo_ray.driver.resources import autoscaler_adds_nodes, check_cluster, target_need
     from qpo_ray.ray_init import init_ray
+    from qpo_ray.resources import autoscaler_adds_nodes, check_cluster, target_need
 
     target = _target_cfg(cfg)
     init_ray()

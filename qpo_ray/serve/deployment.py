@@ -25,7 +25,7 @@ a lone surrogate); 413 over a limit (more than ``serve.max_queries_per_request``
 than ``serve.max_query_chars`` characters, or a body over the byte bound derived from both); for
 ``/v1/answer``, 502 when the target fails, 503 when none is configured or the replica holds its most
 answers already, 504 when ``serve.answer_timeout_s`` (the total deadline, retries included) passes. Every
-error body is JSON (``qpo_ray.serve.http``), even when it echoes a value JSON cannot hold.
+error body is JSON (``qpo_ray.http_api``), even when it echoes a value JSON cannot hold.
 
 An empty query is rejected, not answered: the policy never saw one in training (the dataset schema refuses
 empty queries), so a prompt for it would be noise that looks like an answer.
@@ -57,13 +57,13 @@ from ray import serve
 
 from qpo_ray.config import ServeConfig
 from qpo_ray.errors import ConfigError, QPOError, TargetError
+from qpo_ray.http_api import install_error_handlers
 from qpo_ray.openai_http import TargetTimeout
 from qpo_ray.policy.inference import InferenceSettings, policy_prompts
 from qpo_ray.policy.served import Served
 from qpo_ray.score.batcher import EngineBatcher
 from qpo_ray.score.engines.openai_engine import OpenAIEngine
 from qpo_ray.serve.answer import answer_mode, read_answer
-from qpo_ray.serve.http import install_error_handlers
 from qpo_ray.serve.messages import (
     AnswerItem,
     AnswerResponse,

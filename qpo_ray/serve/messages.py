@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from qpo_ray.config import REWARD_SCALE, ServeConfig
-from qpo_ray.serve.http import check_text, json_safe
+from qpo_ray.http_api import check_text, json_safe
 
 REWARD_MIN, REWARD_MAX = REWARD_SCALE  # the normalised reward scale the policy is conditioned on
 

@@ -106,7 +106,7 @@ def _tokenizer(source: tuple) -> Any:
     # per epoch (an actor pool would be torn down and rebuilt, tokenizer and all, on every execution).
     if source[0] == "fast":
         return FastTokenizer(*source[1:])
-    from qpo_ray.models import load_tokenizer
+    from qpo_ray.pretrained import load_tokenizer
 
     return load_tokenizer(*source[1:])
 
@@ -114,7 +114,7 @@ def _tokenizer(source: tuple) -> Any:
 def tokenizer_source(tokenizer: str | None, model: str) -> tuple:
     """What a tokenise task needs to rebuild the policy tokenizer: its Rust core when it is a fast tokenizer
     (``("fast", spec, pad_id, eos_id)``: no transformers or torch in the worker), else its name."""
-    from qpo_ray.models import load_tokenizer
+    from qpo_ray.pretrained import load_tokenizer
 
     state = FastTokenizer.state(load_tokenizer(tokenizer, model))
     if state is None:

@@ -20,7 +20,7 @@ from qpo_ray.atomic import atomic_write_json
 from qpo_ray.config import RunConfig
 from qpo_ray.data.store import DatasetStore
 from qpo_ray.errors import DataError, TrainingError
-from qpo_ray.runs import FAULT_ENV
+from qpo_ray.faults import FAULT_ENV
 from qpo_ray.stopping import keep_signal_handlers, stopping_signals
 from qpo_ray.train.checkpoints import (
     EPOCH_FILE,
@@ -29,7 +29,7 @@ from qpo_ray.train.checkpoints import (
     read_checkpoint_json,
     read_stop,
 )
-from qpo_ray.train.progress import training_progress
+from qpo_ray.train.step_relay import training_progress
 from qpo_ray.train.worker import Schedule, grad_accum_steps, saved_vocab, train_loop_per_worker
 
 log = logging.getLogger(__name__)
@@ -85,8 +85,8 @@ def train_policy(cfg: RunConfig, *, store: DatasetStore, version: int, out_dir: 
     interrupted call only trains the missing epochs. ``progress`` shows steps, loss and ETA on stderr.
     """
 
-    from qpo_ray.models import load_tokenizer
     from qpo_ray.policy.model import CANDIDATES
+    from qpo_ray.pretrained import load_tokenizer
     from qpo_ray.train.loader import plan_prompts, row_bytes, training_dataset
 
     if schedule not in ("scratch", "finetune"):

@@ -23,7 +23,7 @@ import numpy as np
 
 from qpo_ray.allocator import keep_freed_memory
 from qpo_ray.config import RunConfig, TrainConfig
-from qpo_ray.runs import FAULT_ENV, fault_point
+from qpo_ray.faults import FAULT_ENV, fault_point
 from qpo_ray.train.checkpoints import (
     DS_TAG,
     EPOCH_FILE,
@@ -32,7 +32,7 @@ from qpo_ray.train.checkpoints import (
     mark_complete,
     write_stop,
 )
-from qpo_ray.train.progress import StepPoster
+from qpo_ray.train.step_relay import StepPoster
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from transformers import DynamicCache
 
 from qpo_ray.config import TargetConfig
 from qpo_ray.errors import TargetError
-from qpo_ray.models import load_causal_lm, load_tokenizer
+from qpo_ray.pretrained import load_causal_lm, load_tokenizer
 from qpo_ray.score.engines.base import (
     Components,
     ScoreRequest,

@@ -24,7 +24,7 @@ from typing import Any
 
 from qpo_ray.config import TargetConfig
 from qpo_ray.errors import TargetError
-from qpo_ray.models import resolve_path
+from qpo_ray.pretrained import resolve_path
 from qpo_ray.score.engines.base import (
     Components,
     ScoreRequest,

@@ -36,7 +36,8 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks._common import RssSampler, main, pin_threads, quiet, result, start_ray, stop_ray, workdir
+from benchmarks._common import main, pin_threads, quiet, result, start_ray, stop_ray, workdir
+from benchmarks.memory import MemorySampler
 
 NAME = "stream"
 GOAL = 1.2
@@ -126,7 +127,7 @@ def run_one(args: argparse.Namespace, n: int, root: Path) -> dict:
     elif args.tokenizer not in ("smollm2",):
         pcfg = pcfg.model_copy(update={"tokenizer": args.tokenizer})
     mb = args.micro_batch
-    with RssSampler(interval=args.interval) as mon:
+    with MemorySampler(interval=args.interval) as mon:
         start_ray()
         try:
             import ray  # noqa: F401  (started above)

@@ -39,7 +39,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks._common import RssSampler, main, result, smollm2_available, start_ray, stop_ray, workdir
+from benchmarks._common import main, result, smollm2_available, start_ray, stop_ray, workdir
+from benchmarks.memory import MemorySampler
 
 NAME = "train"
 GOAL = 0.90
@@ -144,7 +145,7 @@ def ray_side(cfg, store, root: Path, tag: str) -> dict:
     from qpo_ray.train import train_policy
 
     t0 = time.perf_counter()
-    with RssSampler(interval=1.0, watch="RayTrainWorker", pss=False, cpu=True) as mon:
+    with MemorySampler(interval=1.0, watch="RayTrainWorker", pss=False, cpu=True) as mon:
         res = train_policy(cfg, store=store, version=0, out_dir=root / f"policy-{tag}", schedule="scratch",
                            run_name=f"bench-{tag}")
     wall = time.perf_counter() - t0

@@ -1,8 +1,8 @@
 """Allocator settings for the process that trains the policy (each Ray Train worker).
 
 glibc's malloc hands large freed blocks back to the kernel and faults fresh zeroed pages in when the next
-step allocates them again. In a Ray Train worker that was a quarter of all CPU time (``perf``:
-``clear_page_erms`` under ``do_anonymous_page``; 4% with these settings) and training ran ~20% slower than
+step allocates them again. In a Ray Train worker that costs a quarter of all CPU time (``perf``:
+``clear_page_erms`` under ``do_anonymous_page``; 4% with these settings), and training runs ~20% slower than
 with them."""
 
 from __future__ import annotations

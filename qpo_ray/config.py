@@ -29,7 +29,7 @@ REWARD_SCALE = (0.0, 100.0)  # the normalised reward the policy is conditioned o
 
 
 class _Section(BaseModel):
-    # allow_inf_nan=False: one rule for every float field of every section (lr=inf was accepted).
+    # allow_inf_nan=False: one rule for every float field of every section (pydantic accepts lr=inf otherwise).
     # strict: a number is a number and a switch a boolean; `target_reward: true` or `"50"` is an error, not 1.0
     # or 50.0 (an int is still a float).
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(), allow_inf_nan=False,

@@ -198,7 +198,7 @@ def autoscaler_adds_nodes(status: Callable[[], dict | None] | None = None) -> bo
     types = {*(report.get("active_nodes") or {}), *(report.get("idle_nodes") or {}),
              *(report.get("pending_launches") or {}), *(report.get("node_type_mapping") or {}).values()}
     if not types:
-        return True  # nothing reported yet (or autoscaler v2): assume it may grow, as before this check
+        return True  # nothing reported yet (or autoscaler v2): assume it may grow (a wait beats a false refusal)
     return not all(t.startswith("node_") for t in types)
 
 

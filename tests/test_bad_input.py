@@ -1,4 +1,4 @@
-"""Bad input gets one clear error naming the file/row/column or config key, and a non-zero exit (issue 8).
+"""Bad input gets one clear error naming the file/row/column or config key, and a non-zero exit.
 
 Every case goes through the real CLI entry point, as a user would hit it.
 """
@@ -99,7 +99,7 @@ CASES = {
     "dataset version missing": (lambda t: ["train", "--data", str(t / "run" / "data" / "v000"), "--out", str(t / "p")],
                                 r"dataset version v000 does not exist"),
     "resume of a non-run": (lambda t: ["run", "--resume", str(t)], r"not a qpo-ray run directory"),
-    # Issue 18: datasets that are valid on the surface, and configs that are out of bounds.
+    # Datasets that are valid on the surface, and configs that are out of bounds.
     "train on fewer rows than one batch": (lambda t: _train(t, _version(t, rows=2)),
                                            r"v000 .* has 2 rows: too few for one optimizer step "
                                            r"\(train\.batch_size=16"),
@@ -120,7 +120,7 @@ CASES = {
                                          r"'serve\.max_batch_size': Input should be less than or equal to 4096"),
     "target reward off the scale": (lambda t: ["run", "--set", "eval.target_reward=-1e6"],
                                     r"'eval\.target_reward': Input should be greater than or equal to 0"),
-    # Issue 18, item 8: a saved policy folder that was tampered with.
+    # A saved policy folder that was tampered with.
     "policy folder without its policy section": (lambda t: _generate(t, lambda m: m.pop("policy")),
                                                  r"policy_config\.json: no 'policy' section"),
     "policy folder with a mistyped field": (lambda t: _generate(t, lambda m: m["policy"].update(max_query_tokens="x")),
@@ -197,7 +197,7 @@ def test_target_errors_are_clear(case, tmp_path, capsys, ray_local):
     assert re.search(expected, last), last
 
 
-# -- HTTP bodies (issue 18): the request models and error handlers of the policy service and the target server,
+# -- HTTP bodies: the request models and error handlers of the policy service and the target server,
 # on a plain FastAPI app (no Ray); tests/test_policy_service.py sends the same bodies to the deployed service.
 def _http_app():
     from fastapi import FastAPI, Request

@@ -1,4 +1,4 @@
-"""Reliability (issue 8): runs sharing one Ray cluster, and determinism.
+"""Reliability: runs sharing one Ray cluster, and determinism.
 
 A real local Ray head (own ports, own temp dir, own auth token) shared by several drivers (RAY_ADDRESS):
 two scoring pools started at the same moment, then two `qpo-ray run --config tiny` drivers started together,

@@ -41,7 +41,7 @@ def test_overrides_are_typed():
         ("train.zero_stage=5", "'train.zero_stage'"),
         ("train.batch_size=12", "must be a multiple"),
         ("nodot", "must look like section.key=value"),
-        # every float of every section is finite; sizes have upper bounds (issue 18)
+        # every float of every section is finite; sizes have upper bounds
         ("train.scratch.lr=inf", "'train.scratch.lr': Input should be a finite number"),
         ("train.grad_clip=.nan", "'train.grad_clip': Input should be a finite number"),
         ("task.threshold=-.inf", "'task.threshold': Input should be a finite number"),

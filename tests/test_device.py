@@ -30,7 +30,7 @@ def test_a_model_on_the_accelerator_refuses_cpu_inputs():
 
     cfg = load_config("tiny")
     policy = QPOPolicy.from_config(cfg.policy).to(META)
-    batch = next(cached_batches(rows(), 4, 0))  # on the CPU, where the cached path used to leave them
+    batch = next(cached_batches(rows(), 4, 0))  # left on the CPU: the model must refuse them, not run
     with pytest.raises(RuntimeError, match="device"):
         policy(**{k: batch[k] for k in ("query_ids", "query_mask", "prompt_ids", "prompt_mask", "reward")})
 

@@ -1,4 +1,4 @@
-"""Reliability drill (issue 8): kill the driver at every kind of step; the dataset must come out as an
+"""Reliability drill: kill the driver at every kind of step; the dataset must come out as an
 uninterrupted run's, with no pair scored twice."""
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ def test_dry_run_validates_the_config_and_inputs(smoke, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "paper + smoke overrides" in out and "dry run: config and inputs are valid" in out
     cfg = smoke.smoke_config(smoke.parse(["--out", str(tmp_path / "s")]))
-    # Two epochs, so the second trains from the in-memory shard (the path that needed the device fix).
+    # Two epochs, so the second trains from the in-memory shard (the path that must put its batches on the GPU).
     assert cfg.train.scratch.epochs == 2 and cfg.train.use_gpu and cfg.collect.num_gpus_per_actor == 1
     assert cfg.target.engine == "vllm" and cfg.target.dtype == "bfloat16"
     assert len(smoke.training_rows(smoke.ROWS_DEFAULT)) // cfg.train.batch_size >= 2

@@ -1,4 +1,4 @@
-"""Importers never mislabel a row (issue 16): ambiguous log folders, log/query length mismatches, empty
+"""Importers never mislabel a row: ambiguous log folders, log/query length mismatches, empty
 re-imports, and records that name one key or column twice. Fixtures are made here, in tmp_path."""
 
 from __future__ import annotations
@@ -226,7 +226,7 @@ def test_eval_skips_a_latest_version_that_added_nothing(tmp_path, caplog):
     opts = ImportOptions(constants={"target": "m"}, log_pattern="gsm_corr_{alias}.txt")
     import_to_store(p["run"], "oirl", logs=p["logs"], queries=p["train"], prompts=p["prompts"], opts=opts)
     store = DatasetStore(p["run"])
-    store.commit(iter(()), parent=0, source="old importer")  # what a re-import used to leave behind
+    store.commit(iter(()), parent=0, source="empty import")  # a version that adds no rows
     assert store.versions() == [0, 1] and store.manifest(1).new_rows == 0
     with caplog.at_level(logging.WARNING):
         assert _resolve_data(p["run"], None)[1] == 0

@@ -1,5 +1,5 @@
-"""A run directory moved mid-way resumes in its new place (issue 18): its config, its Ray Train checkpoints and
-its run names follow it, and nothing is written where it used to be."""
+"""A run directory moved mid-way resumes in its new place: its config, its Ray Train checkpoints and
+its run names follow it, and nothing is written in its old place."""
 
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ def test_prompt_accuracy_prior_pulls_rare_prompts_to_the_mean():
     assert plain[0] == pytest.approx(0.5) and plain[-1] == 1.0
     mean = 41 / 81
     shrunk = prompt_accuracy(prompts, correct, prior_pairs=4)
-    assert shrunk[-1] == pytest.approx((1 + 4 * mean) / 5)  # one success no longer reads as 100%
+    assert shrunk[-1] == pytest.approx((1 + 4 * mean) / 5)  # one success does not read as 100%
     assert shrunk[0] == pytest.approx((40 + 4 * mean) / 84)  # well measured: moves by well under 1%
     assert abs(shrunk[0] - plain[0]) < 0.01
     with pytest.raises(ValueError, match="prior_pairs"):

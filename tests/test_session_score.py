@@ -1,4 +1,4 @@
-"""One definition of a pair's reward (issue 21, item 1): the driver's ``Session.score`` and ``qpo-ray score``
+"""One definition of a pair's reward: the driver's ``Session.score`` and ``qpo-ray score``
 (``score_pairs`` with ``known``) give a new pair the same ``prompt_acc`` and reward, counting the pairs of the
 same prompt that were scored before. No Ray: the session's pool is an in-process stand-in."""
 

@@ -141,7 +141,7 @@ def test_a_failed_first_import_leaves_no_folder(tmp_path, capsys):
 
 # -- who takes it ----------------------------------------------------------------------------------------
 def test_resume_during_an_import_leaves_its_temporary_version(held, run, capsys):
-    """The importer's half-written version survives a `run --resume` (which used to clean it up)."""
+    """The importer's half-written version survives a `run --resume`: only its writer may remove it."""
     tmp = run / "data" / ".tmp-v001-0123abcd"
     tmp.mkdir()
     assert main(["run", "--resume", str(run)]) == 2

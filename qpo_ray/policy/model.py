@@ -124,7 +124,7 @@ class QPOPolicy(nn.Module):
         ``nn.Embedding``'s default N(0, 1) segment vectors have norm √d (24 for d = 576) against ~3 for a
         SmolLM2 token (0.16 for a tiny random GPT-2): added to every query token, they left the token's identity
         a few percent of the vector, and the LayerNorm then fed the LM a near-constant input for every query.
-        The segments now start as perturbations of a token's size and the LayerNorm's gain at the tokens'
+        So the segments start as perturbations of a token's size and the LayerNorm's gain at the tokens'
         per-dimension scale, so the pretrained layers first see inputs like their own."""
         std = float(self.base.get_input_embeddings().weight.detach().float().std())
         with torch.no_grad():

@@ -300,8 +300,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run; finished steps are skipped")
     p.set_defaults(fn=cmd_run)
 
-    p = sub.add_parser("demo", help="the embedded demo: the mixed task, real SmolLM2 target, ~15 min on 2 CPUs")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    demo_help = ("the embedded demo (the demo profile: the mixed task, real SmolLM2 target): D0, 2 QPO loops, "
+                 "report in runs/demo; ~11 min on 2 CPUs")
+    p = sub.add_parser("demo", help=demo_help, description=demo_help + "; an existing runs/demo is resumed")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted override of the demo profile, e.g. --set loops=3 (repeatable)")
     p.set_defaults(fn=cmd_demo)
 
     p = sub.add_parser("bootstrap", help="build D0 by scoring the task's prompt pool on its train queries")

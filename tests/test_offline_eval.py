@@ -232,7 +232,7 @@ def test_replay_eval_end_to_end_on_synthetic_logs(tmp_path, ray_local):
     assert val_q and all(split_of(q, cfg.eval.val_fraction, 1) == "test" for q in val_q)
     assert not train_q & test_q and len(val_q) == s["val_queries"] == res["rerank"]["val_queries"]
     assert s["train_rows"] + s["val_rows"] + s["test_rows"] == len(rows) == res["data"]["rows"]
-    assert s["query_overlap"] == 0 and res["rerank"]["fitted"] and res["rerank"]["margin"] >= 0
+    assert res["rerank"]["fitted"] and res["rerank"]["margin"] >= 0
 
     # Every method judged on every test query; the JSON holds every prompt and correctness.
     test_acc = accuracy_table([r for r in rows if normalize_text(r["query"]) in test_q])
@@ -290,4 +290,4 @@ def test_replay_eval_end_to_end_on_synthetic_logs(tmp_path, ray_local):
 def test_offline_profile_loads():
     cfg = load_config("offline")
     assert cfg.policy.model == "tiny-gpt2" and cfg.policy.max_query_tokens == 64
-    assert cfg.eval.max_test_queries is None and cfg.train.scratch.epochs >= 1
+    assert cfg.eval.max_test_queries is None

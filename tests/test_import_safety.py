@@ -30,7 +30,7 @@ from qpo_ray.data.importers import (
 )
 from qpo_ray.data.store import DatasetStore
 from qpo_ray.errors import ConfigError, DataError
-from qpo_ray.evaluate.offline import _resolve_data
+from qpo_ray.evaluate.split import resolve_data
 
 PROMPTS = {"nan": "The answer is:", "CoT": "Let's think step by step."}
 N_TRAIN, N_TEST = 12, 5
@@ -229,9 +229,9 @@ def test_eval_skips_a_latest_version_that_added_nothing(tmp_path, caplog):
     store.commit(iter(()), parent=0, source="empty import")  # a version that adds no rows
     assert store.versions() == [0, 1] and store.manifest(1).new_rows == 0
     with caplog.at_level(logging.WARNING):
-        assert _resolve_data(p["run"], None)[1] == 0
+        assert resolve_data(p["run"], None)[1] == 0
     assert "the latest dataset v001 added no rows; using v000, the newest that did" in caplog.text
-    assert _resolve_data(p["run"], 1)[1] == 1  # an explicit version is taken as asked
+    assert resolve_data(p["run"], 1)[1] == 1  # an explicit version is taken as asked
 
 
 # -- a key or column named twice -------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from tests import kuberay_schema
 from tests.kuberay_checks import embedded_problems, kuberay_rule_problems, runtime_envs, serve_config
 from tests.kuberay_schema import (
     CRD_FILES,
@@ -267,8 +268,13 @@ def test_broken_manifest_is_rejected(case, request):
 
 
 def test_crd_folder_override(monkeypatch, tmp_path):
-    monkeypatch.setenv(CRDS_ENV, str(tmp_path))
-    assert crd_dir() == tmp_path
-    monkeypatch.delenv(CRDS_ENV)
-    default = REPO.parent / "shared" / "kuberay-crds"
-    assert crd_dir() == (default if default.is_dir() else None)
+    """The CRDs are found in ../shared/kuberay-crds beside the checkout, unless $QPO_RAY_KUBERAY_CRDS names
+    another folder; with neither, there are none (the schema tests skip)."""
+    monkeypatch.setattr(kuberay_schema, "REPO", tmp_path / "checkout")
+    monkeypatch.delenv(CRDS_ENV, raising=False)
+    assert crd_dir() is None
+    beside = tmp_path / "shared" / "kuberay-crds"
+    beside.mkdir(parents=True)
+    assert crd_dir() == beside
+    monkeypatch.setenv(CRDS_ENV, str(tmp_path / "mine"))
+    assert crd_dir() == tmp_path / "mine"

@@ -20,7 +20,7 @@ from qpo_ray.data.schema import rows_to_table
 from qpo_ray.data.store import DatasetStore
 from qpo_ray.errors import DataError
 from qpo_ray.train.checkpoints import COMPLETE_DIR, EPOCH_FILE, newest_complete_checkpoint
-from qpo_ray.train.trainer import storage_path, train_policy
+from qpo_ray.train.trainer import check_trainable, steps_per_epoch, storage_path, train_policy
 from qpo_ray.train.worker import deepspeed_config, grad_accum_steps, step_lr
 
 PROMPTS = ["Classify the emotion of the text.", "Which feeling is expressed?", "Answer with one word.", ""]
@@ -226,6 +226,22 @@ def test_train_policy_checks_arguments(tmp_path):
         train_policy(cfg, store=store, version=0, out_dir=tmp_path / "p", schedule="scratch", run_name="x")
     with pytest.raises(ValueError, match="init_policy"):
         train_policy(cfg, store=store, version=0, out_dir=tmp_path / "p", schedule="finetune", run_name="x")
+
+
+def test_trainable_rows_give_the_steps_per_epoch(tmp_path):
+    two = _cfg(tmp_path, "train.num_workers=2").train  # global batch 16 = 8 rows × 2 workers
+    assert steps_per_epoch(two, 16, "d") == 1 and steps_per_epoch(two, 47, "d") == 2  # a partial batch is dropped
+    accum = _cfg(tmp_path, "train.batch_size=32").train  # one worker, 4 micro-batches of 8 per optimizer step
+    assert steps_per_epoch(accum, 64, "d") == 2
+    with pytest.raises(DataError, match=r"^the rows of d has 31 rows whose x: too few for one optimizer step "
+                                        r"\(train\.batch_size=32 rows across 1 worker\(s\)\); add rows or lower "
+                                        r"train\.batch_size$"):
+        steps_per_epoch(accum, 31, "the rows of d", " whose x")
+    store = DatasetStore(tmp_path)
+    store.commit([rows_to_table(_rows(40))])
+    assert check_trainable(_cfg(tmp_path), store, 0) == 2  # what the CLI checks before Ray starts: 40 // 16
+    with pytest.raises(DataError, match=r"^dataset v000 in .* has 40 rows: too few .*batch_size=64"):
+        check_trainable(_cfg(tmp_path, "train.batch_size=64"), store, 0)
 
 
 def test_newest_complete_checkpoint_needs_a_marker_and_the_folder(tmp_path):

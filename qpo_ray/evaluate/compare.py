@@ -87,6 +87,20 @@ def prompt_names(rows: Iterable[Mapping[str, Any]]) -> dict[str, str]:
     return out
 
 
+def per_prompt_accuracy(train: AccTable, test: AccTable, prompts: Sequence[str],
+                        names: Mapping[str, str]) -> list[dict[str, Any]]:
+    """Every recorded prompt's train and test accuracy and coverage, best train accuracy first."""
+    rows = []
+    for p in prompts:
+        tr = [ps[p] for ps in train.values() if p in ps]
+        te = [ps[p] for ps in test.values() if p in ps]
+        rows.append({"name": names.get(p, p[:40]), "prompt": p,
+                     "train_accuracy": sum(tr) / len(tr) if tr else None,
+                     "train_coverage": len(tr) / len(train) if train else 0.0,
+                     "test_accuracy": sum(te) / len(te) if te else None, "test_coverage": len(te) / len(test)})
+    return sorted(rows, key=lambda r: (-(r["train_accuracy"] or 0.0), r["name"]))
+
+
 @dataclass(frozen=True)
 class EvalQuery:
     """A held-out query; ``group`` is its kind when the task has kinds (for the report's examples)."""

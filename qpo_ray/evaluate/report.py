@@ -205,6 +205,61 @@ def render_eval(result: Mapping[str, Any], title: str, facts: Sequence[str] = ()
     return "\n".join(lines)
 
 
+# -- the replay evaluation's report -----------------------------------------------------------------------
+def _margin_fact(m: Mapping[str, Any]) -> str:
+    if not m.get("fitted"):
+        return f"- **rerank margin**: {m['margin']:g} (eval.rerank_margin)"
+    if not m["val_queries"]:
+        return "- **rerank margin**: 0 (no validation query has the best single prompt recorded)"
+    zero = m["curve"][0]
+    return (f"- **rerank margin**: {m['margin']:.3f}, fitted on {m['val_queries']} validation queries held out of "
+            f"training (the largest gain whose 95% interval is above 0, else never switch): there rerank leaves the "
+            f"best single prompt on {100 * m['switch_share']:.0f}% of them, {m['val_gain_pts']:+.2f} pts (margin 0: "
+            f"{100 * zero['switch_share']:.0f}%, {zero['gain_pts']:+.2f} pts "
+            f"[{zero['gain_ci_pts'][0]:+.2f}, {zero['gain_ci_pts'][1]:+.2f}])")
+
+
+def _offline_facts(result: Mapping[str, Any]) -> list[str]:
+    """The replay evaluation's setup: data, split, policy, training, margin, timing and replay matches."""
+    d, s, tr, pol = result["data"], result["split"], result["training"], result["policy"]
+    return [
+        f"- **data**: `{d['run_dir']}` v{d['version']:03d}, {d['rows']} rows",
+        f"- **split** by unique query text (seed {s['seed']}, test fraction {s['test_fraction']}): "
+        f"train {s['train_queries']} queries / {s['train_rows']} rows"
+        + (f", and {s['val_queries']} more queries held out of training to fit rerank's margin"
+           if s.get("val_queries") else "")
+        + (f" (a seeded sample of the {s['train_queries_available']} train queries: task.max_train_queries)"
+           if s["train_queries"] < s["train_queries_available"] else "")
+        + f", test {s['test_queries']} queries / {s['test_rows']} rows, 0 queries in both; evaluated on "
+        f"{s['evaluated_test_queries']} test queries",
+        f"- **policy**: `{pol['model']}` (tokenizer `{pol['tokenizer']}`, keep_layers {pol['keep_layers']}, "
+        f"{pol['max_query_tokens']} query / {pol['max_prompt_tokens']} prompt tokens, prompt vocabulary "
+        f"`{pol['prompt_vocab']}`, reward head `{pol['reward_head']}`, r = {pol['target_reward']:g})",
+        f"- **training**: {tr['wall_s']:.1f} s wall, {tr['epochs']} epoch(s) on {tr['train_rows']} rows"
+        + (" (reused from an earlier run)" if tr.get("reused") else "")
+        + (f", resumed from epoch {tr['resumed_from_epoch']}" if tr.get("resumed_from_epoch") else "")
+        + f"; final loss {_f(tr['final_metrics'].get('loss'))}",
+        _margin_fact(result["rerank"]),
+        "- **prompt writing**: " + ", ".join(f"{k} {v:.1f} s" for k, v in result["generation_s"].items()),
+        "- **replay of QPO prompts** (exact / approx = the most similar recorded prompt of that query with "
+        f"token Jaccard ≥ {result['replay']['min_similarity']} / none = unmatched, counted incorrect): "
+        + "; ".join(f"{m}: " + ", ".join(f"{k} {v}" for k, v in sorted(c.items()))
+                    for m, c in result["replay"]["matches"].items()),
+    ]
+
+
+def render_offline_report(result: Mapping[str, Any]) -> str:
+    """A replay evaluation (``offline_eval.json``) as ``offline_report.md``."""
+    d = result["data"]
+    title = f"Offline evaluation (replay) — {d['task']} / {d['target']} ({d['setting']})"
+    lines = [render_eval(result, title, _offline_facts(result)), "## Every recorded prompt", "",
+             "| prompt | train accuracy | train coverage | test accuracy | test coverage |", "|---|---|---|---|---|"]
+    lines += [f"| {x['name']} | {_f(x['train_accuracy'])} | {_f(x['train_coverage'])} | {_f(x['test_accuracy'])} | "
+              f"{_f(x['test_coverage'])} |" for x in result["per_prompt"]]
+    lines.append("")
+    return "\n".join(lines)
+
+
 # -- the run report ---------------------------------------------------------------------------------------
 def summary_table(evals: Sequence[Mapping[str, Any]]) -> str:
     """Accuracy of every method per loop; for the QPO default, also Δ vs the best single prompt [95% CI]."""

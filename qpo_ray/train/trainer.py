@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from qpo_ray.atomic import atomic_write_json
-from qpo_ray.config import RunConfig
+from qpo_ray.config import RunConfig, TrainConfig
 from qpo_ray.data.store import DatasetStore
 from qpo_ray.errors import DataError, TrainingError
 from qpo_ray.faults import FAULT_ENV
@@ -63,16 +63,21 @@ def storage_path(cfg: RunConfig) -> str:
     return str((local if local.is_absolute() else Path(cfg.run_dir) / local).resolve())
 
 
+def steps_per_epoch(tcfg: TrainConfig, rows: int, what: str, rows_note: str = "") -> int:
+    """Optimizer steps in one epoch over ``rows`` rows (each worker gets an equal share, a partial batch is
+    dropped). Raises DataError, one line naming ``what``, the numbers and the knobs, when that is not one step."""
+    steps = rows // tcfg.num_workers // tcfg.micro_batch_size // grad_accum_steps(tcfg, tcfg.num_workers)
+    if steps < 1:
+        raise DataError(f"{what} has {rows} rows{rows_note}: too few for one optimizer step (train.batch_size="
+                        f"{tcfg.batch_size} rows across {tcfg.num_workers} worker(s)); add rows or lower "
+                        "train.batch_size")
+    return steps
+
+
 def check_trainable(cfg: RunConfig, store: DatasetStore, version: int) -> int:
-    """Verify dataset ``version`` (files, content, every row) and that it holds at least one optimizer step
-    (``train.batch_size`` rows); returns its row count. Raises DataError; needs no Ray, so it can run before
-    Ray starts."""
-    rows = store.verify(version).rows
-    tcfg = cfg.train
-    if rows < tcfg.batch_size:
-        raise DataError(f"dataset v{version:03d} in {store.root} has {rows} rows: too few for one optimizer step "
-                        f"(train.batch_size={tcfg.batch_size} rows across {tcfg.num_workers} worker(s))")
-    return rows
+    """Verify dataset ``version`` (files, content, every row) and that it holds at least one optimizer step;
+    returns its steps per epoch. Raises DataError; needs no Ray, so it can run before Ray starts."""
+    return steps_per_epoch(cfg.train, store.verify(version).rows, f"dataset v{version:03d} in {store.root}")
 
 
 def train_policy(cfg: RunConfig, *, store: DatasetStore, version: int, out_dir: Path, schedule: Schedule,
@@ -106,11 +111,8 @@ def train_policy(cfg: RunConfig, *, store: DatasetStore, version: int, out_dir: 
                         cfg.policy, base_vocab=saved_vocab(init) if init is not None else None,
                         query_means=tcfg.reward_target == "advantage")
     rows = plan.rows
-    if rows < tcfg.batch_size:
-        raise DataError(f"dataset v{version:03d} has {rows} rows whose prompt fits policy.max_prompt_tokens="
-                        f"{cfg.policy.max_prompt_tokens}: too few for one optimizer step (train.batch_size="
-                        f"{tcfg.batch_size})")
-    steps = (rows // tcfg.num_workers // tcfg.micro_batch_size) // grad_accum_steps(tcfg, tcfg.num_workers)
+    steps = steps_per_epoch(tcfg, rows, f"dataset v{version:03d} in {store.root}",
+                            f" whose prompt fits policy.max_prompt_tokens={cfg.policy.max_prompt_tokens}")
     ds = training_dataset(store, version, cfg.policy, tokenizer=tok, seed=tcfg.seed,
                           tokenize_tasks=tcfg.num_workers, query_means=plan.query_means)
     call_id = uuid.uuid4().hex
@@ -195,4 +197,4 @@ def _fit(cfg: RunConfig, ds, *, run_name: str, storage: str, config: dict[str, A
         return trainer.fit()
 
 
-__all__ = ["TrainResult", "check_trainable", "storage_path", "train_policy"]
+__all__ = ["TrainResult", "check_trainable", "steps_per_epoch", "storage_path", "train_policy"]

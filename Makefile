@@ -34,7 +34,7 @@ test-fast: venv
 	if [ $$rc -eq 5 ]; then echo "make test-fast: pytest collected no tests (exit 5)" >&2; exit 1; fi; exit $$rc
 
 lint: venv
-	$(BIN)/ruff check qpo_ray tests benchmarks jobs scripts
+	$(BIN)/ruff check qpo_ray tests benchmarks scripts
 	$(BIN)/hadolint Dockerfile
 
 demo: venv

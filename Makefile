@@ -33,8 +33,10 @@ test-fast: venv
 	@$(PYTEST) -m "not slow" --timeout=300; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test-fast: pytest collected no tests (exit 5)" >&2; exit 1; fi; exit $$rc
 
+# ruff, then the package's layers (import-linter: the contracts in pyproject.toml), then the Dockerfile.
 lint: venv
-	$(BIN)/ruff check qpo_ray tests benchmarks jobs scripts
+	$(BIN)/ruff check qpo_ray tests benchmarks scripts
+	$(BIN)/lint-imports
 	$(BIN)/hadolint Dockerfile
 
 demo: venv

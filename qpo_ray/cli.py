@@ -255,7 +255,7 @@ EVAL_TARGETS = ("live", "replay")
 def cmd_eval(args) -> int:
     """One evaluation, two judges: the run's target LLM (live) or recorded logs (replay)."""
     if args.target == "live":
-        from qpo_ray.jobs.evaluate import evaluate_run
+        from qpo_ray.driver.reevaluate import evaluate_run
 
         if not args.run_dir:
             raise QPOError("--target live needs --run-dir RUN_DIR (a qpo-ray run: its test queries, pool and target)")

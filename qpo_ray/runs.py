@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from qpo_ray.atomic import atomic_write_bytes, atomic_write_json
-from qpo_ray.data.schema import content_id
+from qpo_ray.ids import content_id
 
 RUN_ID_FILE = "run_id"
 

@@ -252,8 +252,15 @@ BROKEN = [
     Broken(
         "wrong-entrypoint-module",
         "rayjob.yaml",
-        edit_string("spec.entrypoint", "qpo_ray.jobs.run", "qpo_ray.job.run"),
-        "must run `python -m qpo_ray.jobs.run`",
+        edit_string("spec.entrypoint", "qpo_ray run", "qpo_ray.jobs.run"),
+        "must run `python -m qpo_ray run`",
+        False,
+    ),
+    Broken(
+        "entrypoint-flag-the-cli-lacks",
+        "rayjob.yaml",
+        edit_string("spec.entrypoint", "--config paper", "--profile paper"),
+        "the CLI refuses it: qpo-ray: error: unrecognized arguments: --profile",
         False,
     ),
     Broken(

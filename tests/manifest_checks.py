@@ -6,7 +6,9 @@ GPUs, entrypoint, Serve app) and the helpers that read the package's code the ma
 from __future__ import annotations
 
 import ast
+import contextlib
 import difflib
+import io
 import math
 import re
 import shlex
@@ -29,7 +31,8 @@ from tests.kuberay_checks import (
 from tests.kuberay_schema import REPO, schema_errors, unknown_keys
 
 # What the rest of the project promises (DESIGN §3, the CLI): the manifests must name exactly these.
-ENTRYPOINT_MODULE = "qpo_ray.jobs.run"
+ENTRYPOINT_MODULE = "qpo_ray"  # `python -m qpo_ray run ...` is `qpo-ray run ...`: the CLI is the only launcher
+ENTRYPOINT_COMMAND = "run"
 SERVE_IMPORT_PATH = "qpo_ray.serve.app:build_app"
 SHARED_PVC = "qpo-runs"
 SHARED_MOUNT = "/mnt/qpo"
@@ -54,12 +57,13 @@ def _gpus(container: dict[str, Any]) -> int:
         return 0
 
 
-def parse_entrypoint(entrypoint: str) -> tuple[str | None, str, list[str], list[str]]:
-    """`python -m MODULE --config C --set k=v …` → (module, config, overrides, flags used)."""
+def parse_entrypoint(entrypoint: str) -> tuple[str | None, str | None, str, list[str], list[str]]:
+    """`python -m MODULE COMMAND --config C --set k=v …` → (module, command, config, overrides, flags used)."""
     argv = shlex.split(entrypoint)
     module = argv[2] if len(argv) > 2 and argv[0] in ("python", "python3") and argv[1] == "-m" else None
+    command = argv[3] if len(argv) > 3 and not argv[3].startswith("-") else None
     config, overrides, flags = "tiny", [], []
-    rest = argv[3:]
+    rest = argv[4:] if command is not None else argv[3:]
     i = 0
     while i < len(rest):
         arg = rest[i]
@@ -74,7 +78,20 @@ def parse_entrypoint(entrypoint: str) -> tuple[str | None, str, list[str], list[
                 overrides.append(value)
         else:
             i += 1
-    return module, config, overrides, flags
+    return module, command, config, overrides, flags
+
+
+def cli_refusal(entrypoint: str) -> str | None:
+    """What the qpo-ray CLI's parser says against the entrypoint's arguments (None: it takes them)."""
+    from qpo_ray.cli import build_parser
+
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            build_parser().parse_args(shlex.split(entrypoint)[3:])
+    except SystemExit:
+        return err.getvalue().strip().splitlines()[-1]
+    return None
 
 
 def package_version() -> str:
@@ -191,9 +208,13 @@ def qpo_problems(doc: dict[str, Any]) -> list[str]:
         if gpu_capacity(doc) < need:
             out.append(f"GPU groups hold {gpu_capacity(doc)} GPUs, the `paper` profile needs {need}")
     if kind == "RayJob":
-        module, config, overrides, _ = parse_entrypoint(str(spec.get("entrypoint", "")))
-        if module != ENTRYPOINT_MODULE:
-            out.append(f"spec.entrypoint: must run `python -m {ENTRYPOINT_MODULE}`, runs {module!r}")
+        entrypoint = str(spec.get("entrypoint", ""))
+        module, command, config, overrides, _ = parse_entrypoint(entrypoint)
+        if (module, command) != (ENTRYPOINT_MODULE, ENTRYPOINT_COMMAND):
+            out.append(f"spec.entrypoint: must run `python -m {ENTRYPOINT_MODULE} {ENTRYPOINT_COMMAND}`, "
+                       f"runs `python -m {module} {command}`")
+        elif (refusal := cli_refusal(entrypoint)) is not None:
+            out.append(f"spec.entrypoint: the CLI refuses it: {refusal}")
         try:
             cfg = load_config(config, overrides)
         except Exception as e:  # ConfigError names the bad key
@@ -329,35 +350,6 @@ def module_path(dotted: str) -> Path:
     path = module_file(dotted)
     assert path is not None, f"{dotted}: no such module in {REPO} (a manifest names it)"
     return path
-
-
-def reachable_strings(path: Path) -> set[str]:
-    """String constants of a module and of every qpo_ray module it imports, transitively (imports inside
-    functions included: the job modules import the CLI lazily)."""
-    seen: set[Path] = set()
-    strings: set[str] = set()
-    todo = [path]
-    while todo:
-        current = todo.pop()
-        if current in seen:
-            continue
-        seen.add(current)
-        package = current.parent.relative_to(REPO).parts
-        for node in ast.walk(ast.parse(current.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.Constant) and isinstance(node.value, str):
-                strings.add(node.value)
-            names = []
-            if isinstance(node, ast.ImportFrom):
-                base = ".".join(package[: len(package) - node.level + 1]) if node.level else ""
-                module = ".".join(p for p in (base, node.module or "") if p)
-                names = [module] + [f"{module}.{a.name}" for a in node.names]
-            elif isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            for name in names:
-                dep = module_file(name) if name.startswith("qpo_ray") else None
-                if dep is not None and dep not in seen:
-                    todo.append(dep)
-    return strings
 
 
 def serve_package_trees() -> list[tuple[Path, ast.Module]]:

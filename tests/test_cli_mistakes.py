@@ -50,6 +50,17 @@ class Ctx:
         """A command that loads the config, then stops on its own ``--data`` (not a dataset version)."""
         return ["train", "--data", str(self.tmp), "--out", str(self.tmp / "out"), *extra]
 
+    def live(self, *extra: str, bootstrapped: bool = True) -> list[str]:
+        """``eval --target live`` of a run directory holding a saved config (and a finished bootstrap)."""
+        from qpo_ray.config import dump_config, load_config
+        from qpo_ray.runs import RunDir
+
+        run = RunDir(self.tmp / "live")
+        dump_config(load_config("tiny", [f"run_dir={run.path}"]), run.path / "config.yaml")
+        if bootstrapped:
+            run.mark("bootstrap")
+        return ["eval", "--target", "live", "--run-dir", str(run.path), *extra]
+
     def imp(self, *extra: str, run_dir: str | None = None) -> list[str]:
         rows = self.jsonl({"query": "q", "prompt": "p", "reward": 1.0, "label": "joy"}, name="rows.jsonl")
         return ["data", "import", "--format", "jsonl", "--input", rows, "--run-dir", run_dir or str(self.tmp / "run"),
@@ -126,6 +137,16 @@ ROWS = {
     # other commands
     "unknown command": (lambda c: ["fly"], r"argument cmd: invalid choice: 'fly'"),
     "eval replay without --data": (lambda c: ["eval", "--target", "replay"], r"--target replay needs --data"),
+    # eval --target live: every mistake found before Ray starts
+    "eval live: --loops is not numbers": (lambda c: c.live("--loops", "0,x"),
+                                          r"--loops 0,x: expected comma-separated integers"),
+    "eval live: --loops names a loop without a policy": (
+        lambda c: c.live("--loops", "0,2"), r"--loops: no trained policy for loop\(s\) \[2\] in .* \(have \[0\]\)"),
+    "eval live: a run without a dataset": (lambda c: c.live(bootstrapped=False),
+                                           r"live: the run has no dataset yet \(bootstrap not done\)"),
+    "eval live: --set of an unknown key": (lambda c: c.live("--set", "eval.nope=1"), r"unknown key 'eval\.nope'"),
+    "eval live: --run-dir holds no run": (lambda c: ["eval", "--target", "live", "--run-dir", str(c.tmp)],
+                                          r"--run-dir .*: no config\.yaml there"),
     "score: --in is missing": (lambda c: ["score", "--in", str(c.tmp / "p.jsonl"), "--out", str(c.tmp / "o.jsonl")],
                                r"pairs file not found"),
     "score: --in is not parquet": (lambda c: ["score", "--in", c.file("p.parquet", "x"), "--out",

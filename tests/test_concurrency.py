@@ -25,8 +25,8 @@ from pathlib import Path
 
 import pytest
 
-from qpo_ray.data.schema import content_id
 from qpo_ray.data.store import DatasetStore
+from qpo_ray.ids import content_id
 from tests.e2e import (
     RAY,
     REPO,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import re
+import shlex
 from typing import Any
 
 import pytest
@@ -31,15 +32,16 @@ from tests.kuberay_schema import (
 )
 from tests.manifest_cases import BROKEN
 from tests.manifest_checks import (
+    ENTRYPOINT_COMMAND,
     ENTRYPOINT_MODULE,
     SERVE_IMPORT_PATH,
     all_problems,
+    cli_refusal,
     deployment_names,
     env_var_literals_in_package,
     module_path,
     parse_entrypoint,
     qpo_problems,
-    reachable_strings,
     serve_package_trees,
     unknown_model_keys,
 )
@@ -184,32 +186,20 @@ def test_runtime_envs_against_ray():
             runtime_env.RuntimeEnv(**env)  # raises on wrong types (pip, env_vars, working_dir URIs)
 
 
-def test_entrypoint_names_the_job_module():
-    module, _, _, _ = parse_entrypoint(load_manifest("rayjob.yaml")["spec"]["entrypoint"])
-    assert module == ENTRYPOINT_MODULE
+def test_entrypoint_runs_the_cli():
+    entrypoint = load_manifest("rayjob.yaml")["spec"]["entrypoint"]
+    module, command, _, _, _ = parse_entrypoint(entrypoint)
+    assert (module, command) == (ENTRYPOINT_MODULE, ENTRYPOINT_COMMAND)
+    # `python -m qpo_ray` must run the CLI: its __main__ calls cli.main under a __main__ guard.
+    tree = ast.parse(module_path(module).read_text(encoding="utf-8"))
+    guarded = [node for node in tree.body if isinstance(node, ast.If) and isinstance(node.test, ast.Compare)
+               and isinstance(node.test.left, ast.Name) and node.test.left.id == "__name__"]
+    assert guarded and "main()" in ast.unparse(guarded[0]), f"python -m {module} would not run the CLI"
+    # The CLI's own parser takes the arguments, and they select `qpo-ray run`.
+    assert cli_refusal(entrypoint) is None
+    from qpo_ray.cli import build_parser, cmd_run
 
-
-def test_entrypoint_module_exists_and_takes_the_flags():
-    module, _, _, flags = parse_entrypoint(load_manifest("rayjob.yaml")["spec"]["entrypoint"])
-    path = module_path(module)
-    tree = ast.parse(path.read_text(encoding="utf-8"))
-    runs = path.name == "__main__.py" or any(
-        (
-            isinstance(node, ast.If)
-            and isinstance(node.test, ast.Compare)
-            and isinstance(node.test.left, ast.Name)
-            and node.test.left.id == "__name__"
-        )
-        or (isinstance(node, ast.Expr) and isinstance(node.value, ast.Call))  # a module-level main() call
-        for node in tree.body
-    )
-    assert runs, f"{path.relative_to(REPO)}: `python -m {module}` would do nothing (no __main__ guard)"
-    # The flags must be parsed by the module or by a qpo_ray module it imports (e.g. the CLI).
-    known = reachable_strings(path)
-    missing = [f for f in flags if f not in known]
-    assert not missing, (
-        f"the entrypoint passes {missing}, which {module} (and the qpo_ray modules it imports) never mention"
-    )
+    assert build_parser().parse_args(shlex.split(entrypoint)[3:]).fn is cmd_run
 
 
 def test_serve_import_path_names_the_app_builder():

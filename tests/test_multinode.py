@@ -39,12 +39,12 @@ JOB_TIMEOUT_S = 600
 
 def _job(env: dict[str, str], address: str, args: list[str], fault: str | None = None,
          timeout_s: float = JOB_TIMEOUT_S) -> tuple[str, str, float]:
-    """Submit ``python -m qpo_ray.jobs.run ARGS`` and wait for it; returns its status, its logs, its seconds."""
+    """Submit ``python -m qpo_ray run ARGS`` and wait for it; returns its status, its logs, its seconds."""
     job_id = f"qpo-mn-{secrets.token_hex(4)}"
     env_vars = {"DS_ACCELERATOR": "cpu", **({"QPO_RAY_FAULT": fault} if fault else {})}
     cmd = ["job", "submit", "--address", address, "--submission-id", job_id, "--no-wait", "--working-dir", str(REPO),
            "--runtime-env-json", json.dumps({"excludes": EXCLUDES, "env_vars": env_vars}), "--",
-           "python", "-m", "qpo_ray.jobs.run", *args]
+           "python", "-m", "qpo_ray", "run", *args]
     print("$ ray " + " ".join(cmd), flush=True)
     t0 = time.time()
     sub = ray_cli(env, *cmd, timeout=300)

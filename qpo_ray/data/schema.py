@@ -11,6 +11,7 @@ from typing import Any, Literal
 import pyarrow as pa
 
 from qpo_ray.errors import DataError
+from qpo_ray.ids import content_id
 
 SETTINGS = ("zero_shot", "few_shot")
 
@@ -52,16 +53,6 @@ def split_of(query_text: str, test_fraction: float, seed: int = 0) -> Literal["t
     h = hashlib.sha256(f"{seed}\0{normalize_text(query_text)}".encode()).digest()
     u = int.from_bytes(h[:8], "big") / 2.0**64  # uniform in [0, 1)
     return "test" if u < test_fraction else "train"
-
-
-def content_id(*parts: str, n: int = 16) -> str:
-    """A stable id from text parts (sha256, hex prefix). Parts are length-prefixed so ("ab","c") != ("a","bc")."""
-    h = hashlib.sha256()
-    for p in parts:
-        b = p.encode("utf-8")
-        h.update(len(b).to_bytes(8, "little"))
-        h.update(b)
-    return h.hexdigest()[:n]
 
 
 def query_id(task: str, query: str) -> str:

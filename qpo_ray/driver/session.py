@@ -18,9 +18,10 @@ from qpo_ray.atomic import atomic_write_table
 from qpo_ray.collect.screen import pair_identity
 from qpo_ray.config import RunConfig
 from qpo_ray.data.prompts import prompt_identity
-from qpo_ray.data.schema import SCHEMA, content_id, pair_key, rows_to_table
+from qpo_ray.data.schema import SCHEMA, pair_key, rows_to_table
 from qpo_ray.data.store import DatasetStore
 from qpo_ray.faults import fault_point
+from qpo_ray.ids import content_id
 from qpo_ray.runs import RunDir
 from qpo_ray.stopping import check_stop
 from qpo_ray.tracking import Tracker

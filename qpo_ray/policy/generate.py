@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from qpo_ray.data.prompts import prompt_identity
-from qpo_ray.data.schema import content_id
+from qpo_ray.ids import content_id
 from qpo_ray.policy.model import QPOPolicy
 from qpo_ray.policy.tokenize import encode_prompts, encode_queries
 

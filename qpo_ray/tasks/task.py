@@ -32,8 +32,8 @@ from typing import Any, Literal
 
 import yaml
 
-from qpo_ray.data.schema import content_id
 from qpo_ray.errors import ConfigError, DataError
+from qpo_ray.ids import content_id
 from qpo_ray.jsonl import read_jsonl
 from qpo_ray.yamlio import load_yaml, yaml_error_line
 

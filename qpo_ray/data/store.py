@@ -232,12 +232,11 @@ class DatasetStore:
         reward_range: tuple[float, float] | None = None,
         source: str = "<rows>",
         note: str = "",
-        dedupe: bool = True,
     ) -> Manifest:
         """Write a new version atomically: the parent's rows (if any) plus the given rows.
 
-        Rows are validated chunk by chunk (errors name source, row and column). With ``dedupe``, a row
-        whose key is already in the parent or earlier in ``chunks`` is dropped and counted. The reward
+        Rows are validated chunk by chunk (errors name source, row and column). A row whose key is
+        already in the parent or earlier in ``chunks`` is dropped and counted. The reward
         range is the parent's; for a root version it is ``reward_range`` or the min/max of its rows.
         Holds the run directory's writer lock (re-entrant: a command that holds it already keeps it).
         """
@@ -246,7 +245,7 @@ class DatasetStore:
             tmp = self._make_tmp(version)
             try:
                 files, pm = self._link_parent(parent, tmp)
-                seen = None if not dedupe else self.keys(parent) if parent is not None else KeySet()
+                seen = self.keys(parent) if parent is not None else KeySet()
                 tally = _Tally()
                 files += write_parts(_new_tables(chunks, source=source, seen=seen, tally=tally), tmp, len(files))
                 # Arrow's allocator keeps the freed chunk and page buffers of a big commit (~80 MiB per 100k
@@ -323,20 +322,19 @@ class _Tally:
     hi: float = float("-inf")
 
 
-def _new_tables(chunks: Iterable[pa.Table | pa.RecordBatch], *, source: str, seen: KeySet | None,
+def _new_tables(chunks: Iterable[pa.Table | pa.RecordBatch], *, source: str, seen: KeySet,
                 tally: _Tally) -> Iterator[pa.Table]:
-    """The chunks as validated tables of SCHEMA; with ``seen``, rows whose key it holds are dropped (and the
-    others' keys added). Counts into ``tally``; empty tables are skipped."""
+    """The chunks as validated tables of SCHEMA, without the rows whose key ``seen`` holds (the others' keys
+    are added to it). Counts into ``tally``; empty tables are skipped."""
     offset = 0
     for chunk in chunks:
         table = chunk if isinstance(chunk, pa.Table) else pa.Table.from_batches([chunk])
         table = check_table(table, source=source, row_offset=offset)
         offset += table.num_rows
-        if seen is not None:
-            keep = seen.add_new(table.column("key").to_numpy(zero_copy_only=False))
-            if not keep.all():
-                tally.dropped += int((~keep).sum())
-                table = table.filter(pa.array(keep))
+        keep = seen.add_new(table.column("key").to_numpy(zero_copy_only=False))
+        if not keep.all():
+            tally.dropped += int((~keep).sum())
+            table = table.filter(pa.array(keep))
         if table.num_rows == 0:
             continue
         rewards = table.column("reward")

@@ -310,7 +310,7 @@ def _record_inference(out: Path, cfg: RunConfig, settings: InferenceSettings, sp
 
 
 def evaluate_offline(cfg: RunConfig, data_run_dir: str | Path, out_dir: str | Path, *, version: int | None = None,
-                     test_fraction: float = 0.2, seed: int = 0, min_train_coverage: float = MIN_TRAIN_COVERAGE,
+                     test_fraction: float = 0.2, min_train_coverage: float = MIN_TRAIN_COVERAGE,
                      min_similarity: float = MIN_SIMILARITY) -> dict[str, Any]:
     """Split the logs of ``data_run_dir`` (dataset ``version``, default the latest that added rows) by unique
     query, train a policy on the train rows in ``out_dir``, let every QPO method write a prompt per test query,
@@ -318,7 +318,8 @@ def evaluate_offline(cfg: RunConfig, data_run_dir: str | Path, out_dir: str | Pa
 
     ``cfg.eval.max_test_queries`` (if set) evaluates a seeded sample of the test queries; every method is
     measured on the same ones. Writes ``offline_eval.json`` and ``offline_report.md`` into ``out_dir`` and
-    returns the JSON's content."""
+    returns the JSON's content. The config's ``seed`` seeds the split and everything after it."""
+    seed = cfg.seed
     if not 0.0 < test_fraction < 1.0:
         raise ConfigError(f"--test-fraction {test_fraction}: must be strictly between 0 and 1")
     if not 0.0 <= min_train_coverage <= 1.0:

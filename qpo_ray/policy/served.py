@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from qpo_ray.atomic import atomic_write_json
-from qpo_ray.config import RunConfig, build_config, load_config, override_key
+from qpo_ray.config import RunConfig, build_config, load_config
+from qpo_ray.config_input import override_key
 from qpo_ray.errors import ConfigError, QPOError
 from qpo_ray.policy.inference import InferenceSettings
 

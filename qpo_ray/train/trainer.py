@@ -111,7 +111,7 @@ def train_policy(cfg: RunConfig, *, store: DatasetStore, version: int, out_dir: 
                         f"{cfg.policy.max_prompt_tokens}: too few for one optimizer step (train.batch_size="
                         f"{tcfg.batch_size})")
     steps = (rows // tcfg.num_workers // tcfg.micro_batch_size) // grad_accum_steps(tcfg, tcfg.num_workers)
-    ds = training_dataset(store, version, cfg.policy, tokenizer=tok, seed=tcfg.seed,
+    ds = training_dataset(store, version, cfg.policy, tokenizer=tok, seed=cfg.seed,
                           tokenize_tasks=tcfg.num_workers, query_means=plan.query_means)
     call_id = uuid.uuid4().hex
     storage = storage_path(cfg)

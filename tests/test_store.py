@@ -94,6 +94,7 @@ def _fail_after(monkeypatch, limit: int, error: BaseException) -> list[int]:
 def test_failure_mid_write_leaves_no_visible_version(tmp_path, monkeypatch, error):
     store = DatasetStore(tmp_path)
     store.commit([rows_to_table([row(i) for i in range(4)])])
+    real_write_rows = store_mod.write_rows
     written = _fail_after(monkeypatch, 5, error)
     # Two chunks, and a part file rolled over every 3 rows: the failure comes after whole files were written.
     monkeypatch.setattr(store_mod, "ROWS_PER_FILE", 3)
@@ -104,9 +105,13 @@ def test_failure_mid_write_leaves_no_visible_version(tmp_path, monkeypatch, erro
     assert written[0] >= 5  # the writer did fail midway, not before writing
     assert store.versions() == [0] and store.latest() == 0
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["v000"]
-    monkeypatch.undo()
+    monkeypatch.setattr(store_mod, "write_rows", real_write_rows)
     m = store.commit(chunks, parent=0)  # the same rows commit as v001 once the writer works
     assert (m.version, m.rows, m.new_rows) == (1, 14, 10)
+    # the parent's file, then the new rows in files of at most 3 rows, numbered on from it
+    assert [(f.name, f.rows) for f in m.files] == [(store.manifest(0).files[0].name, 4), ("part-00001.parquet", 3),
+                                                   ("part-00002.parquet", 3), ("part-00003.parquet", 3),
+                                                   ("part-00004.parquet", 1)]
     store.verify(1)
 
 

@@ -295,10 +295,11 @@ def rerank(policy: QPOPolicy, queries: Sequence[str], candidates: Sequence[Seque
     return [pick(cs, s, d, margin) for cs, s, d in zip(candidates, scores, defaults, strict=True)]
 
 
-def best_of_n(policy: QPOPolicy, queries: Sequence[str], n: int, *, target_reward: float = TARGET_REWARD, top_k: int = 2,
-              top_p: float = 0.9, temperature: float = 1.0, max_new_tokens: int | None = None,
+def best_of_n(policy: QPOPolicy, queries: Sequence[str], n: int, *, target_reward: float = TARGET_REWARD, top_k: int,
+              top_p: float, temperature: float, max_new_tokens: int | None = None,
               seed: int | None = None, batch_size: int = 64) -> list[str]:
-    """Per query, ``n`` prompts sampled at ``r = target_reward`` (top-k then top-p), the one ``r̂`` rates highest."""
+    """Per query, ``n`` prompts sampled at ``r = target_reward`` (top-k then top-p), the one ``r̂`` rates highest.
+    The sampling settings are the config's ``collect.*`` ones (``InferenceSettings``): no defaults here."""
     if n < 1:
         raise ValueError(f"best-of-n needs n >= 1, got {n}")
     samples = generate_prompts(policy, [q for q in queries for _ in range(n)], target_reward=target_reward,

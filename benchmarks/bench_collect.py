@@ -136,7 +136,8 @@ def run(args: argparse.Namespace) -> dict:
     from qpo_ray.policy.model import QPOPolicy
 
     pcfg, described = policy_config(args.model)
-    ccfg = load_config("demo").collect
+    cfg = load_config("demo")
+    ccfg = cfg.collect
     policy = QPOPolicy.from_config(pcfg, seed=0)
     from qpo_ray.tasks import load_task
 
@@ -144,7 +145,7 @@ def run(args: argparse.Namespace) -> dict:
     queries = (queries * (args.queries // len(queries) + 1))[: args.queries]
     n_new = args.max_new_tokens or pcfg.max_prompt_tokens
     samp = dict(greedy=False, top_k=ccfg.top_k, top_p=ccfg.top_p, temperature=ccfg.temperature,
-                target_reward=ccfg.target_reward, max_new_tokens=n_new, seed=0)
+                target_reward=cfg.eval.target_reward, max_new_tokens=n_new, seed=0)
 
     def timed(bs: int, clock: ModelClock | None = None) -> tuple[float, list[str]]:
         # Warm-up, untimed, at the timed batch shape: a first batch of new shapes pays allocator growth.
@@ -161,8 +162,9 @@ def run(args: argparse.Namespace) -> dict:
 
     clock = ModelClock(policy)
     t_batched, p_batched = timed(args.batch_size, clock)
-    plain_generate(policy, queries[:args.batch_size], args.batch_size, clock.steps[:1], ccfg.target_reward)  # warm-up
-    t_limit = plain_generate(policy, queries, args.batch_size, clock.steps, ccfg.target_reward)
+    reward = cfg.eval.target_reward
+    plain_generate(policy, queries[:args.batch_size], args.batch_size, clock.steps[:1], reward)  # warm-up
+    t_limit = plain_generate(policy, queries, args.batch_size, clock.steps, reward)
     t_single, p_single = timed(1)
     ours, base, limit = len(queries) / t_batched, len(queries) / t_single, len(queries) / t_limit
 

@@ -194,15 +194,15 @@ def baseline(args: argparse.Namespace, cfg, store) -> dict:
     plan = plan_prompts(store, 0, load_tokenizer(pcfg.tokenizer, pcfg.model), pcfg,
                         query_means=tcfg.reward_target == "advantage")
     data = plain_data(cfg, store, plan)
-    seed_everything(tcfg.seed)
-    policy = QPOPolicy.from_config(pcfg, seed=tcfg.seed)
+    seed_everything(cfg.seed)
+    policy = QPOPolicy.from_config(pcfg, seed=cfg.seed)
     policy.set_vocab(plan.vocab_ids)
     policy.train()
     params = [p for p in policy.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=tcfg.scratch.lr, weight_decay=tcfg.weight_decay)
     gas, mb = grad_accum_steps(tcfg, 1), tcfg.micro_batch_size
     n = int(data["reward"].shape[0])
-    gen = torch.Generator().manual_seed(tcfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
 
     def step(idx_groups: list[torch.Tensor]) -> tuple[float, list[float]]:
         tokens, losses = 0.0, []
@@ -233,7 +233,7 @@ def baseline(args: argparse.Namespace, cfg, store) -> dict:
     for epoch in range(1, cfg.train.scratch.epochs):  # the epochs ours is compared on: 2..N
         for g in opt.param_groups:
             g["lr"] = step_lr(tcfg.scratch.lr, epoch, tcfg.lr_step_epochs, tcfg.lr_gamma)
-        seed_everything(tcfg.seed + 7919 + 104_729 * epoch)  # dropout, as the worker seeds it
+        seed_everything(cfg.seed + 7919 + 104_729 * epoch)  # dropout, as the worker seeds it
         tokens, losses = 0.0, []
         t0 = time.perf_counter()
         for w in windows(torch.randperm(n, generator=gen), steps):

@@ -270,8 +270,7 @@ def cmd_eval(args) -> int:
 
     cfg = load_config(args.config or "offline", args.overrides)
     with writer_lock(args.out):  # --out becomes a run directory: its dataset v000, the policy, the report
-        res = evaluate_offline(cfg, args.data, args.out, version=args.version, test_fraction=args.test_fraction,
-                               seed=args.seed)
+        res = evaluate_offline(cfg, args.data, args.out, version=args.version, test_fraction=args.test_fraction)
     s, tr = res["split"], res["training"]
     print(f"replay eval of {res['data']['run_dir']} v{res['data']['version']:03d}: train {s['train_queries']} "
           f"queries ({s['train_rows']} rows), test {s['evaluated_test_queries']} queries; "
@@ -364,7 +363,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="replay: run directory for the train split, the policy and the report (a rerun "
                                  "reuses its policy)")
     p.add_argument("--test-fraction", type=float, default=0.2, help="replay: share of unique queries held out [0.2]")
-    p.add_argument("--seed", type=int, default=0, help="replay: seed of the query-text hash split [0]")
     p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("data", help="dataset tools")

@@ -1,7 +1,8 @@
 """One typed, validated configuration for every qpo_ray command.
 
 Loaded from a named profile shipped in ``qpo_ray/profiles`` (``tiny``, ``demo``, ``paper``, ``offline``) or a YAML
-file, then dotted overrides (``--set train.lr=1e-4``). Unknown keys are errors that name the key.
+file, then dotted overrides (``--set train.lr=1e-4``); ``qpo_ray.config_input`` reads both. Unknown keys are
+errors that name the key; the rules across sections are ``qpo_ray.config_checks``.
 
 Every float of every section must be finite (``inf`` or ``nan`` is an error naming the key), and sizes have upper
 bounds: a typo such as ``max_new_tokens=1e9`` is an error, not a run that never ends.
@@ -19,13 +20,15 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from qpo_ray.atomic import atomic_write_text
+from qpo_ray.config_checks import config_problems
+from qpo_ray.config_input import apply_override, deep_merge, known_keys, read_yaml, set_dotted
 from qpo_ray.errors import ConfigError
-from qpo_ray.yamlio import load_yaml, yaml_error_line
 
 # Upper bounds of sizes and counts: far above any real use, low enough that a typo fails instead of hanging.
 _4K, _64K, _1M, _1G = 1 << 12, 1 << 16, 1 << 20, 1 << 30
 DAY_S = 86_400.0
 REWARD_SCALE = (0.0, 100.0)  # the normalised reward the policy is conditioned on (DESIGN §2)
+TARGET_REWARD = REWARD_SCALE[1]  # eval.target_reward's default: the policy is asked for its best prompts
 
 
 class _Section(BaseModel):
@@ -113,7 +116,6 @@ class TrainConfig(_Section):
     # Ray Train storage (checkpoints). None = <run_dir>/train; a relative path is relative to run_dir (a moved run
     # finds its checkpoints). Must be shared (NFS, s3://, gs://) on multi-node.
     storage_path: str | None = None
-    seed: int = 0
 
 
 class CollectConfig(_Section):
@@ -121,7 +123,6 @@ class CollectConfig(_Section):
 
     num_queries: int = Field(1000, ge=1, le=_1G)
     batch_size: int = Field(100, ge=1, le=_1M)  # queries per sampling call of an actor
-    target_reward: float = Field(100.0, ge=REWARD_SCALE[0], le=REWARD_SCALE[1])
     # Exploration (collect/screen.py): the policy proposes num_candidates sampled prompts per query and its
     # num_beams most likely ones that no earlier dataset version holds (beam search past the known prompts;
     # 0 = none); repeats, pairs scored before and degenerate prompts are dropped, r̂ ranks the rest, and the
@@ -164,6 +165,8 @@ class TargetConfig(_Section):
     base_url: str = "http://127.0.0.1:8000/v1"
     api_key_env: str = "OPENAI_API_KEY"
     timeout_s: float = Field(60.0, gt=0, le=DAY_S)
+    # Re-sends of a failed scoring request: by the openai engine's HTTP client (transport errors, 429, 5xx), and
+    # by the pool's client when a replica died.
     retries: int = Field(3, ge=0, le=100)
     max_concurrency: int = Field(8, ge=1, le=_4K)
     # replay engine: a parquet/jsonl table of recorded (query, prompt, correct) rows
@@ -178,7 +181,6 @@ class TargetConfig(_Section):
     max_in_flight: int = Field(32, ge=1, le=_1M)  # client-side bound on outstanding requests (≥ replicas × max_batch_size)
     # transformers engine: run a prompt's shared token prefix once per batch (KV cache), then only the tails
     share_prefix: bool = True
-    request_retries: int = Field(3, ge=0, le=100)  # client retries of a request whose replica died
 
 
 class TaskConfig(_Section):
@@ -202,7 +204,9 @@ class TaskConfig(_Section):
 
 class EvalConfig(_Section):
     max_test_queries: int | None = Field(None, ge=1)
-    target_reward: float = Field(100.0, ge=REWARD_SCALE[0], le=REWARD_SCALE[1])
+    # The reward the policy is conditioned on whenever it writes prompts: collect's candidates, evaluation,
+    # generate and serve (a request may ask for another).
+    target_reward: float = Field(TARGET_REWARD, ge=REWARD_SCALE[0], le=REWARD_SCALE[1])
     best_of_n: int = Field(1, ge=1, le=_4K)  # >1: also report best-of-N (N samples ranked by the reward head)
     num_beams: int = Field(1, ge=1, le=64)  # the policy's own prompt: 1 = greedy, more = beam search
     # What "QPO" means in headlines, the policy service and the demo's summary: the policy's own prompt
@@ -250,6 +254,7 @@ class RunConfig(_Section):
     """The root config."""
 
     run_dir: str = "runs/qpo"
+    # Every seeded choice: weights, data order, sampling, collect and test queries, demos, replay's split.
     seed: int = 0
     loops: int = Field(2, ge=0, le=_4K)
     policy: PolicyConfig = PolicyConfig()
@@ -267,58 +272,10 @@ class RunConfig(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
-        if self.train.batch_size % (self.train.micro_batch_size * self.train.num_workers):
-            raise ValueError(
-                f"train.batch_size ({self.train.batch_size}) must be a multiple of "
-                f"train.micro_batch_size × train.num_workers "
-                f"({self.train.micro_batch_size} × {self.train.num_workers})"
-            )
-        needs_head = self.eval.method in ("best_of_n", "rerank") or self.eval.best_of_n > 1
-        if needs_head and self.policy.reward_head != "last_prompt":
-            raise ValueError(f"eval.method={self.eval.method!r} / eval.best_of_n={self.eval.best_of_n} rank prompts "
-                             "with r̂(q, p), which needs policy.reward_head='last_prompt'")
-        if self.train.reward_target == "advantage" and self.policy.reward_head != "last_prompt":
-            raise ValueError("train.reward_target='advantage' is for policy.reward_head='last_prompt' (the "
-                             "'reward_slot' head reads the conditioning reward itself)")
-        if self.collect.scored_per_query > self.collect.num_candidates:
-            raise ValueError(f"collect.scored_per_query ({self.collect.scored_per_query}) must not exceed "
-                             f"collect.num_candidates ({self.collect.num_candidates}): r̂ screens the candidates")
-        if self.eval.method == "best_of_n" and self.eval.best_of_n < 2:
-            raise ValueError("eval.method='best_of_n' needs eval.best_of_n >= 2")
-        problems = device_problems(self)
+        problems = config_problems(self)
         if problems:
             raise ValueError("; ".join(problems))
         return self
-
-
-def target_replicas(t: TargetConfig) -> int:
-    """Replicas the scoring pool starts with (autoscaling: its floor)."""
-    if not t.autoscaling:
-        return t.num_replicas
-    return max(int(t.autoscaling.get("min_replicas", 1) or 1), int(t.autoscaling.get("initial_replicas", 0) or 0))
-
-
-def device_problems(cfg: RunConfig) -> list[str]:
-    """What makes a config's devices and batch sizes contradict each other: every GPU a section reserves is
-    used by its model, no model asks for a GPU it did not reserve, and the pool keeps every replica's batch
-    full. Checked when the config loads, before any work."""
-    t = cfg.target
-    out = []
-    full = target_replicas(t) * t.max_batch_size
-    if t.engine != "replay" and t.max_in_flight < full:
-        out.append(f"target.max_in_flight ({t.max_in_flight}) must be at least replicas × target.max_batch_size "
-                   f"({target_replicas(t)} × {t.max_batch_size} = {full}): fewer requests in flight never fill "
-                   "a replica's batch")
-    if t.engine == "vllm" and t.num_gpus_per_replica <= 0:
-        out.append("target.engine='vllm' runs on a GPU: set target.num_gpus_per_replica (e.g. 1)")
-    if t.engine == "transformers":
-        on_gpu = t.device.startswith("cuda")
-        if t.num_gpus_per_replica > 0 and not (on_gpu or t.device == "auto"):
-            out.append(f"target.num_gpus_per_replica={t.num_gpus_per_replica:g} reserves a GPU the model would "
-                       f"not use (target.device={t.device!r}): set target.device=cuda")
-        if on_gpu and t.num_gpus_per_replica <= 0:
-            out.append(f"target.device={t.device!r} needs a GPU per replica: set target.num_gpus_per_replica")
-    return out
 
 
 PROFILES = ("tiny", "demo", "paper", "offline")
@@ -328,79 +285,21 @@ def profile_path(name: str) -> Path:
     return Path(str(resources.files("qpo_ray") / "profiles" / f"{name}.yaml"))
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
-    if path.is_dir():
-        raise ConfigError(f"config {path} is a directory, not a YAML file (a run's config is RUN_DIR/config.yaml)")
-    try:
-        data = load_yaml(path.read_text(encoding="utf-8")) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"config {path} cannot be read: {e}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {yaml_error_line(e)}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    return data
-
-
-def _parse_scalar(text: str) -> Any:
-    # YAML gives ints, floats, bools, null and [lists] the way a user types them on a command line.
-    try:
-        value = load_yaml(text)
-    except yaml.YAMLError:
-        return text
-    if isinstance(value, str) and value.strip().lower().lstrip("+-") in ("nan", "inf", "infinity"):
-        return float(value)  # typed as a number, so validation can say "not finite" rather than "not a number"
-    return value
-
-
-def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
-    keys = []
-    for name, field in model.model_fields.items():
-        keys.append(prefix + name)
-        ann = field.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            keys += _known_keys(ann, prefix + name + ".")
-    return keys
+# Keys of knobs that another key holds: a config that uses one gets that key's name, not a guess.
+MOVED_KEYS = {
+    "train.seed": "seed",
+    "collect.target_reward": "eval.target_reward",
+    "target.request_retries": "target.retries",
+}
 
 
 def _did_you_mean(key: str) -> str:
+    if key in MOVED_KEYS:
+        return f" (the knob is '{MOVED_KEYS[key]}')"
     parent = key.rpartition(".")[0]
-    siblings = [k for k in _known_keys(RunConfig) if k.rpartition(".")[0] == parent]
+    siblings = [k for k in known_keys(RunConfig) if k.rpartition(".")[0] == parent]
     close = difflib.get_close_matches(key, siblings, n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""
-
-
-def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
-    """Set ``a.b.c`` of a nested dict in place, creating sections on the way."""
-    parts = dotted.strip().split(".")
-    node = data
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"override '{dotted}': '{part}' is not a section")
-        node = child
-    node[parts[-1]] = value
-
-
-def override_key(assignment: str) -> str:
-    """The dotted key of a ``a.b.c=value`` override."""
-    return assignment.partition("=")[0].strip()
-
-
-def apply_override(data: dict[str, Any], assignment: str) -> None:
-    """Apply one ``a.b.c=value`` override to a nested dict in place."""
-    if "=" not in assignment:
-        raise ConfigError(f"override '{assignment}' must look like section.key=value")
-    set_dotted(data, override_key(assignment), _parse_scalar(assignment.partition("=")[2]))
-
-
-def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 def build_config(data: dict[str, Any], source: str = "config") -> RunConfig:
@@ -426,17 +325,17 @@ def load_config(config: str | Path | None = "tiny", overrides: list[str] | None 
     records about its evaluation sits between the run's config and the user's ``--set``."""
     config = config or "tiny"
     if isinstance(config, str) and config in PROFILES:
-        data, source = _read_yaml(profile_path(config)), f"profile '{config}'"
+        data, source = read_yaml(profile_path(config)), f"profile '{config}'"
     else:
         path = Path(config)
         if not path.exists():
             raise ConfigError(f"config '{config}' is neither a profile ({', '.join(PROFILES)}) nor a file")
-        data, source = _read_yaml(path), str(path)
+        data, source = read_yaml(path), str(path)
     base = data.pop("profile", None)
     if base is not None:
         if base not in PROFILES:
             raise ConfigError(f"{source}: unknown base profile '{base}' (one of {', '.join(PROFILES)})")
-        data = _deep_merge(_read_yaml(profile_path(base)), data)
+        data = deep_merge(read_yaml(profile_path(base)), data)
     for dotted, value in (presets or {}).items():
         set_dotted(data, dotted, value)
     for assignment in overrides or []:

@@ -56,15 +56,15 @@ def _is_tty(stream: Any) -> bool:
         return False
 
 
-def bar(total: int, desc: str, unit: str = "it", *, initial: int = 0, stream: IO[str] | None = None,
+def bar(total: int, desc: str, unit: str = "it", *, stream: IO[str] | None = None,
         every_s: float = PLAIN_EVERY_S, enabled: bool = True) -> tqdm:
-    """A progress meter for ``total`` units of work (``initial`` already done, e.g. by a resumed run)."""
+    """A progress meter for ``total`` units of work."""
     stream = stream if stream is not None else sys.stderr
     if _is_tty(stream):
-        return _Meter(total=total, desc=desc, unit=unit, initial=initial, file=stream, dynamic_ncols=True,
+        return _Meter(total=total, desc=desc, unit=unit, file=stream, dynamic_ncols=True,
                       disable=not enabled)
     # miniters=0: print whenever every_s has passed, however few units came in since.
-    return _Meter(total=total, desc=desc, unit=unit, initial=initial, file=_Lines(stream), mininterval=every_s,
+    return _Meter(total=total, desc=desc, unit=unit, file=_Lines(stream), mininterval=every_s,
                   maxinterval=every_s, miniters=0, ascii=True, bar_format=PLAIN_FORMAT, disable=not enabled)
 
 

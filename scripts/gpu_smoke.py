@@ -129,7 +129,8 @@ def step_collect(cfg, policy_dir: Path, table: Table) -> None:
 
     queries = load_task("emotion").queries("train")[: cfg.collect.num_queries]
     t0 = time.monotonic()
-    rows = sample_prompts(policy_dir, queries, cfg.collect, seed=0, progress=False)
+    rows = sample_prompts(policy_dir, queries, cfg.collect, seed=0, target_reward=cfg.eval.target_reward,
+                         progress=False)
     per = {r["query"] for r in rows}
     ok = len(per) == len(queries) and all(isinstance(r["prompt"], str) for r in rows)
     table.add("collect", f"actor GPU {cfg.collect.num_gpus_per_actor:g}", f"{len(queries)} queries",

@@ -47,7 +47,11 @@ def test_overrides_are_typed():
         ("task.threshold=-.inf", "'task.threshold': Input should be a finite number"),
         ("policy.max_query_tokens=100000", "'policy.max_query_tokens': Input should be less than or equal to 4096"),
         ("train.micro_batch_size=2000000", "'train.micro_batch_size': Input should be less than or equal"),
-        ("collect.target_reward=101", "'collect.target_reward': Input should be less than or equal to 100"),
+        ("eval.target_reward=101", "'eval.target_reward': Input should be less than or equal to 100"),
+        # a knob that another key holds: the error names that key
+        ("train.seed=1", "unknown key 'train.seed' (the knob is 'seed')"),
+        ("collect.target_reward=90", "unknown key 'collect.target_reward' (the knob is 'eval.target_reward')"),
+        ("target.request_retries=2", "unknown key 'target.request_retries' (the knob is 'target.retries')"),
         ("resource_wait_s=-1", "'resource_wait_s': Input should be greater than or equal to 0"),
         ("eval.rerank_margin=-0.5", "eval.rerank_margin=-0.5: must be 'fit' or within"),
         ("eval.rerank_margin=fitted", "Input should be 'fit'"),

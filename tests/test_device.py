@@ -57,7 +57,7 @@ def test_streamed_batches_ask_ray_data_for_the_device():
 
 def test_every_epoch_source_follows_the_engine_device():
     tcfg = load_config("tiny", ["train.micro_batch_size=4", "train.batch_size=8"]).train
-    cached = _epoch_batches(None, rows(), epoch=1, tcfg=tcfg, rank=0, device=META)
+    cached = _epoch_batches(None, rows(), epoch=1, tcfg=tcfg, seed=0, rank=0, device=META)
     assert all(v.device == META for b in cached for v in b.values())
     seen = {}
 
@@ -66,7 +66,7 @@ def test_every_epoch_source_follows_the_engine_device():
             seen.update(kw)
             return iter(())
 
-    _epoch_batches(Shard(), None, epoch=1, tcfg=tcfg, rank=0, device=META)
+    _epoch_batches(Shard(), None, epoch=1, tcfg=tcfg, seed=0, rank=0, device=META)
     assert seen["device"] == "meta"
 
 

@@ -142,6 +142,19 @@ def test_a_folder_without_inference_json_serves_the_config_and_says_what_is_miss
         load_served(pdir)
 
 
+def test_a_record_without_a_setting_is_refused_not_filled_in(tmp_path):
+    cfg, run, pdir = _saved(tmp_path)
+    settings = InferenceSettings.from_config(cfg.model_copy(update={"eval": cfg.eval.model_copy(
+        update={"target_reward": 30.0})}))
+    write_inference(pdir, cfg, settings, evaluation="live evaluation of loop 1", run_config=run / "config.yaml",
+                    sources={})
+    doc = json.loads((pdir / INFERENCE_JSON).read_text())
+    del doc["settings"]["target_reward"]  # a damaged record: serving it at some default reward would be a guess
+    (pdir / INFERENCE_JSON).write_text(json.dumps(doc))
+    with pytest.raises(ConfigError, match="not a valid inference record.*target_reward"):
+        load_served(pdir)
+
+
 def test_presets_sit_between_the_file_and_the_overrides():
     cfg = load_config("tiny", ["eval.num_beams=4"], presets={"eval.num_beams": 2, "task.name": "math_demo"})
     assert cfg.eval.num_beams == 4 and cfg.task.name == "math_demo"

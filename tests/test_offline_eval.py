@@ -220,7 +220,7 @@ def test_replay_eval_end_to_end_on_synthetic_logs(tmp_path, ray_local):
     cfg = load_config("offline", ["policy.tiny_hidden=32", "train.batch_size=16", "train.micro_batch_size=16",
                                   "train.cpus_per_worker=1", "train.scratch.epochs=2", "eval.best_of_n=2"])
     out = tmp_path / "eval"
-    res = evaluate_offline(cfg, data, out, test_fraction=0.25, seed=0)
+    res = evaluate_offline(cfg, data, out, test_fraction=0.25)
 
     # The split: no question on both sides; every row on one of them.
     s = res["split"]
@@ -281,7 +281,7 @@ def test_replay_eval_end_to_end_on_synthetic_logs(tmp_path, ray_local):
         assert frag in report
 
     # A rerun reuses the trained policy and gives the same numbers; another policy config is refused.
-    again = evaluate_offline(cfg, data, out, test_fraction=0.25, seed=0)
+    again = evaluate_offline(cfg, data, out, test_fraction=0.25)
     assert again["training"]["reused"] and again["methods"] == res["methods"]
     with pytest.raises(ConfigError, match="another policy/train config"):
         evaluate_offline(load_config("offline", ["policy.tiny_hidden=48"]), data, out, test_fraction=0.25)

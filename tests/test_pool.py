@@ -22,7 +22,7 @@ from qpo_ray.tasks import load_task
 pytestmark = pytest.mark.slow
 
 CFG = TargetConfig(model="tiny-llama", max_length=256, max_new_tokens=4, num_replicas=2, max_batch_size=4,
-                   batch_wait_timeout_s=0.02, max_in_flight=8, num_cpus_per_replica=1, request_retries=3)
+                   batch_wait_timeout_s=0.02, max_in_flight=8, num_cpus_per_replica=1, retries=3)
 
 
 def recording_factory(log_path: str, delay_s: float):

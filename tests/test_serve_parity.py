@@ -30,7 +30,7 @@ def evaluated(tmp_path_factory, ray_local):
                                   "train.cpus_per_worker=1", "train.scratch.epochs=2", "eval.best_of_n=2", "seed=3",
                                   "eval.target_reward=80"])
     out = tmp / "eval"
-    res = evaluate_offline(cfg, _store(tmp, rows, name="logs"), out, test_fraction=0.25, seed=0)
+    res = evaluate_offline(cfg, _store(tmp, rows, name="logs"), out, test_fraction=0.25)
     # Replay's rerank ranks the prompts recorded for each test query, the service the whole pool: here every
     # query has every prompt recorded, so the two are the same candidates.
     recorded: dict[str, set[str]] = {}

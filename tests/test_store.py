@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import math
 from pathlib import Path
 
@@ -10,9 +11,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+import qpo_ray.data.store as store_mod
 from qpo_ray.data.schema import SCHEMA, pair_key, rows_to_table
 from qpo_ray.data.store import DatasetStore, normalize_reward
-from qpo_ray.errors import DataError
+from qpo_ray.errors import DataError, ResourceError
 
 
 def row(i: int, reward: float = 1.0, **kw) -> dict:
@@ -73,13 +75,49 @@ def test_duplicates_in_d0_are_dropped_with_a_warning(tmp_path, caplog):
     assert "dropped 1 duplicate" in caplog.text
 
 
-def test_failure_mid_write_leaves_no_visible_version(tmp_path):
+def _fail_after(monkeypatch, limit: int, error: BaseException) -> list[int]:
+    """Make the store's row writer raise ``error`` once ``limit`` rows have reached files; returns the count."""
+    written = [0]
+    real = store_mod.write_rows
+
+    def write_rows(writer, table):
+        real(writer, table)
+        written[0] += table.num_rows
+        if written[0] >= limit:
+            raise error
+
+    monkeypatch.setattr(store_mod, "write_rows", write_rows)
+    return written
+
+
+@pytest.mark.parametrize("error", [RuntimeError("injected failure"), OSError(errno.ENOSPC, "No space left on device")])
+def test_failure_mid_write_leaves_no_visible_version(tmp_path, monkeypatch, error):
     store = DatasetStore(tmp_path)
     store.commit([rows_to_table([row(i) for i in range(4)])])
-    with pytest.raises(RuntimeError, match="injected"):
-        store.commit([rows_to_table([row(i) for i in range(10, 20)])], parent=0, _fail_after_rows=5)
-    assert store.versions() == [0]
-    assert not list((tmp_path / "data").glob(".tmp-*"))
+    real_write_rows = store_mod.write_rows
+    written = _fail_after(monkeypatch, 5, error)
+    # Two chunks, and a part file rolled over every 3 rows: the failure comes after whole files were written.
+    monkeypatch.setattr(store_mod, "ROWS_PER_FILE", 3)
+    chunks = [rows_to_table([row(i) for i in range(10, 13)]), rows_to_table([row(i) for i in range(13, 20)])]
+    with pytest.raises(ResourceError if isinstance(error, OSError) else RuntimeError,
+                       match="No space left on device" if isinstance(error, OSError) else "injected"):
+        store.commit(chunks, parent=0)
+    assert written[0] >= 5  # the writer did fail midway, not before writing
+    assert store.versions() == [0] and store.latest() == 0
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["v000"]
+    monkeypatch.setattr(store_mod, "write_rows", real_write_rows)
+    m = store.commit(chunks, parent=0)  # the same rows commit as v001 once the writer works
+    assert (m.version, m.rows, m.new_rows) == (1, 14, 10)
+    # the parent's file, then the new rows in files of at most 3 rows, numbered on from it
+    assert [(f.name, f.rows) for f in m.files] == [(store.manifest(0).files[0].name, 4), ("part-00001.parquet", 3),
+                                                   ("part-00002.parquet", 3), ("part-00003.parquet", 3),
+                                                   ("part-00004.parquet", 1)]
+    store.verify(1)
+
+
+def test_a_crashed_writers_temporary_version_is_invisible_and_cleaned(tmp_path):
+    store = DatasetStore(tmp_path)
+    store.commit([rows_to_table([row(i) for i in range(4)])])
     # A crash that killed the process (no cleanup) leaves a temp folder: invisible, and removed on open.
     (tmp_path / "data" / ".tmp-v001-dead").mkdir()
     assert store.versions() == [0] and store.latest() == 0

@@ -30,14 +30,12 @@ class _Sampler:
     """Ray Data actor: loads the policy once, on the device the actor reserved, then proposes prompts batch
     by batch."""
 
-    def __init__(self, policy_dir: str, gen: dict[str, Any], threads: int | None = None, device: str = "cpu"):
+    def __init__(self, policy_dir: str, gen: dict[str, Any], device: str = "cpu"):
         import torch
 
         from qpo_ray.errors import ConfigError
         from qpo_ray.policy.model import QPOPolicy
 
-        if threads:
-            torch.set_num_threads(threads)
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError("collect.num_gpus_per_actor > 0 but the sampling actor sees no CUDA device")
         self.policy = QPOPolicy.load(policy_dir, device=device)
@@ -49,7 +47,7 @@ class _Sampler:
         n, g = self.gen["num_candidates"], self.gen
         # Each query's draws come from its own seeded generator: the same query gets the same candidates
         # however the rows are batched or spread over actors.
-        sampled = generate_prompts(self.policy, [str(q) for q in np.repeat(batch["query"], n)], greedy=g["greedy"],
+        sampled = generate_prompts(self.policy, [str(q) for q in np.repeat(batch["query"], n)], greedy=False,
                                    top_k=g["top_k"], top_p=g["top_p"], temperature=g["temperature"],
                                    target_reward=g["target_reward"], batch_size=len(batch["query"]) * n,
                                    seed=g["seed"])
@@ -73,11 +71,10 @@ class _Sampler:
 
 
 def sample_prompts(policy_dir: str | Path, queries: Sequence[tuple[str, str]], ccfg: CollectConfig, *,
-                   seed: int, greedy: bool = False, target_reward: float | None = None,
-                   exclude: Sequence[str] = (), desc: str = "sample",
+                   seed: int, target_reward: float, exclude: Sequence[str] = (), desc: str = "sample",
                    progress: bool = True) -> list[dict[str, Any]]:
-    """Candidate prompts per (query, label) on a pool of ``collect.num_actors`` actors: the
-    ``collect.num_candidates`` sampled ones, then the ``collect.num_beams`` most likely ones other
+    """Candidate prompts per (query, label) at ``r = target_reward`` on a pool of ``collect.num_actors`` actors:
+    the ``collect.num_candidates`` sampled ones, then the ``collect.num_beams`` most likely ones other
     than the ``exclude`` prompts (the dataset's, so the beams are new prompts), each with ``rhat`` = r̂(q, p)
     (None without the "last_prompt" head). Rows keep the input order, a query's candidates in that order."""
     import ray
@@ -85,10 +82,9 @@ def sample_prompts(policy_dir: str | Path, queries: Sequence[tuple[str, str]], c
     if not queries:
         return []
     items = [{"row": i, "query": q, "label": lab} for i, (q, lab) in enumerate(queries)]
-    gen = {"greedy": greedy, "top_k": ccfg.top_k, "top_p": ccfg.top_p, "temperature": ccfg.temperature,
-           "target_reward": ccfg.target_reward if target_reward is None else target_reward, "seed": seed,
-           "num_candidates": 1 if greedy else ccfg.num_candidates, "num_beams": 0 if greedy else ccfg.num_beams,
-           "exclude": list(exclude)}
+    gen = {"top_k": ccfg.top_k, "top_p": ccfg.top_p, "temperature": ccfg.temperature,
+           "target_reward": target_reward, "seed": seed, "num_candidates": ccfg.num_candidates,
+           "num_beams": ccfg.num_beams, "exclude": list(exclude)}
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items) // ccfg.batch_size))

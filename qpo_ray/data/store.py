@@ -232,131 +232,163 @@ class DatasetStore:
         reward_range: tuple[float, float] | None = None,
         source: str = "<rows>",
         note: str = "",
-        dedupe: bool = True,
-        _fail_after_rows: int | None = None,
     ) -> Manifest:
         """Write a new version atomically: the parent's rows (if any) plus the given rows.
 
-        Rows are validated chunk by chunk (errors name source, row and column). With ``dedupe``, a row
-        whose key is already in the parent or earlier in ``chunks`` is dropped and counted. The reward
+        Rows are validated chunk by chunk (errors name source, row and column). A row whose key is
+        already in the parent or earlier in ``chunks`` is dropped and counted. The reward
         range is the parent's; for a root version it is ``reward_range`` or the min/max of its rows.
         Holds the run directory's writer lock (re-entrant: a command that holds it already keeps it).
         """
         with writer_lock(self.root.parent):
-            return self._commit(chunks, version=version, parent=parent, reward_range=reward_range, source=source,
-                                note=note, dedupe=dedupe, _fail_after_rows=_fail_after_rows)
+            version = self._new_version(version)
+            tmp = self._make_tmp(version)
+            try:
+                files, pm = self._link_parent(parent, tmp)
+                seen = self.keys(parent) if parent is not None else KeySet()
+                tally = _Tally()
+                files += write_parts(_new_tables(chunks, source=source, seen=seen, tally=tally), tmp, len(files))
+                # Arrow's allocator keeps the freed chunk and page buffers of a big commit (~80 MiB per 100k
+                # rows) for reuse; the driver lives for the whole run, so give them back.
+                pa.default_memory_pool().release_unused()
+                if tally.dropped:
+                    log.warning("%s: dropped %d duplicate row(s) (same task/target/setting/query/prompt key)",
+                                source, tally.dropped)
+                lo, hi = _reward_range(pm, reward_range, tally, source)
+                m = Manifest(version=version, parent=parent, rows=sum(f.rows for f in files), new_rows=tally.rows,
+                             reward_min=float(lo), reward_max=float(hi), files=files,
+                             duplicates_dropped=tally.dropped, note=note, created=time.time())
+                self._publish(tmp, m)
+                return m
+            except OSError as e:  # a full disk, a file-size limit: one line, and the half-written version is gone
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise ResourceError(f"cannot write dataset v{version:03d} in {self.root}: {os_reason(e)}") from e
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
 
-    def _commit(self, chunks, *, version, parent, reward_range, source, note, dedupe, _fail_after_rows) -> Manifest:
+    def _new_version(self, version: int | None) -> int:
+        """The version to write: ``version``, or the one after the latest; an existing one is an error."""
         if version is None:
             latest = self.latest()
             version = 0 if latest is None else latest + 1
         if (self.path(version) / MANIFEST).exists():
             raise DataError(f"dataset version v{version:03d} already exists in {self.root}")
+        return version
+
+    def _make_tmp(self, version: int) -> Path:
+        """A fresh hidden folder the version is written in (readers never list it)."""
         tmp = self.root / f".tmp-v{version:03d}-{uuid.uuid4().hex[:8]}"
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             tmp.mkdir()
         except OSError as e:
             raise ResourceError(f"cannot write dataset v{version:03d} in {self.root}: {os_reason(e)}") from None
-        try:
-            files: list[FileEntry] = []
-            seen = KeySet()
-            lo, hi = float("inf"), float("-inf")
-            base_rows = 0
-            pm = None
-            if parent is not None:
-                # The child takes the parent's files and checksums as they are: they must be sound.
-                pm = self.verify(parent)
-                for f in pm.files:
-                    src, dst = self.file_path(parent, f), tmp / f.name
-                    try:
-                        os.link(src, dst)
-                    except OSError:
-                        shutil.copy2(src, dst)
-                    files.append(f)
-                    base_rows += f.rows
-                if dedupe:
-                    seen = self.keys(parent)
-            writer, wpath, wrows, new_rows, dropped, offset = None, None, 0, 0, 0, 0
-            part = len(files)
-            for chunk in chunks:
-                table = chunk if isinstance(chunk, pa.Table) else pa.Table.from_batches([chunk])
-                table = check_table(table, source=source, row_offset=offset)
-                offset += table.num_rows
-                if dedupe:
-                    keep = seen.add_new(table.column("key").to_numpy(zero_copy_only=False))
-                    if not keep.all():
-                        dropped += int((~keep).sum())
-                        table = table.filter(pa.array(keep))
-                if table.num_rows == 0:
-                    continue
-                rewards = table.column("reward")
-                lo = min(lo, pa.compute.min(rewards).as_py())
-                hi = max(hi, pa.compute.max(rewards).as_py())
-                while table.num_rows:
-                    if writer is None:
-                        wpath = tmp / f"part-{part:05d}.parquet"
-                        writer, wrows = pq.ParquetWriter(wpath, SCHEMA), 0
-                    take = min(table.num_rows, ROWS_PER_FILE - wrows)
-                    writer.write_table(table.slice(0, take), row_group_size=ROW_GROUP_ROWS)
-                    wrows += take
-                    new_rows += take
-                    table = table.slice(take)
-                    if _fail_after_rows is not None and new_rows >= _fail_after_rows:
-                        raise RuntimeError("injected failure while writing a dataset version")
-                    if wrows >= ROWS_PER_FILE:
-                        writer.close()
-                        files.append(self._entry(wpath, wrows))
-                        writer, part = None, part + 1
-            if writer is not None:
-                writer.close()
-                files.append(self._entry(wpath, wrows))
-            # Arrow's allocator keeps the freed chunk and page buffers of a big commit (~80 MiB per 100k
-            # rows) for reuse; the driver lives for the whole run, so give them back.
-            table = chunk = None
-            pa.default_memory_pool().release_unused()
-            if dropped:
-                log.warning("%s: dropped %d duplicate row(s) (same task/target/setting/query/prompt key)", source, dropped)
-            if pm is not None:
-                lo, hi = pm.reward_min, pm.reward_max
-            elif reward_range is not None:
-                lo, hi = reward_range
-            elif new_rows == 0:
-                raise DataError(f"{source}: no rows — an empty dataset cannot start a run")
-            m = Manifest(
-                version=version,
-                parent=parent,
-                rows=base_rows + new_rows,
-                new_rows=new_rows,
-                reward_min=float(lo),
-                reward_max=float(hi),
-                files=files,
-                duplicates_dropped=dropped,
-                note=note,
-                created=time.time(),
-            )
-            mpath = tmp / MANIFEST
-            with open(mpath, "w", encoding="utf-8") as f:
-                json.dump(asdict(m), f, indent=1)
-                f.flush()
-                os.fsync(f.fileno())
-            _fsync_dir(tmp)
-            fault_point("store.commit.before-rename")
-            os.rename(tmp, self.path(version))  # the commit point
-            _fsync_dir(self.root)
-            return m
-        except OSError as e:  # a full disk, a file-size limit: one line, and the half-written version is gone
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise ResourceError(f"cannot write dataset v{version:03d} in {self.root}: {os_reason(e)}") from e
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        return tmp
 
-    @staticmethod
-    def _entry(path: Path, rows: int) -> FileEntry:
-        with open(path, "rb+") as f:
+    def _link_parent(self, parent: int | None, tmp: Path) -> tuple[list[FileEntry], Manifest | None]:
+        """The parent's files in ``tmp`` (hard links, else copies) and its manifest; none for a root version."""
+        if parent is None:
+            return [], None
+        # The child takes the parent's files and checksums as they are: they must be sound.
+        pm = self.verify(parent)
+        for f in pm.files:
+            src, dst = self.file_path(parent, f), tmp / f.name
+            try:
+                os.link(src, dst)
+            except OSError:
+                shutil.copy2(src, dst)
+        return list(pm.files), pm
+
+    def _publish(self, tmp: Path, m: Manifest) -> None:
+        """Write the manifest, sync, and rename ``tmp`` into place: the commit point."""
+        with open(tmp / MANIFEST, "w", encoding="utf-8") as f:
+            json.dump(asdict(m), f, indent=1)
+            f.flush()
             os.fsync(f.fileno())
-        return FileEntry(name=path.name, rows=rows, sha256=sha256_file(path))
+        _fsync_dir(tmp)
+        fault_point("store.commit.before-rename")
+        os.rename(tmp, self.path(m.version))
+        _fsync_dir(self.root)
+
+
+@dataclass
+class _Tally:
+    """What the new rows of a commit came to."""
+
+    rows: int = 0
+    dropped: int = 0
+    lo: float = float("inf")
+    hi: float = float("-inf")
+
+
+def _new_tables(chunks: Iterable[pa.Table | pa.RecordBatch], *, source: str, seen: KeySet,
+                tally: _Tally) -> Iterator[pa.Table]:
+    """The chunks as validated tables of SCHEMA, without the rows whose key ``seen`` holds (the others' keys
+    are added to it). Counts into ``tally``; empty tables are skipped."""
+    offset = 0
+    for chunk in chunks:
+        table = chunk if isinstance(chunk, pa.Table) else pa.Table.from_batches([chunk])
+        table = check_table(table, source=source, row_offset=offset)
+        offset += table.num_rows
+        keep = seen.add_new(table.column("key").to_numpy(zero_copy_only=False))
+        if not keep.all():
+            tally.dropped += int((~keep).sum())
+            table = table.filter(pa.array(keep))
+        if table.num_rows == 0:
+            continue
+        rewards = table.column("reward")
+        tally.lo = min(tally.lo, pa.compute.min(rewards).as_py())
+        tally.hi = max(tally.hi, pa.compute.max(rewards).as_py())
+        tally.rows += table.num_rows
+        yield table
+
+
+def write_rows(writer: pq.ParquetWriter, table: pa.Table) -> None:
+    """The one place a commit's rows reach a file (a seam: tests replace it to fail a commit midway)."""
+    writer.write_table(table, row_group_size=ROW_GROUP_ROWS)
+
+
+def write_parts(tables: Iterable[pa.Table], folder: Path, first_part: int) -> list[FileEntry]:
+    """The tables as ``part-NNNNN.parquet`` files of at most ROWS_PER_FILE rows in ``folder``, numbered from
+    ``first_part``, each synced and checksummed."""
+    entries: list[FileEntry] = []
+    writer, path, rows = None, folder, 0
+    for table in tables:
+        while table.num_rows:
+            if writer is None:
+                path = folder / f"part-{first_part + len(entries):05d}.parquet"
+                writer, rows = pq.ParquetWriter(path, SCHEMA), 0
+            take = min(table.num_rows, ROWS_PER_FILE - rows)
+            write_rows(writer, table.slice(0, take))
+            rows += take
+            table = table.slice(take)
+            if rows >= ROWS_PER_FILE:
+                writer.close()
+                entries.append(_entry(path, rows))
+                writer = None
+    if writer is not None:
+        writer.close()
+        entries.append(_entry(path, rows))
+    return entries
+
+
+def _reward_range(pm: Manifest | None, given: tuple[float, float] | None, tally: _Tally,
+                  source: str) -> tuple[float, float]:
+    """A version's reward range: its parent's, else the given one, else its own rows'."""
+    if pm is not None:
+        return pm.reward_min, pm.reward_max
+    if given is not None:
+        return given
+    if tally.rows == 0:
+        raise DataError(f"{source}: no rows — an empty dataset cannot start a run")
+    return tally.lo, tally.hi
+
+
+def _entry(path: Path, rows: int) -> FileEntry:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+    return FileEntry(name=path.name, rows=rows, sha256=sha256_file(path))
 
 
 __all__ = ["COLUMNS", "DatasetStore", "Manifest", "normalize_reward", "read_batches"]

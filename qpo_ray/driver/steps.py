@@ -58,7 +58,7 @@ def train(s: Session, loop: int) -> dict[str, Any]:
 
 
 def collect(s: Session, loop: int) -> dict[str, Any]:
-    """The policy proposes ``collect.num_candidates`` prompts per collect query at ``r = collect.target_reward``;
+    """The policy proposes ``collect.num_candidates`` prompts per collect query at ``r = eval.target_reward``;
     r̂ screens them down to the ``collect.scored_per_query`` the target will score, new prompts first
     (collect/screen.py). Writes every candidate and the chosen pairs."""
     ccfg = s.cfg.collect
@@ -67,7 +67,8 @@ def collect(s: Session, loop: int) -> dict[str, Any]:
              ccfg.num_candidates, ccfg.num_beams, len(queries))
     seen_pairs, known = s.seen(loop - 1)
     cands = sample_prompts(s.run.policy_dir(loop), queries, ccfg, seed=s.cfg.seed * 1000 + loop,
-                           exclude=sorted(known.values()), desc=f"sample loop-{loop}")
+                           target_reward=s.cfg.eval.target_reward, exclude=sorted(known.values()),
+                           desc=f"sample loop-{loop}")
     atomic_write_table(s.run.loop_dir(loop) / "candidates.parquet", pa.Table.from_pylist(cands))
     known_prompts = set(known)
     chosen, stats = screen([Candidate(**c) for c in cands], seen_pairs=seen_pairs, known_prompts=known_prompts,

@@ -61,20 +61,18 @@ EVAL_JSON = "offline_eval.json"
 REPORT_MD = "offline_report.md"
 
 
-def evaluate_offline(cfg: RunConfig, data_run_dir: str | Path, out_dir: str | Path, *, version: int | None = None,
-                     test_fraction: float = 0.2, seed: int = 0, min_train_coverage: float = MIN_TRAIN_COVERAGE,
-                     min_similarity: float = MIN_SIMILARITY) -> dict[str, Any]:
+def evaluate_offline(cfg: RunConfig, data_run_dir: str | Path, out_dir: str | Path, *, test_fraction: float,
+                     version: int | None = None) -> dict[str, Any]:
     """Split the logs of ``data_run_dir`` (dataset ``version``, default the latest that added rows) by unique
     query, train a policy on the train rows in ``out_dir``, let every QPO method write a prompt per test query,
     and compare with the recorded-prompt baselines by replay (module doc).
 
     ``cfg.eval.max_test_queries`` (if set) evaluates a seeded sample of the test queries; every method is
     measured on the same ones. Writes ``offline_eval.json`` and ``offline_report.md`` into ``out_dir`` and
-    returns the JSON's content."""
+    returns the JSON's content. The config's ``seed`` seeds the split and everything after it."""
+    seed = cfg.seed
     if not 0.0 < test_fraction < 1.0:
         raise ConfigError(f"--test-fraction {test_fraction}: must be strictly between 0 and 1")
-    if not 0.0 <= min_train_coverage <= 1.0:
-        raise ConfigError(f"min_train_coverage {min_train_coverage}: must be within [0, 1]")
     t_start = time.perf_counter()
     data_store, version, data_dir = resolve_data(data_run_dir, version)
     out = Path(out_dir).resolve()
@@ -90,18 +88,18 @@ def evaluate_offline(cfg: RunConfig, data_run_dir: str | Path, out_dir: str | Pa
         queries = sorted(test_queries(queries, cfg.eval.max_test_queries, seed))
     pool_keys = split.recorded_prompts()
     pool = [split.prompt_text[p] for p in pool_keys]
-    best = best_single_on_train(split.train_acc, pool, min_train_coverage)
+    best = best_single_on_train(split.train_acc, pool, MIN_TRAIN_COVERAGE)
     best_prompt = best["prompt"] if best else None
     margin = _rerank_margin(cfg, split, out / POLICY_SUBDIR, best_prompt, fit)
     settings = InferenceSettings.from_config(cfg, candidates=pool, default_prompt=best_prompt,
                                              margin=margin["margin"])
     result, took = _qpo_vs_pool(cfg, split, queries, pool_keys, settings, best, out / POLICY_SUBDIR,
-                                _replay_judge(split, min_similarity, f"{data_dir} test rows"), seed)
+                                _replay_judge(split, MIN_SIMILARITY, f"{data_dir} test rows"), seed)
     result.update(_setup(cfg, split, data_dir, version, len(queries), out, training, took, margin))
     matches = {m: dict(Counter(row["methods"][m]["match"] for row in result["per_query"])) for m in took}  # QPO methods
     result.update({
-        "replay": {"min_similarity": min_similarity, "matches": matches, "unmatched_count_as_incorrect": True},
-        "min_train_coverage": min_train_coverage,
+        "replay": {"min_similarity": MIN_SIMILARITY, "matches": matches, "unmatched_count_as_incorrect": True},
+        "min_train_coverage": MIN_TRAIN_COVERAGE,
         "per_prompt": per_prompt_accuracy(split.train_acc, split.test_acc, pool_keys, split.names),
         "wall_s": round(time.perf_counter() - t_start, 2),
     })

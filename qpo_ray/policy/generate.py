@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from qpo_ray.config import TARGET_REWARD
 from qpo_ray.data.prompts import prompt_identity
 from qpo_ray.ids import content_id
 from qpo_ray.policy.model import QPOPolicy
@@ -68,7 +69,7 @@ def row_generators(seed: int, queries: Sequence[str], device: torch.device | str
 
 @torch.no_grad()
 def generate_ids(policy: QPOPolicy, query_ids: torch.Tensor, query_mask: torch.Tensor, *,
-                 target_reward: float = 100.0, greedy: bool = True, top_k: int = 0, top_p: float = 1.0,
+                 target_reward: float = TARGET_REWARD, greedy: bool = True, top_k: int = 0, top_p: float = 1.0,
                  temperature: float = 1.0, max_new_tokens: int = 40,
                  generator: Generators = None) -> torch.Tensor:
     """Token ids ``[B, max_new_tokens]``: each row up to and including its first EOS, pad after it.
@@ -103,7 +104,7 @@ def generate_ids(policy: QPOPolicy, query_ids: torch.Tensor, query_mask: torch.T
 
 @torch.no_grad()
 def beam_ids(policy: QPOPolicy, query_ids: torch.Tensor, query_mask: torch.Tensor, *, num_beams: int,
-             target_reward: float = 100.0, max_new_tokens: int = 40, all_beams: bool = False,
+             target_reward: float = TARGET_REWARD, max_new_tokens: int = 40, all_beams: bool = False,
              banned: Callable[[tuple[int, ...]], bool] | None = None) -> torch.Tensor:
     """The most likely prompt per row under ``p(prompt | query, r)`` by beam search: ``[B, max_new_tokens]``
     token ids like ``generate_ids``; with ``all_beams``, every beam, most likely first: ``[B, num_beams, T]``.
@@ -164,9 +165,8 @@ def beam_ids(policy: QPOPolicy, query_ids: torch.Tensor, query_mask: torch.Tenso
 
 
 @torch.no_grad()
-def likely_prompts(policy: QPOPolicy, queries: Sequence[str], num_beams: int, *, target_reward: float = 100.0,
-                   exclude: Sequence[str] = (), max_new_tokens: int | None = None,
-                   batch_size: int = 32) -> list[list[str]]:
+def likely_prompts(policy: QPOPolicy, queries: Sequence[str], num_beams: int, *, target_reward: float = TARGET_REWARD,
+                   exclude: Sequence[str] = (), batch_size: int = 32) -> list[list[str]]:
     """Per query, the ``num_beams`` most likely prompts that beam search finds other than those in ``exclude``
     (most likely first, repeats after decoding dropped). A beam may not end as an excluded prompt: it goes on
     past it, so a policy sure of its training prompts offers its likeliest *other* prompts, such as a known
@@ -191,7 +191,7 @@ def likely_prompts(policy: QPOPolicy, queries: Sequence[str], num_beams: int, *,
             q_ids, q_mask = encode_queries(policy.tokenizer, list(queries[i:i + batch_size]), pcfg.max_query_tokens)
             ids = beam_ids(policy, torch.as_tensor(q_ids, device=dev), torch.as_tensor(q_mask, device=dev),
                            num_beams=num_beams, target_reward=target_reward,
-                           max_new_tokens=max_new_tokens or pcfg.max_prompt_tokens, all_beams=True, banned=banned)
+                           max_new_tokens=pcfg.max_prompt_tokens, all_beams=True, banned=banned)
             texts = [dict.fromkeys(_text(policy, b) for b in row) for row in ids.tolist()]
             # A beam cut at max_new_tokens never ended, so nothing stopped it there: drop excluded ones.
             out += [[t for t in row if banned is None or prompt_identity(t) not in known] for row in texts]
@@ -207,7 +207,7 @@ def _text(policy: QPOPolicy, ids: list[int]) -> str:
     return policy.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
 
-def generate_prompts(policy: QPOPolicy, queries: Sequence[str], *, target_reward: float = 100.0,
+def generate_prompts(policy: QPOPolicy, queries: Sequence[str], *, target_reward: float = TARGET_REWARD,
                      greedy: bool = True, top_k: int = 0, top_p: float = 1.0, temperature: float = 1.0,
                      max_new_tokens: int | None = None, batch_size: int = 32,
                      seed: int | None = None, num_beams: int = 1) -> list[str]:
@@ -295,10 +295,11 @@ def rerank(policy: QPOPolicy, queries: Sequence[str], candidates: Sequence[Seque
     return [pick(cs, s, d, margin) for cs, s, d in zip(candidates, scores, defaults, strict=True)]
 
 
-def best_of_n(policy: QPOPolicy, queries: Sequence[str], n: int, *, target_reward: float = 100.0, top_k: int = 2,
-              top_p: float = 0.9, temperature: float = 1.0, max_new_tokens: int | None = None,
+def best_of_n(policy: QPOPolicy, queries: Sequence[str], n: int, *, target_reward: float = TARGET_REWARD, top_k: int,
+              top_p: float, temperature: float, max_new_tokens: int | None = None,
               seed: int | None = None, batch_size: int = 64) -> list[str]:
-    """Per query, ``n`` prompts sampled at ``r = target_reward`` (top-k then top-p), the one ``r̂`` rates highest."""
+    """Per query, ``n`` prompts sampled at ``r = target_reward`` (top-k then top-p), the one ``r̂`` rates highest.
+    The sampling settings are the config's ``collect.*`` ones (``InferenceSettings``): no defaults here."""
     if n < 1:
         raise ValueError(f"best-of-n needs n >= 1, got {n}")
     samples = generate_prompts(policy, [q for q in queries for _ in range(n)], target_reward=target_reward,

@@ -31,14 +31,15 @@ GEN_BATCH = 64  # rows per forward pass of generation: bounds a big call's memor
 class InferenceSettings:
     """What :func:`policy_prompts` needs besides the policy and the queries."""
 
-    method: Method = "greedy"
-    target_reward: float = 100.0
-    num_beams: int = 1
-    best_of_n: int = 1
-    top_k: int = 0
-    top_p: float = 1.0
-    temperature: float = 1.0
-    seed: int = 0
+    # No defaults: every value comes from a config (from_config) or a recorded inference.json (from_dict).
+    method: Method
+    target_reward: float
+    num_beams: int
+    best_of_n: int
+    top_k: int
+    top_p: float
+    temperature: float
+    seed: int
     candidates: tuple[str, ...] = ()  # rerank's prompts, the same for every query
     default_prompt: str | None = None  # rerank keeps it unless r̂ prefers another by more than margin
     margin: float = 0.0

@@ -21,8 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from qpo_ray.atomic import atomic_write_json
-from qpo_ray.config import RunConfig, build_config, load_config, override_key
+from qpo_ray.config import RunConfig, build_config, load_config
+from qpo_ray.config_input import override_key
 from qpo_ray.errors import ConfigError, QPOError
 from qpo_ray.policy.inference import InferenceSettings
 
@@ -89,7 +92,11 @@ def read_inference(policy_dir: str | Path) -> InferenceRecord | None:
                                setting=str(task["setting"]), num_demos=int(task["num_demos"]),
                                evaluation=str(doc["evaluation"]), sources=dict(doc.get("sources") or {}),
                                run_config=doc.get("run_config"))
-    except (OSError, ValueError, KeyError, TypeError) as e:  # pydantic's ValidationError is a ValueError
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(x) for x in err["loc"])
+        raise ConfigError(f"{path}: not a valid inference record (settings.{where}: {err['msg']})") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
         detail = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ConfigError(f"{path}: not a valid inference record ({detail})") from None
 

@@ -58,7 +58,7 @@ def write_rows(rows: list[dict[str, Any]], path: str | Path) -> None:
 
 
 def score_file(cfg: RunConfig, in_path: str | Path, out_path: str | Path, *, local: bool = False,
-               run_id: str | None = None, rows: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+               rows: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Score every pair of ``in_path`` (or ``rows``, already read from it) and write the schema rows to
     ``out_path``; returns a summary."""
     task = load_task(cfg.task.name)
@@ -85,7 +85,7 @@ def score_file(cfg: RunConfig, in_path: str | Path, out_path: str | Path, *, loc
     else:
         from qpo_ray.score.pool import ScoringPool
 
-        with ScoringPool(cfg.target, task, run_id=run_id or f"score-{uuid.uuid4().hex[:8]}") as pool:
+        with ScoringPool(cfg.target, task, run_id=f"score-{uuid.uuid4().hex[:8]}") as pool:
             run(pool)
             stats = dict(pool.stats)
     write_rows(out, out_path)  # type: ignore[arg-type]

@@ -197,7 +197,7 @@ class ScoringPool:
                 if not isinstance(cause, RETRYABLE):
                     raise TargetError(f"scoring pool '{self.app_name}': the replica raised "
                                       f"{type(cause).__name__}: {cause}") from None
-                if attempt >= self.cfg.request_retries:
+                if attempt >= self.cfg.retries:
                     raise TargetError(f"scoring pool '{self.app_name}': request failed after {attempt + 1} "
                                       f"attempt(s), the replica kept failing: {type(cause).__name__}") from None
                 with self._lock:

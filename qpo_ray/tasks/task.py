@@ -128,15 +128,14 @@ class Task:
         block = "\n".join(fill(self.demo_template, query=q, label=self.demo_label(lab)) for q, lab in demos)
         return fill(self.fewshot_template, prompt=prompt, query=query, demos=block)
 
-    def demo_sets(self, m: int, k: int, seed: int, exclude_query: str | None = None,
-                  split: str = "train") -> list[tuple[Demo, ...]]:
-        """``m`` sets of ``k`` demonstrations drawn without replacement from ``split``, never the query itself.
+    def demo_sets(self, m: int, k: int, seed: int, exclude_query: str | None = None) -> list[tuple[Demo, ...]]:
+        """``m`` sets of ``k`` demonstrations drawn without replacement from the train split, never the query.
 
         Seeded by (seed, task, query): a query gets the same sets whatever batch it is scored in.
         """
-        pool = [(q, lab) for q, lab in self.queries(split) if q != exclude_query]
+        pool = [(q, lab) for q, lab in self.queries("train") if q != exclude_query]
         if len(pool) < k:
-            raise ConfigError(f"task '{self.name}': {k} demonstrations asked but the {split} split has only "
+            raise ConfigError(f"task '{self.name}': {k} demonstrations asked but the train split has only "
                               f"{len(pool)} other queries (lower task.num_demos)")
         rng = random.Random(int(content_id("demos", str(seed), self.name, exclude_query or ""), 16))
         return [tuple(rng.sample(pool, k)) for _ in range(m)]

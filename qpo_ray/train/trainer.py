@@ -113,7 +113,7 @@ def train_policy(cfg: RunConfig, *, store: DatasetStore, version: int, out_dir: 
     rows = plan.rows
     steps = steps_per_epoch(tcfg, rows, f"dataset v{version:03d} in {store.root}",
                             f" whose prompt fits policy.max_prompt_tokens={cfg.policy.max_prompt_tokens}")
-    ds = training_dataset(store, version, cfg.policy, tokenizer=tok, seed=tcfg.seed,
+    ds = training_dataset(store, version, cfg.policy, tokenizer=tok, seed=cfg.seed,
                           tokenize_tasks=tcfg.num_workers, query_means=plan.query_means)
     call_id = uuid.uuid4().hex
     storage = storage_path(cfg)

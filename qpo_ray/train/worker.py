@@ -107,7 +107,7 @@ def _build_policy(cfg: RunConfig, schedule: Schedule, init_policy: str | None):
 
     if schedule == "finetune":
         return QPOPolicy.load(init_policy)
-    return QPOPolicy.from_config(cfg.policy, seed=cfg.train.seed)
+    return QPOPolicy.from_config(cfg.policy, seed=cfg.seed)
 
 
 def _mean_across_ranks(values: dict[str, float], device) -> dict[str, float]:
@@ -175,12 +175,12 @@ def _export_policy(engine, stage: int, dest: Path, rank: int) -> None:
                     p.data = v
 
 
-def _epoch_batches(shard, cached: dict | None, *, epoch: int, tcfg: TrainConfig, rank: int, device):
+def _epoch_batches(shard, cached: dict | None, *, epoch: int, tcfg: TrainConfig, seed: int, rank: int, device):
     """This rank's micro-batches of one epoch on ``device`` (the engine's): from the rows it holds in memory,
     else streamed by Ray Data."""
     from qpo_ray.train.loader import cached_batches, train_batches
 
-    seed = tcfg.seed * 1_000_003 + epoch * 1009 + rank
+    seed = seed * 1_000_003 + epoch * 1009 + rank
     if cached is not None:
         return cached_batches(cached, tcfg.micro_batch_size, seed, device=device)
     return train_batches(shard, tcfg.micro_batch_size, seed, device=device)
@@ -261,7 +261,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    seed_everything(tcfg.seed)  # identical initial weights on every rank
+    seed_everything(cfg.seed)  # identical initial weights on every rank
     policy = _build_policy(cfg, schedule, config["init_policy"])
     if config.get("vocab_ids") is not None:
         policy.set_vocab(config["vocab_ids"])
@@ -337,8 +337,8 @@ def _train_epochs(engine, optimizer, shard, cached, poster, config: dict[str, An
         engine.train()
         # Seeded per (rank, epoch), not once per call: a run resumed at epoch k draws the dropout masks an
         # uninterrupted run would, so resuming changes no weight. Ranks differ, as in plain DDP.
-        seed_everything(tcfg.seed + 7919 * (rank + 1) + 104_729 * epoch)
-        batches = _epoch_batches(shard, cached, epoch=epoch, tcfg=tcfg, rank=rank, device=engine.device)
+        seed_everything(cfg.seed + 7919 * (rank + 1) + 104_729 * epoch)
+        batches = _epoch_batches(shard, cached, epoch=epoch, tcfg=tcfg, seed=cfg.seed, rank=rank, device=engine.device)
         metrics = _run_epoch(engine, batches, epoch=epoch, tcfg=tcfg, gas=gas, rank=rank, on_step=poster)
         if epoch > start_epoch:  # a drill kills a worker that has trained on since its last restart
             fault_point(f"train.epoch-{epoch + 1}.end")

@@ -10,6 +10,7 @@ sizes for ``--quick``) and ``run(args) -> dict``, and calls ``main(module)``; th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -186,7 +187,8 @@ def main(name: str, add_args: Callable[[argparse.ArgumentParser], None], quick: 
          run: Callable[[argparse.Namespace], dict[str, Any]], argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"python -m benchmarks.bench_{name}")
     parser.add_argument("--quick", action="store_true", help="smallest sizes (smoke test)")
-    parser.add_argument("--threads", type=int, default=int(os.environ.get("QPO_BENCH_THREADS", 0)) or (os.cpu_count() or 1),
+    parser.add_argument("--threads", type=int,
+                        default=int(os.environ.get("QPO_BENCH_THREADS", 0)) or (os.cpu_count() or 1),
                         help="torch intra-op threads on both sides (default: all cores)")
     parser.add_argument("--json", type=Path, default=None, help="write the result dict here")
     parser.add_argument("--workdir", type=Path, default=None, help="scratch folder (default: a temp dir)")
@@ -237,7 +239,8 @@ def emotion_pairs(n: int, seed: int = 0) -> list[dict[str, Any]]:
     return task_pairs("emotion", n, seed)
 
 
-def task_pairs(task_name: str, n: int, seed: int = 0, fits: Callable[[str], bool] | None = None) -> list[dict[str, Any]]:
+def task_pairs(task_name: str, n: int, seed: int = 0,
+               fits: Callable[[str], bool] | None = None) -> list[dict[str, Any]]:
     """``n`` distinct (query, prompt, label) rows of a task (its queries × its prompt pool), shuffled; only
     prompts for which ``fits`` holds (e.g. within the policy's prompt budget, so training drops no row)."""
     import random
@@ -268,10 +271,8 @@ def host_info() -> dict[str, Any]:
 
     info: dict[str, Any] = {"python": sys.version.split()[0], "platform": platform.platform(),
                             "cpus": os.cpu_count()}
-    try:
+    with contextlib.suppress(OSError):
         info["loadavg"] = [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        pass
     try:
         from importlib import metadata
 

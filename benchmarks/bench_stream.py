@@ -103,7 +103,8 @@ def chunks(n: int, chunk: int, seed: int, clock: list[float], words: list[str], 
         table = pa.table({
             "task": pa.array(["emotion"] * k), "setting": pa.array(["zero_shot"] * k),
             "target": pa.array(["smollm2"] * k), "query": pa.array(texts(k, 10, 30)),
-            "label": pa.array(labels[rng.integers(0, 4, size=k)].tolist()), "prompt": pa.array(texts(k, 5, prompt_words)),
+            "label": pa.array(labels[rng.integers(0, 4, size=k)].tolist()),
+            "prompt": pa.array(texts(k, 5, prompt_words)),
             "reward": pa.array(rng.uniform(-10.0, 10.0, size=k)), "source": pa.array(["offline:bench"] * k),
             "loop": pa.array(np.zeros(k, dtype=np.int32)),
         })
@@ -221,7 +222,8 @@ def run(args: argparse.Namespace) -> dict:
            "project_share_mib": {k: v["project_mib"] for k, v in split.items()},
            "project_share_ratio": round(split["big"]["project_mib"] / split["small"]["project_mib"], 3),
            "end_to_end_rows_per_s": big["end_to_end_rows_per_s"]}
-    return result(NAME, ratio=ratio, goal=GOAL, op="<=", ours=big["sum_pss_peak_mib"], baseline=small["sum_pss_peak_mib"],
+    return result(NAME, ratio=ratio, goal=GOAL, op="<=", ours=big["sum_pss_peak_mib"],
+                  baseline=small["sum_pss_peak_mib"],
                   units=f"MiB peak Σ PSS, driver + Ray ({big['rows']:,} vs {small['rows']:,} rows; "
                         f"{big['end_to_end_rows_per_s']:,} rows/s)",
                   raw=raw, notes=notes, ok=ok, goal_text=f"≤ {GOAL:.2f}, peak < 2 GiB",

@@ -10,8 +10,8 @@ Setups (``--setups``), each trained with its profile's own policy and train sett
 
 Ours: ``qpo_ray.train.train_policy`` on a DatasetStore version (1 worker, ZeRO 0, CPU): Ray Data reads and
 tokenises the rows (once: the shard fits ``train.cache_mib``), the Train worker runs a DeepSpeed engine,
-checkpoints every epoch and exports the policy. Its per-epoch history reports ``tokens_per_s`` (prompt + query tokens of the applied
-micro-batches / the epoch's loop time, checkpoint excluded).
+checkpoints every epoch and exports the policy. Its per-epoch history reports ``tokens_per_s`` (prompt + query
+tokens of the applied micro-batches / the epoch's loop time, checkpoint excluded).
 
 Baseline: what the Train worker computes, in a plain ``for`` loop in this process: the same policy
 (``QPOPolicy.from_config``, same seed, the prompt vocabulary ``plan_prompts`` gives), the same rows tokenised
@@ -134,7 +134,8 @@ def steady(history: list[dict], warmup: int = 1) -> dict:
     hs = history[warmup:] if len(history) > warmup else history
     tokens = sum(h["tokens_per_s"] * h["epoch_time_s"] for h in hs)
     secs = sum(h["epoch_time_s"] for h in hs)
-    return {"tokens_per_s": tokens / secs, "epoch_tokens": [round(h["tokens_per_s"] * h["epoch_time_s"]) for h in history],
+    return {"tokens_per_s": tokens / secs,
+            "epoch_tokens": [round(h["tokens_per_s"] * h["epoch_time_s"]) for h in history],
             "epoch_time_s": [round(h["epoch_time_s"], 2) for h in history],
             "epoch_tokens_per_s": [round(h["tokens_per_s"], 1) for h in history],
             "steps_per_epoch": [h["steps"] for h in history], "loss": [round(h["loss"], 4) for h in history]}
@@ -280,12 +281,14 @@ def compare(setup: str, cfg, ours: dict, base: dict) -> dict:
                            "ray_worker_omp_num_threads": ours.pop("worker_env"), "ours": ours, "plain_loop": base}
     notes = []
     if ours["steps_per_epoch"][1:] != base["steps_per_epoch"]:
-        notes.append(f"{setup}: steps per epoch differ: ours {ours['steps_per_epoch']} vs plain {base['steps_per_epoch']}")
+        notes.append(f"{setup}: steps per epoch differ: ours {ours['steps_per_epoch']} "
+                     f"vs plain {base['steps_per_epoch']}")
     if ours["epoch_tokens"][1:] != base["epoch_tokens"]:
         notes.append(f"{setup}: tokens per epoch differ: ours {ours['epoch_tokens']} vs plain {base['epoch_tokens']}")
     if base["drift"] > DRIFT_NOTE:
         notes.append(f"{setup}: the plain loop ran {base['before_tokens_per_s']:.0f} tokens/s before Ray and "
-                     f"{base['after_tokens_per_s']:.0f} after: the machine's speed drifted, the ratio is that uncertain")
+                     f"{base['after_tokens_per_s']:.0f} after: the machine's speed drifted, "
+                     "the ratio is that uncertain")
     if min(ours["steps_per_epoch"]) < 16:
         notes.append(f"{setup}: {min(ours['steps_per_epoch'])} optimizer steps per epoch (under 16: start-up "
                      f"costs weigh more than they do in real training)")

@@ -6,6 +6,7 @@ one sample) and what ``bench_train`` reads where the CPU went from.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from typing import Any
 
@@ -112,10 +113,8 @@ class MemorySampler:
             if rss > self.worker_peak:
                 self.worker_peak, self.worker_peak_name = rss, self._name(p)
             if self.watch and p.pid not in self.watched and self.watch in (name := self._name(p)):
-                try:
+                with contextlib.suppress(ps.Error):
                     self.watched[p.pid] = {"name": name, "omp_num_threads": p.environ().get("OMP_NUM_THREADS")}
-                except ps.Error:
-                    pass
         self.rss_sum_peak = max(self.rss_sum_peak, rss_sum)
         if pss_sum > self.pss_sum_peak:
             self.pss_sum_peak, self.at_peak = pss_sum, sorted(each, key=lambda x: -x[1])
@@ -162,10 +161,8 @@ class MemorySampler:
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
-            try:
+            with contextlib.suppress(Exception):
                 self.sample()
-            except Exception:
-                pass
 
     def summary(self) -> dict[str, Any]:
         import resource

@@ -32,7 +32,8 @@ class AtomicFile:
         self.tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex[:8]}.tmp")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.file: IO[Any] = open(self.tmp, mode, encoding=None if "b" in mode else "utf-8")
+            # Open beyond this call: commit() or discard() closes it.
+            self.file: IO[Any] = open(self.tmp, mode, encoding=None if "b" in mode else "utf-8")  # noqa: SIM115
         except OSError as e:
             raise write_error(self.path, e) from e
 

@@ -177,8 +177,10 @@ class TargetConfig(_Section):
     num_cpus_per_replica: float = Field(1.0, gt=0, le=_4K)
     num_gpus_per_replica: float = Field(0.0, ge=0, le=64)
     max_batch_size: int = Field(16, ge=1, le=_4K)  # requests per engine batch in a replica (score.batcher)
-    batch_wait_timeout_s: float = Field(0.05, ge=0, le=60)  # an idle engine runs a partial batch after this long without a request
-    max_in_flight: int = Field(32, ge=1, le=_1M)  # client-side bound on outstanding requests (≥ replicas × max_batch_size)
+    # An idle engine runs a partial batch after this long without a request
+    batch_wait_timeout_s: float = Field(0.05, ge=0, le=60)
+    # Client-side bound on outstanding requests (≥ replicas × max_batch_size)
+    max_in_flight: int = Field(32, ge=1, le=_1M)
     # transformers engine: run a prompt's shared token prefix once per batch (KV cache), then only the tails
     share_prefix: bool = True
 
@@ -222,7 +224,8 @@ class EvalConfig(_Section):
     @model_validator(mode="after")
     def _check_margin(self) -> EvalConfig:
         if self.rerank_margin != "fit" and not 0.0 <= self.rerank_margin <= REWARD_SCALE[1]:
-            raise ValueError(f"eval.rerank_margin={self.rerank_margin}: must be 'fit' or within [0, {REWARD_SCALE[1]:g}]")
+            raise ValueError(f"eval.rerank_margin={self.rerank_margin}: "
+                             f"must be 'fit' or within [0, {REWARD_SCALE[1]:g}]")
         return self
 
 
@@ -237,7 +240,8 @@ class ServeConfig(_Section):
     # Queries per generate_prompts call: a bigger request is generated in slices of this many, taking turns
     # with the other requests, so a small request waits for one slice, not for a big request's every query.
     max_batch_queries: int = Field(16, ge=1, le=_64K)
-    batch_wait_timeout_s: float = Field(0.02, ge=0, le=60)  # an idle policy runs a partial batch after this long without a request
+    # An idle policy runs a partial batch after this long without a request
+    batch_wait_timeout_s: float = Field(0.02, ge=0, le=60)
     max_queries_per_request: int = Field(64, ge=1, le=_64K)
     max_query_chars: int = Field(4000, ge=1, le=_1M)
     # Requests a replica holds at once (Serve's max_ongoing_requests); /v1/answer may hold at most half of

@@ -27,7 +27,8 @@ class MergeStats:
     kept: int
 
 
-def select_rows(rows: Sequence[dict[str, Any]], existing_keys: Container[str], threshold: float) -> tuple[list[dict], MergeStats]:
+def select_rows(rows: Sequence[dict[str, Any]], existing_keys: Container[str],
+                threshold: float) -> tuple[list[dict], MergeStats]:
     """Apply the merge rule to scored rows; returns the rows to add and what was dropped."""
     seen: set[str] = set()
     dup = old = low = 0

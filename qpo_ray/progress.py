@@ -12,7 +12,8 @@ from tqdm import tqdm
 PLAIN_EVERY_S = 30.0
 _last_progress = time.monotonic()
 # Without a terminal there is no bar to redraw: count, share, rate, elapsed and ETA in one line.
-PLAIN_FORMAT = "{desc}: {n_fmt}/{total_fmt} {unit} ({percentage:.0f}%), {rate_fmt}, {elapsed} elapsed, ETA {remaining}{postfix}"
+PLAIN_FORMAT = ("{desc}: {n_fmt}/{total_fmt} {unit} ({percentage:.0f}%), {rate_fmt}, {elapsed} elapsed, "
+                "ETA {remaining}{postfix}")
 
 
 class _Lines:

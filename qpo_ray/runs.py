@@ -1,8 +1,8 @@
 """The run directory: where every step of a run persists its output and marks itself done.
 
 A step's output is written atomically (``qpo_ray.atomic``: temp file, fsync, rename), then
-``steps/<name>.json`` records that it finished and what it produced. ``qpo-ray run --resume`` skips steps that have a marker; a step without
-one is redone from scratch, so a crash can only cost the unfinished step.
+``steps/<name>.json`` records that it finished and what it produced. ``qpo-ray run --resume`` skips steps that
+have a marker; a step without one is redone from scratch, so a crash can only cost the unfinished step.
 
 A run directory can be moved or copied between steps: nothing in it depends on its absolute path. The config's
 ``run_dir`` is re-derived from where the run is opened, checkpoints live under it (``train.storage_path`` is

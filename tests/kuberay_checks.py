@@ -13,8 +13,9 @@ import yaml
 
 # `ray start` options of Ray 2.60.0 (the image's version); rayStartParams keys become `--<key>=<value>`,
 # so a misspelt key only fails when the Pod starts.
+# Both lists stay one space-separated string (noqa: SIM905): the names as Ray prints them, easy to compare.
 RAY_START_OPTIONS = frozenset(
-    "address autoscaling-config block cgroup-path dashboard-agent-grpc-port dashboard-agent-listen-port "
+    "address autoscaling-config block cgroup-path dashboard-agent-grpc-port dashboard-agent-listen-port "  # noqa: SIM905
     "dashboard-host dashboard-port disable-usage-stats enable-object-reconstruction enable-resource-isolation "
     "head include-dashboard include-log-monitor labels labels-file log-color log-style max-worker-port memory "
     "metrics-export-port min-worker-port no-monitor no-redirect-output node-ip-address node-manager-port "
@@ -25,7 +26,7 @@ RAY_START_OPTIONS = frozenset(
 )
 # ray.runtime_env.RuntimeEnv.known_fields of Ray 2.60.0, public ones.
 RUNTIME_ENV_FIELDS = frozenset(
-    "py_modules py_executable working_dir pip uv conda container image_uri env_vars excludes java_jars "
+    "py_modules py_executable working_dir pip uv conda container image_uri env_vars excludes java_jars "  # noqa: SIM905
     "worker_process_setup_hook config".split()
 )
 

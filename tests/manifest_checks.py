@@ -200,9 +200,8 @@ def qpo_problems(doc: dict[str, Any]) -> list[str]:
         if isinstance(env, dict) and any(env.get(k) for k in INSTALLERS):
             out.append(f"{where}: installs packages at start-up ({', '.join(k for k in INSTALLERS if env.get(k))}); "
                        "the qpo-ray image has them")
-    if kind in ("RayCluster", "RayJob"):
-        if not (has_cpu_group and has_gpu_group):
-            out.append("workerGroupSpecs: need a CPU group and a GPU group")
+    if kind in ("RayCluster", "RayJob") and not (has_cpu_group and has_gpu_group):
+        out.append("workerGroupSpecs: need a CPU group and a GPU group")
     if kind == "RayCluster":
         need = gpus_needed(load_config("paper"))
         if gpu_capacity(doc) < need:
@@ -392,7 +391,7 @@ def deployment_names(trees: list[tuple[Path, ast.Module]]) -> set[str]:
                         names.add((name_kw(dec) if isinstance(dec, ast.Call) else None) or node.name)
             elif isinstance(node, ast.Call):
                 func = node.func
-                if (isinstance(func, ast.Attribute) and func.attr == "options") or is_deployment(node):
-                    if name_kw(node):
-                        names.add(name_kw(node))
+                if (((isinstance(func, ast.Attribute) and func.attr == "options") or is_deployment(node))
+                        and name_kw(node)):
+                    names.add(name_kw(node))
     return names

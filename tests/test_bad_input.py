@@ -225,7 +225,8 @@ def _http_app():
 
 
 HTTP = {
-    "lone surrogate query": ("/prompts", b'{"query": "bad \\ud800"}', 422, r"lone surrogate '\\\\ud800' at character 4"),
+    "lone surrogate query": ("/prompts", b'{"query": "bad \\ud800"}', 422,
+                             r"lone surrogate '\\\\ud800' at character 4"),
     "lone surrogate in a list": ("/prompts", b'{"queries": ["ok", "x\\udfff"]}', 422, r'"queries",1'),
     "NaN reward": ("/prompts", b'{"query": "a", "target_reward": NaN}', 422, r'"input":"nan"'),
     "1e400 reward": ("/prompts", b'{"query": "a", "target_reward": 1e400}', 422, r'"input":"inf"'),
@@ -260,7 +261,8 @@ def test_http_bodies_get_their_status_and_a_json_body(case):
 @pytest.mark.slow
 @pytest.mark.parametrize("sets, message", [
     (["train.use_gpu=true"], r"no node can hold one train worker \(1 CPU, 1 GPU; .*train\.use_gpu=true\)"),
-    (["target.num_gpus_per_replica=1", "target.device=cuda"], r"one target replica \(1 CPU, 1 GPU; .*target\.num_gpus_per_replica=1\)"),
+    (["target.num_gpus_per_replica=1", "target.device=cuda"],
+     r"one target replica \(1 CPU, 1 GPU; .*target\.num_gpus_per_replica=1\)"),
     (["collect.num_gpus_per_actor=0.5"], r"one sampling actor \(1 CPU, 0\.5 GPU; .*collect\.num_gpus_per_actor"),
     (["target.num_cpus_per_replica=64"], r"one target replica \(64 CPU, 0 GPU; .*target\.num_cpus_per_replica=64"),
     (["train.num_workers=8", "train.micro_batch_size=2", "train.cpus_per_worker=2"],

@@ -51,26 +51,25 @@ def gcs_head(temp_dir: Path, env: dict[str, str], num_cpus: int) -> Iterator[str
     """A head node without a dashboard on free ports; yields its GCS address (what RAY_ADDRESS names)."""
     gcs, client, agent_http, agent_grpc, metrics, rt_env, nm, om = free_ports(8)
     log_path = temp_dir.parent / "head.log"
-    log = open(log_path, "w")
-    head = subprocess.Popen(
-        [str(RAY), "start", "--head", "--block", f"--port={gcs}", "--include-dashboard=false",
-         f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent_http}",
-         f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
-         f"--runtime-env-agent-port={rt_env}", f"--node-manager-port={nm}", f"--object-manager-port={om}",
-         f"--num-cpus={num_cpus}", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
-        env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.time() + 180
-        while "Ray runtime started" not in log_path.read_text(errors="replace"):  # printed once it is up
-            if head.poll() is not None:
-                raise RuntimeError(f"ray start exited with {head.returncode}: {log_tail(log_path)}")
-            if time.time() > deadline:
-                raise TimeoutError(f"the Ray head did not come up: {log_tail(log_path)}")
-            time.sleep(0.5)
-        yield f"127.0.0.1:{gcs}"
-    finally:
-        stop_head(head, temp_dir)
-        log.close()
+    with open(log_path, "w") as log:
+        head = subprocess.Popen(
+            [str(RAY), "start", "--head", "--block", f"--port={gcs}", "--include-dashboard=false",
+             f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent_http}",
+             f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
+             f"--runtime-env-agent-port={rt_env}", f"--node-manager-port={nm}", f"--object-manager-port={om}",
+             f"--num-cpus={num_cpus}", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+            env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.time() + 180
+            while "Ray runtime started" not in log_path.read_text(errors="replace"):  # printed once it is up
+                if head.poll() is not None:
+                    raise RuntimeError(f"ray start exited with {head.returncode}: {log_tail(log_path)}")
+                if time.time() > deadline:
+                    raise TimeoutError(f"the Ray head did not come up: {log_tail(log_path)}")
+                time.sleep(0.5)
+            yield f"127.0.0.1:{gcs}"
+        finally:
+            stop_head(head, temp_dir)
 
 
 @pytest.fixture(scope="module")

@@ -90,9 +90,8 @@ def test_a_fitted_rerank_margin_is_for_replay_only(tmp_path):
     assert load_config("offline").eval.rerank_margin == "fit" and load_config("demo").eval.rerank_margin == 0.0
     cfg = load_config("tiny", [f"run_dir={tmp_path / 'run'}", "policy.reward_head=last_prompt",
                                "eval.method=rerank", "eval.rerank_margin=fit"])
-    with pytest.raises(ConfigError, match="only `qpo-ray eval --target replay`"):
-        with open_run(cfg, None):
-            pass
+    with pytest.raises(ConfigError, match="only `qpo-ray eval --target replay`"), open_run(cfg, None):
+        pass
     assert not (tmp_path / "run").exists()  # refused before anything was written
 
 

@@ -233,7 +233,8 @@ def test_vllm_engine_boundary(tasks):
     # vLLM's InputProcessor: an empty prompt, or one of max_model_len tokens that must still generate one, is refused.
     assert [prompt_fits(n, 512) for n in (0, 1, 511, 512, 513)] == [False, True, True, False, False]
     tok = type("Tok", (), {"eos_token_id": 2})()
-    assert stop_token_ids(tok, {"eos_token_id": [2, 7, 9]}) == {2, 7, 9} == stop_token_ids(tok, {"eos_token_id": [7, 9]})
+    assert stop_token_ids(tok, {"eos_token_id": [2, 7, 9]}) == {2, 7, 9}
+    assert stop_token_ids(tok, {"eos_token_id": [7, 9]}) == {2, 7, 9}
     assert stop_token_ids(tok, {"eos_token_id": 7}) == {2, 7} and stop_token_ids(tok, {}) == {2}
 
 
@@ -315,7 +316,8 @@ def test_vllm_length_rule_is_vllms(vllm_pair, tasks):
         if fits:
             assert eng.score([req])[0].nll == pytest.approx(hf_c.nll, abs=1e-4)
         else:
-            with pytest.raises(TargetError, match=rf"oversized request #0: .* {need + 1} tokens > target.max_length={limit}"):
+            with pytest.raises(TargetError,
+                               match=rf"oversized request #0: .* {need + 1} tokens > target.max_length={limit}"):
                 eng.score([req])
 
 

@@ -13,7 +13,8 @@ from qpo_ray.evaluate.report import generated_lines, loop_over_loop
 
 
 def test_prompt_identity_ignores_case_whitespace_and_punctuation():
-    assert prompt_identity("Is this review positive or negative?") == prompt_identity("is this  review positive or negative")
+    assert (prompt_identity("Is this review positive or negative?")
+            == prompt_identity("is this  review positive or negative"))
     assert prompt_identity("Answer: one word.") == "answer one word"
     assert prompt_identity("Answer with one word") != prompt_identity("Answer with two words")
 
@@ -48,7 +49,8 @@ def test_screen_drops_repeats_known_pairs_and_degenerates_then_reserves_slots_fo
     assert [c.prompt for c in chosen if c.query == "q1"] == ["Another new one", "Brand new prompt"]
     # Without r̂ the policy's order is kept.
     plain = [_c("q", p, None) for p in ("b", "a", "c")]
-    assert [c.prompt for c in screen(plain, seen_pairs=set(), known_prompts=set(), per_query=2, new_share=0)[0]] == ["b", "a"]
+    kept = screen(plain, seen_pairs=set(), known_prompts=set(), per_query=2, new_share=0)[0]
+    assert [c.prompt for c in kept] == ["b", "a"]
     with pytest.raises(ValueError):
         screen(plain, seen_pairs=set(), known_prompts=set(), per_query=0, new_share=0.5)
 
@@ -97,7 +99,8 @@ def test_loop_over_loop_is_paired_over_the_same_test_queries():
             {"query": f"q{i}", "methods": {"qpo_greedy": {"correct": c}}} for i, c in enumerate(correct)]}
 
     lol = loop_over_loop([ev(0, [0, 0, 0, 0]), ev(1, [0, 0, 1, 1]), ev(2, [1, 1, 1, 1])])
-    assert lol["qpo_greedy"]["diff"] == pytest.approx(0.5) and (lol["qpo_greedy"]["first"], lol["qpo_greedy"]["last"]) == (1, 2)
+    assert lol["qpo_greedy"]["diff"] == pytest.approx(0.5)
+    assert (lol["qpo_greedy"]["first"], lol["qpo_greedy"]["last"]) == (1, 2)
     assert loop_over_loop([ev(0, [0]), ev(1, [1])]) == {}
 
 

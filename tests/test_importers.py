@@ -340,8 +340,9 @@ def test_generic_missing_file_and_bad_mapping(tmp_path):
 def test_cli_args_and_run_import(tmp_path, capsys):
     parser = argparse.ArgumentParser()
     add_import_args(parser)
-    args = parser.parse_args(["--format", "oirl", "--run-dir", str(tmp_path), "--logs", str(LOGS), "--allow-partial-logs",
-                              "--queries", str(QUERIES), "--prompts", str(PROMPTS), "--target", "llama-2-7b-chat",
+    args = parser.parse_args(["--format", "oirl", "--run-dir", str(tmp_path), "--logs", str(LOGS),
+                              "--allow-partial-logs", "--queries", str(QUERIES), "--prompts", str(PROMPTS),
+                              "--target", "llama-2-7b-chat",
                               "--task", "toy", "--split", "train", "--test-fraction", "0.4", "--seed", "2",
                               "--test-queries-out", str(tmp_path / "tq.jsonl"), "--chunk-size", "5"])
     assert run_import(args) == 0

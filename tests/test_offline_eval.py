@@ -224,7 +224,8 @@ def test_replay_eval_end_to_end_on_synthetic_logs(tmp_path, ray_local):
 
     # The split: no question on both sides; every row on one of them.
     s = res["split"]
-    train_q = {normalize_text(q) for q in DatasetStore(out).read_table(0, columns=["query"]).column("query").to_pylist()}
+    train_rows = DatasetStore(out).read_table(0, columns=["query"]).column("query").to_pylist()
+    train_q = {normalize_text(q) for q in train_rows}
     saved = json.loads((out / "offline_eval.json").read_text())
     test_q = {normalize_text(x["query"]) for x in saved["per_query"]}
     # The offline profile fits rerank's margin on train-side queries held out of training.

@@ -311,8 +311,8 @@ def test_last_prompt_head_is_blind_to_r_and_ranks():
     assert rerank(policy, queries, cands, default=[worst, None], margin=gap * 0.99) == best
     # best-of-N = rerank over the query's own samples (seeded, so the same samples both times)
     picked = best_of_n(policy, queries, 4, top_k=50, top_p=0.9, temperature=1.0, seed=0, max_new_tokens=4)
-    samples = generate_prompts(policy, [q for q in queries for _ in range(4)], greedy=False, top_k=50, top_p=0.9, seed=0,
-                               max_new_tokens=4, batch_size=64)
+    samples = generate_prompts(policy, [q for q in queries for _ in range(4)], greedy=False, top_k=50, top_p=0.9,
+                               seed=0, max_new_tokens=4, batch_size=64)
     assert picked == rerank(policy, queries, [list(dict.fromkeys(samples[:4])), list(dict.fromkeys(samples[4:]))])
     slot = QPOPolicy.from_config(_pcfg("tiny-gpt2"))
     with pytest.raises(ConfigError, match="last_prompt"):

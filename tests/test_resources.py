@@ -33,8 +33,8 @@ GPU_NODE = {"CPU": 16.0, "GPU": 1.0}
     ("paper", [], [GPU_NODE], None),  # the pool is released while the policy trains: one GPU takes turns
     ("paper", ["target.num_replicas=2"], [GPU_NODE], r"2 target replica\(s\) need 2 CPU and 2 GPU at once"),
     ("paper", [], [GPU_NODE, GPU_NODE], None),
-    ("demo", ["train.num_workers=2", "train.micro_batch_size=16"], [{"CPU": 3.0}], r"2 train worker\(s\) need 4 CPU and 0 GPU at once .* the "
-     r"cluster has 3 CPU"),
+    ("demo", ["train.num_workers=2", "train.micro_batch_size=16"], [{"CPU": 3.0}],
+     r"2 train worker\(s\) need 4 CPU and 0 GPU at once .* the cluster has 3 CPU"),
     # 8 CPUs in all, but no single node holds a 6-CPU replica
     ("tiny", ["target.num_cpus_per_replica=6"], [{"CPU": 4.0}, {"CPU": 4.0}],
      r"no node can hold one target replica \(6 CPU, 0 GPU; .*target\.num_cpus_per_replica=6"),

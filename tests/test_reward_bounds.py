@@ -50,7 +50,8 @@ def test_a_row_keeps_its_reward_or_is_refused_naming_the_row(r):
         row = normalize_row({**ROW, "query": "q", "prompt": "p", "reward": r}, source="f.jsonl", row=3)
     except DataError as e:
         assert not (math.isfinite(r) and abs(r) <= MAX_ABS_REWARD)
-        assert re.fullmatch(r"f\.jsonl: row 3, column 'reward': \S+ is (not a finite number|outside \[-1e\+06, 1e\+06\])", str(e))
+        assert re.fullmatch(r"f\.jsonl: row 3, column 'reward': \S+ is "
+                            r"(not a finite number|outside \[-1e\+06, 1e\+06\])", str(e))
     else:
         assert row["reward"] == r and abs(r) <= MAX_ABS_REWARD
 

@@ -306,7 +306,8 @@ def test_post_json_stops_at_the_deadline():
 
     with hung_target() as url, httpx.Client(base_url=url, timeout=60) as client:
         t0 = time.monotonic()
-        with pytest.raises(TargetTimeout, match=r"did not answer before the deadline \(1 attempt\(s\); last: ReadTimeout"):
+        with pytest.raises(TargetTimeout,
+                           match=r"did not answer before the deadline \(1 attempt\(s\); last: ReadTimeout"):
             post_json(client, "/completions", {}, retries=3, deadline=time.monotonic() + 0.5)
         assert time.monotonic() - t0 < 1.5
 

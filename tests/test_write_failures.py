@@ -43,12 +43,17 @@ class _FullDisk:
         return self.f.fileno()
 
 
+def _full_disk_open(*args, **kwargs) -> _FullDisk:
+    """``open`` for ``qpo_ray.atomic`` on a full disk."""
+    return _FullDisk(open(*args, **kwargs))  # noqa: SIM115 - the caller closes it through the wrapper
+
+
 def _error_lines(err: str) -> list[str]:
     return [ln for ln in err.splitlines() if ln.startswith("qpo-ray: error:")]
 
 
 def test_a_full_disk_is_one_error_and_no_temporary_file(tmp_path, monkeypatch):
-    monkeypatch.setattr(atomic, "open", lambda *a, **k: _FullDisk(open(*a, **k)), raising=False)
+    monkeypatch.setattr(atomic, "open", _full_disk_open, raising=False)
     with pytest.raises(ResourceError, match=rf"cannot write {tmp_path}/out\.json: No space left on device"):
         atomic.atomic_write_json(tmp_path / "out.json", {"a": 1})
     assert os.listdir(tmp_path) == []
@@ -93,7 +98,7 @@ def test_generate_on_a_full_disk_is_one_line_and_cleans_its_temporary_file(tmp_p
     (tmp_path / "q.txt").write_text("".join(f"query number {i}\n" for i in range(3)))
     out = tmp_path / "out"
     out.mkdir()
-    monkeypatch.setattr(atomic, "open", lambda *a, **k: _FullDisk(open(*a, **k)), raising=False)
+    monkeypatch.setattr(atomic, "open", _full_disk_open, raising=False)
     rc = main(["generate", "--policy", str(tmp_path / "policy"), "--in", str(tmp_path / "q.txt"),
                "--out", str(out / "prompts.jsonl")])
     err = capsys.readouterr().err

@@ -96,9 +96,8 @@ def _import_args(tmp_path: Path, run_dir: Path, start: int = 100) -> list[str]:
 
 # -- the lock ------------------------------------------------------------------------------------------------
 def test_a_second_writer_is_refused_naming_the_holder(held, run):
-    with pytest.raises(LockedError) as e:
-        with writer_lock(run):
-            pass
+    with pytest.raises(LockedError) as e, writer_lock(run):
+        pass
     msg = str(e.value)
     assert f"PID {held.pid} on {socket.gethostname()} (qpo-ray data import --run-dir {run}) since " in msg
     assert "\n" not in msg

@@ -7,8 +7,9 @@ Layout::
 
 A version is written to ``data/.tmp-vNNN-*`` and renamed into place only when complete, so a reader sees
 the old set of versions or the new one, never half of one. Writing takes the run directory's writer lock
-(``qpo_ray.locks``): one writer at a time, so a temporary version is removed only when its writer is gone. A child version holds its parent's files
-(hard links, copied where links are unsupported) plus the new rows, so each version is self-contained.
+(``qpo_ray.locks``): one writer at a time, so a temporary version is removed only when its writer is gone. A
+child version holds its parent's files (hard links, copied where links are unsupported) plus the new rows, so
+each version is self-contained.
 The reward range used for normalisation is fixed by v000 and inherited by every later version.
 
 A manifest's file names are bare names inside their version folder: a name that leads anywhere else is an
@@ -171,7 +172,8 @@ class DatasetStore:
         """Each parquet file of the version, as an absolute path, with the rows its manifest entry lists."""
         return [(str(self.file_path(version, f)), f.rows) for f in self.manifest(version).files]
 
-    def iter_batches(self, version: int, batch_size: int = 8192, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
+    def iter_batches(self, version: int, batch_size: int = 8192,
+                     columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
         """Stream a version batch by batch; never holds the whole dataset. A file that cannot be read, or
         holds other than its manifest's rows, is a DataError here too, for readers that did not ``verify``."""
         for path, rows in self.file_rows(version):

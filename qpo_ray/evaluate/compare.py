@@ -178,7 +178,8 @@ def compare(queries: Sequence[EvalQuery], pool: Sequence[str], table: Sequence[M
     groups = [q.group for q in queries]
     if all(g is not None for g in groups) and len(set(groups)) > 1:
         per_kind = kind_best(groups, table, pool)
-        record("kind_oracle", [per_kind[g] for g in groups], [t[per_kind[g]] for g, t in zip(groups, table, strict=True)])
+        record("kind_oracle", [per_kind[g] for g in groups],
+               [t[per_kind[g]] for g, t in zip(groups, table, strict=True)])
     oracle = [max(((c, p) for p, c in t.items() if c is not None), default=(None, None)) for t in table]
     record("oracle", [p for _, p in oracle], [c for c, _ in oracle])
 

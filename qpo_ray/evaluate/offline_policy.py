@@ -116,9 +116,11 @@ def offline_policy(cfg: RunConfig, split: OfflineSplit, data_store: DatasetStore
                     + (f", task.max_train_queries={split.max_train_queries}" if limited else "")
                     + (f", {len(split.val_acc)} more held out by eval.val_fraction={cfg.eval.val_fraction:g}"
                        if split.val_acc else "") + ")")
-    meta = {"data_run_dir": str(data_dir), "version": version, "data_fingerprint": data_fingerprint(data_store, version),
+    meta = {"data_run_dir": str(data_dir), "version": version,
+            "data_fingerprint": data_fingerprint(data_store, version),
             "test_fraction": split.test_fraction, "seed": split.seed, "max_train_queries": split.max_train_queries,
-            "val_fraction": cfg.eval.val_fraction if fit_margin else None, "config_fingerprint": config_fingerprint(cfg)}
+            "val_fraction": cfg.eval.val_fraction if fit_margin else None,
+            "config_fingerprint": config_fingerprint(cfg)}
     store = prepare_out(out_dir, meta)
     dump_config(cfg, out_dir / "config.yaml")
     if store.latest() is None:

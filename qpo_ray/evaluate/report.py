@@ -310,9 +310,9 @@ def write_report(run_dir: Path, evals: Sequence[Mapping[str, Any]], steps: Seque
         lines += generated_lines((generated or {}).get(loop), names)
         scored = by_step.get(f"loop-{loop}.score")
         if scored:
+            calls = sum(s.get("target_calls", 0) for n, s in by_step.items() if n.startswith(f"loop-{loop}."))
             lines.append(f"Mean raw reward of the loop's {scored.get('rows', 0)} sampled collect prompts: "
-                         f"{_f(scored.get('mean_reward'))} (target calls in this loop: "
-                         f"{sum(s.get('target_calls', 0) for n, s in by_step.items() if n.startswith(f'loop-{loop}.'))})")
+                         f"{_f(scored.get('mean_reward'))} (target calls in this loop: {calls})")
             lines.append("")
         ex = examples_by_kind(e, e.get("default_method"), names=names)
         if ex:

@@ -168,10 +168,7 @@ class ReplayTable:
     def lookup(self, query: str, prompt: str) -> ReplayResult:
         """The recorded outcome of ``(query, prompt)``; counts the match kind."""
         prompts = self._data.get(normalize_text(query))
-        if not prompts:
-            m = Match("none", None, 0.0)
-        else:
-            m = match_prompt(prompt, prompts, self.min_similarity)
+        m = match_prompt(prompt, prompts, self.min_similarity) if prompts else Match("none", None, 0.0)
         self.counts[m.kind] += 1
         if m.prompt is None:
             return ReplayResult(None, None, "none", None, m.similarity, 0)

@@ -88,7 +88,8 @@ async def read_body(request: Request, model: type[BaseModel], max_bytes: int) ->
         raise HTTPException(400, f"body is not UTF-8 text: byte {e.start}") from None
     except ValidationError as e:
         # Not e.json(): it raises on an echoed lone surrogate, which made this 422 a 500.
-        raise HTTPException(422, json_safe([{k: v for k, v in err.items() if k != "url"} for err in e.errors()])) from None
+        errors = [{k: v for k, v in err.items() if k != "url"} for err in e.errors()]
+        raise HTTPException(422, json_safe(errors)) from None
 
 
 @serve.deployment(name="TargetServer")
@@ -148,7 +149,8 @@ class TargetServer:
     async def _complete_one(self, text: str, body: CompletionBody, i: int) -> dict[str, Any]:
         ids, pieces, offsets = self._prompt_pieces(text)
         self._check_len(ids, body.max_tokens, i)
-        gen, stopped = (await self.generate_batcher.submit((ids, body.max_tokens))) if body.max_tokens > 0 else ([], False)
+        gen, stopped = (([], False) if body.max_tokens <= 0
+                        else await self.generate_batcher.submit((ids, body.max_tokens)))
         gen_pieces = self._gen_pieces(gen)
         completion = "".join(gen_pieces)
         choice: dict[str, Any] = {"index": i, "text": (text if body.echo else "") + completion, "logprobs": None,

@@ -94,7 +94,8 @@ def api_key(scfg: ServeConfig, environ: Mapping[str, str] = os.environ) -> str:
         return ""
     key = environ.get(name, "")
     if not key.strip():
-        raise ConfigError(f"serve.api_key_env={name}, but the variable {name} is {'empty' if name in environ else 'unset'}"
+        raise ConfigError(f"serve.api_key_env={name}, but the variable {name} is "
+                          f"{'empty' if name in environ else 'unset'}"
                           f": export {name}=<the key clients must send>, or leave serve.api_key_env unset to serve "
                           "without a key")
     return key

@@ -214,7 +214,8 @@ def _prompts(items: list[Any], source: str) -> tuple[tuple[str, str], ...]:
     out, seen = [], set()
     for i, item in enumerate(items):
         where = f"{source}: prompts[{i}]"
-        if not isinstance(item, Mapping) or not isinstance(item.get("id"), str) or not isinstance(item.get("text"), str):
+        if (not isinstance(item, Mapping) or not isinstance(item.get("id"), str)
+                or not isinstance(item.get("text"), str)):
             raise ConfigError(f"{where}: expected {{id: <text>, text: <text>}}, got {item!r}")
         if item["id"] in seen:
             raise ConfigError(f"{where}: duplicate prompt id '{item['id']}'")

@@ -86,7 +86,8 @@ def _use_cpu_accelerator() -> None:
     # (this environment's and the system's) hash build commands differently, so alternating between them
     # recompiled the op (1–4 CPU-minutes) on every training start. Always use this environment's.
     env_bin = os.path.dirname(sys.executable)
-    if os.path.isfile(os.path.join(env_bin, "ninja")) and not os.environ.get("PATH", "").startswith(env_bin + os.pathsep):
+    if (os.path.isfile(os.path.join(env_bin, "ninja"))
+            and not os.environ.get("PATH", "").startswith(env_bin + os.pathsep)):
         os.environ["PATH"] = env_bin + os.pathsep + os.environ.get("PATH", "")
     from deepspeed.accelerator import get_accelerator, set_accelerator
     from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
@@ -373,5 +374,5 @@ def _train_epochs(engine, optimizer, shard, cached, poster, config: dict[str, An
             mark_complete(config["storage"], config["run_name"], dir_name)
 
 
-__all__ = ["NonFiniteLoss", "Schedule", "deepspeed_config", "grad_accum_steps", "saved_vocab", "seed_everything", "step_lr",
-           "train_loop_per_worker"]
+__all__ = ["NonFiniteLoss", "Schedule", "deepspeed_config", "grad_accum_steps", "saved_vocab", "seed_everything",
+           "step_lr", "train_loop_per_worker"]

@@ -101,19 +101,22 @@ def _defaults(opts: ImportOptions | None, report: ImportReport | None, source: s
     return opts or ImportOptions(), report if report is not None else ImportReport(source=str(source))
 
 
-def read_jsonl(path: str | Path, opts: ImportOptions | None = None, report: ImportReport | None = None) -> Iterator[pa.Table]:
+def read_jsonl(path: str | Path, opts: ImportOptions | None = None,
+               report: ImportReport | None = None) -> Iterator[pa.Table]:
     """JSONL -> chunks of schema rows (split applied)."""
     opts, report = _defaults(opts, report, path)
     return _tables(jsonl_rows(path, opts, report), opts, report)
 
 
-def read_csv(path: str | Path, opts: ImportOptions | None = None, report: ImportReport | None = None) -> Iterator[pa.Table]:
+def read_csv(path: str | Path, opts: ImportOptions | None = None,
+             report: ImportReport | None = None) -> Iterator[pa.Table]:
     """CSV -> chunks of schema rows (split applied)."""
     opts, report = _defaults(opts, report, path)
     return _tables(csv_rows(path, opts, report), opts, report)
 
 
-def read_parquet(path: str | Path, opts: ImportOptions | None = None, report: ImportReport | None = None) -> Iterator[pa.Table]:
+def read_parquet(path: str | Path, opts: ImportOptions | None = None,
+                 report: ImportReport | None = None) -> Iterator[pa.Table]:
     """Parquet -> chunks of schema rows (split applied)."""
     opts, report = _defaults(opts, report, path)
     return _tables(parquet_rows(path, opts, report), opts, report)

@@ -7,7 +7,8 @@ token lies past the verbalizer, so it is ignored. Math: ``POST /chat/completions
 model's chat template), greedy, ``logprobs: true`` for the reply's NLL.
 
 Connection errors, timeouts, 429 and 5xx are retried with backoff and jitter (``qpo_ray.openai_http``, the
-client the policy service uses too); a thread pool bounds the requests in flight. The API key comes from the environment variable named by ``target.api_key_env``.
+client the policy service uses too); a thread pool bounds the requests in flight. The API key comes from the
+environment variable named by ``target.api_key_env``.
 """
 
 from __future__ import annotations

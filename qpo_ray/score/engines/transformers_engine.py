@@ -104,7 +104,8 @@ class TransformersEngine:
         self._lock = threading.Lock()  # one model call at a time (the server runs two batchers)
         self._verbalizers: dict[str, list[list[int]]] = {}
         # transformers 5.24 renamed `past_key_values` to `cache` (the old name goes in 5.40); we allow >=5.0.
-        self._cache_kwarg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        forward_params = inspect.signature(self.model.forward).parameters
+        self._cache_kwarg = "cache" if "cache" in forward_params else "past_key_values"
 
     # -- tokenisation -------------------------------------------------------------------------------
     def encode(self, text: str, special: bool = True) -> list[int]:

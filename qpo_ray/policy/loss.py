@@ -1,4 +1,4 @@
-"""The QPO training loss (DESIGN §2): prompt-token CE plus an adaptively weighted reward MSE."""
+"""The QPO training loss (docs/design.md §2): prompt-token CE plus an adaptively weighted reward MSE."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The reward-conditioned prompt policy (DESIGN §2) around any Hugging Face causal LM.
+"""The reward-conditioned prompt policy (docs/design.md §2) around any Hugging Face causal LM.
 
 Sequence layout, per row (``nq`` real query tokens, ``Lq`` query slots, ``Lp+1`` prompt slots)::
 
@@ -275,7 +275,7 @@ class QPOPolicy(nn.Module):
         logits = self.prompt_logits(h[:, Lq:Lq + Lp1])
         rows = torch.arange(h.shape[0], device=h.device)
         if self.pcfg.reward_head == "reward_slot":
-            # The reference's head: position r sees only r itself (DESIGN §2 quirk), kept for fidelity.
+            # The reference's head: position r sees only r itself (docs/design.md §2 quirk), kept for fidelity.
             reward_pred = self.reward_out(h[rows, r_pos]).squeeze(-1)
         else:
             reward_pred = self._blind_reward(x, mask, pos, Lq + prompt_mask.sum(1))

@@ -1,4 +1,4 @@
-"""Where the reward is: raw reward components → raw reward (DESIGN §2), with no target call.
+"""Where the reward is: raw reward components → raw reward (docs/design.md §2), with no target call.
 
 Each scored pair carries ``correct``, ``nll`` and ``prompt_acc``; a formula is a pure function of those,
 so a stored dataset can be re-rewarded after a formula changes.

@@ -216,7 +216,7 @@ def training_dataset(store: DatasetStore, version: int, pcfg: PolicyConfig, *, t
     """A lazy, streaming Ray Dataset of tokenised training rows for one dataset version.
 
     ``tokenizer`` overrides ``pcfg.tokenizer`` (e.g. the folder of a policy being fine-tuned). Rewards are
-    normalised to [0, 100] with the version's manifest range (fixed by v000, DESIGN §2). At most
+    normalised to [0, 100] with the version's manifest range (fixed by v000, docs/design.md §2). At most
     ``tokenize_tasks`` read+tokenise tasks run at once, each asking for ``INGEST_CPUS``.
 
     Shuffling stays streaming: the file order is shuffled at read time with a seed that advances on every

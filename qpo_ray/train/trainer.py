@@ -1,4 +1,4 @@
-"""Policy training: Ray Train (V2) ``TorchTrainer`` workers running a DeepSpeed engine (DESIGN §2, §5).
+"""Policy training: Ray Train (V2) ``TorchTrainer`` workers running a DeepSpeed engine (docs/design.md §2, §5).
 
 Driver side, ``train_policy`` builds the streaming dataset, launches the trainer and copies the exported
 policy out of the final checkpoint. Worker side, ``train_loop_per_worker`` runs one DeepSpeed engine per

@@ -1,4 +1,4 @@
-"""Importers: bring logged ``(query, prompt, reward)`` rows into the dataset store (DESIGN §4).
+"""Importers: bring logged ``(query, prompt, reward)`` rows into the dataset store (docs/design.md §4).
 
 Formats
 - ``jsonl`` / ``csv`` / ``parquet`` (:mod:`.tabular`): one row per record, fields found through a column

@@ -71,18 +71,13 @@ def local(task):
 
 
 @pytest.fixture(scope="module")
-def pool(ray_local, task, tmp_path_factory):
-    from ray import serve
+def pool(serve_as_found, task, tmp_path_factory):
+    from qpo_ray.score.pool import ScoringPool
 
-    from qpo_ray.score.pool import ScoringPool, serve_running
-
-    started = not serve_running()
     log = tmp_path_factory.mktemp("pool") / "scored.jsonl"
     with ScoringPool(CFG, task, run_id=f"test-{time.time_ns()}", engine_factory=recording_factory(str(log), 0.25)) as p:
         p.log = log
         yield p
-    if started:
-        serve.shutdown()  # a closed pool leaves Serve running: leave it as found for the next module
 
 
 def requests_for(task, n, prompt="") -> list[ScoreRequest]:

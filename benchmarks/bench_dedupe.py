@@ -1,6 +1,6 @@
 """dedupe — a second loop over already-scored pairs makes zero target calls.
 
-Full mode goes through the driver's own path: ``Session.score`` on a run directory with a tiny-llama
+Full mode goes through the driver's own path: ``RunScores.score`` on a run directory with a tiny-llama
 Serve scoring pool (the ``tiny`` profile's target). Loop 1 scores N pairs; loop 2 asks for the same pairs
 again in the same session (in-memory cache); a fresh Session on the same run directory asks once more
 (cache reloaded from ``scores/``); finally a mix of old and new pairs must cost exactly the new ones.
@@ -84,25 +84,27 @@ def run_session(args: argparse.Namespace, pairs: list[dict], extra: list[dict], 
     try:
         s = Session(cfg, RunDir(run_dir))
         try:
-            first = s.score(pairs, "bench-loop1", phase="collect", source="loop-1", loop=1)
+            s.pool.start()
+            first = s.scores.score(pairs, "bench-loop1", phase="collect", source="loop-1", loop=1)
             c1 = int(s.pool.stats["requests"])
-            second = s.score(pairs, "bench-loop2", phase="collect", source="loop-2", loop=2)
+            second = s.scores.score(pairs, "bench-loop2", phase="collect", source="loop-2", loop=2)
             c2 = int(s.pool.stats["requests"]) - c1
         finally:
             s.close()
         s2 = Session(cfg, RunDir(run_dir))  # a restarted driver: the cache comes back from scores/
         try:
-            third = s2.score(pairs, "bench-loop2b", phase="collect", source="loop-2", loop=2)
-            c2b = int(s2._pool.stats["requests"]) if s2._pool is not None else 0
-            pool_started = s2._pool is not None
-            mixed = s2.score(pairs + extra, "bench-loop3", phase="collect", source="loop-3", loop=3)
-            c3 = int(s2._pool.stats["requests"]) - c2b if s2._pool is not None else 0
+            # Its pool is not started: a request for a pair the cache lacks would fail instead of being counted.
+            third = s2.scores.score(pairs, "bench-loop2b", phase="collect", source="loop-2", loop=2)
+            c2b = int(s2.pool.stats["requests"])
+            s2.pool.start()
+            mixed = s2.scores.score(pairs + extra, "bench-loop3", phase="collect", source="loop-3", loop=3)
+            c3 = int(s2.pool.stats["requests"]) - c2b
         finally:
             s2.close()
     finally:
         stop_ray()
-    return {"mode": "Session.score (Serve pool, tiny-llama)", "first_calls": c1, "repeat_calls": c2,
-            "repeat_calls_fresh_session": c2b, "fresh_session_started_pool": pool_started, "mixed_calls": c3,
+    return {"mode": "RunScores.score (Serve pool, tiny-llama)", "first_calls": c1, "repeat_calls": c2,
+            "repeat_calls_fresh_session": c2b, "mixed_calls": c3,
             "rows_equal": _same(first, second) and _same(first, third) and _same(first, mixed[: len(pairs)])}
 
 

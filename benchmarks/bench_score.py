@@ -40,7 +40,8 @@ LIMIT_GOAL = 0.7
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--queries", type=int, default=16)
     p.add_argument("--prompts", type=int, default=4, help="prompts, spread over the task's pool (short to long)")
-    p.add_argument("--model", default="auto", help="'auto' (smollm2 if installed, else tiny-llama), smollm2, tiny-llama")
+    p.add_argument("--model", default="auto",
+                   help="'auto' (smollm2 if installed, else tiny-llama), smollm2, tiny-llama")
     p.add_argument("--max-new-tokens", type=int, default=8,
                    help="baseline: greedy tokens generated per pair (enough for the reply to name a label)")
     p.add_argument("--set", dest="overrides", action="append", default=[],
@@ -104,7 +105,7 @@ def pairs_for(task, n_queries: int, n_prompts: int) -> list[dict]:
     pool = [t for _, t in task.prompts]
     step = max(1, len(pool) // max(1, n_prompts))
     prompts = pool[::step][:n_prompts]
-    # Prompt-major, the order the driver sends them in (Session.score chunks pairs by prompt).
+    # Prompt-major, the order the driver sends them in (RunScores.score chunks pairs by prompt).
     return [{"query": q, "label": lab, "prompt": p} for p in prompts for q, lab in qs[:n_queries]], qs[-2:]
 
 
@@ -190,7 +191,7 @@ def run(args: argparse.Namespace) -> dict:
     lm = load_causal_lm(model).eval()
     eos = lm.generation_config.eos_token_id
     reqs = [ScoreRequest(task.name, cfg.task.setting, p["query"], p["prompt"], p["label"]) for p in pairs]
-    texts = [request_text(task, r) for r in reqs]  # the pool's order: Session.score's, prompt-major
+    texts = [request_text(task, r) for r in reqs]  # the pool's order: RunScores.score's, prompt-major
 
     plain_forward(lm, tok, task, [request_text(task, r) for r in warm_reqs], cfg.target.max_batch_size)  # warm-up
     t_limit, limit_pred, limit_tokens = plain_forward(lm, tok, task, texts, cfg.target.max_batch_size)

@@ -112,7 +112,9 @@ def cmd_bootstrap(args) -> int:
         init_ray()
         s = Session(cfg, rd)
         try:
-            print(json.dumps(steps.bootstrap(s)))
+            if s.store.latest() is None:  # a dataset to build: the target scores it
+                s.pool.start()
+            print(json.dumps(steps.bootstrap(cfg, s.task, s.store, s.scores)))
         finally:
             s.close()
     return 0

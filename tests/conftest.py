@@ -19,6 +19,20 @@ def ray_local():
         ray.shutdown()
 
 
+@pytest.fixture(scope="module")
+def serve_as_found(ray_local):
+    """Stops Serve at the module's end if the module started it: a closed ScoringPool deletes its app but leaves
+    Serve running without HTTP, and a later module may start Serve with HTTP on the same Ray."""
+    from ray import serve
+
+    from qpo_ray.score.pool import serve_running
+
+    running = serve_running()
+    yield
+    if not running and serve_running():
+        serve.shutdown()
+
+
 @pytest.fixture(scope="session")
 def reference_run(tmp_path_factory):
     """One uninterrupted 2-loop tiny run (the real CLI in a subprocess), shared by the end-to-end and

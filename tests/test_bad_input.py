@@ -182,7 +182,7 @@ def test_duplicate_rows_in_d0_are_dropped_with_a_warning(tmp_path, capsys, caplo
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", ["oversized query", "unreachable target"])
-def test_target_errors_are_clear(case, tmp_path, capsys, ray_local):
+def test_target_errors_are_clear(case, tmp_path, capsys, serve_as_found):
     pairs = _jsonl(tmp_path / "pairs.jsonl", {"query": "word " * 2000 if case == "oversized query" else "hello",
                                               "prompt": "Be nice.", "label": "joy"})
     sets = ["--set", "target.model=tiny-llama"]

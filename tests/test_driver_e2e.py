@@ -174,7 +174,11 @@ def test_console_is_quiet_shows_progress_and_ends_with_a_summary(reference_run):
     done = re.match(r"train scratch v000: (\d+)/(\d+) step \(100%\)", closing)
     assert done and done[1] == done[2] != "0" and f"epoch {cfg.train.scratch.epochs}/" in closing, closing
     assert f"sample loop-1: {cfg.collect.num_queries}/{cfg.collect.num_queries} query (100%)" in err
-    # the summary: table, report, wall time, target calls
+    # the summary: table, report, wall time, target calls; it ends the console, and the scoring pool's
+    # teardown puts no failed Ray task before or after it
     assert "report:" in out and "wall time:" in out and "target calls:" in out
+    assert out.rstrip().splitlines()[-1].startswith("logs:"), out[-2000:]
+    for noise in ("graceful_shutdown failed", "listen_for_change failed", "The actor is dead"):
+        assert noise not in console, f"{noise!r} reached the console"
     calls = sum(json.loads(p.read_text())["target_calls"] for p in (reference_run / "steps").glob("*.json"))
     assert f"target calls: {calls:,}" in out

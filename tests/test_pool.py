@@ -71,7 +71,7 @@ def local(task):
 
 
 @pytest.fixture(scope="module")
-def pool(ray_local, task, tmp_path_factory):
+def pool(serve_as_found, task, tmp_path_factory):
     from qpo_ray.score.pool import ScoringPool
 
     log = tmp_path_factory.mktemp("pool") / "scored.jsonl"
@@ -163,3 +163,18 @@ def test_oversized_request_fails_clearly(pool, task):
     reqs = requests_for(task, 3) + [ScoreRequest(task.name, "zero_shot", "word " * 300, "", "joy")]
     with pytest.raises(TargetError, match=r"oversized request #0: .* > target.max_length=256"):
         pool.score(reqs, progress=False)
+
+
+
+
+def test_closing_the_pool_is_quiet(pool, capfd):
+    """Last in this module: it closes the module's pool. Closing deletes the app and puts no failed Ray task
+    on the console, as ``serve.shutdown()`` does ("ServeController.graceful_shutdown failed ... killed by
+    `ray.kill`"). The driver starts a closed pool again before its next scoring step."""
+    capfd.readouterr()
+    pool.close()
+    time.sleep(1.0)  # Ray prints failed tasks from a thread of its own
+    out = capfd.readouterr()
+    assert pool.handle is None and not pool.replica_actor_names()
+    for noise in ("graceful_shutdown failed", "listen_for_change failed", "The actor is dead"):
+        assert noise not in out.out + out.err, out.out + out.err

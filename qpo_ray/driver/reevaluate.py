@@ -51,9 +51,11 @@ def evaluate_run(run_dir: str | Path, *, loops: str | None = None, redo: bool = 
             init_ray()  # only scoring needs Ray; a report from existing results does not
         s = Session(cfg, rd)
         try:
+            if todo:
+                s.pool.start()
             for t in todo:
                 log.info("[evaluate] loop %d", t)
-                steps.evaluate(s, t)
+                steps.evaluate(cfg, s.task, rd, s.store, s.scores, s.tracker, t)
             path = report(s)
         finally:
             s.close()

@@ -62,18 +62,22 @@ def _run_steps(cfg: RunConfig, rd: RunDir) -> tuple[Path, int]:
         can_grow = autoscaler_adds_nodes()
         needs = [n for phase in run_phases(cfg) for n in phase]
         s = Session(cfg, rd)
+        store, task, scores, tracker = s.store, s.task, s.scores, s.tracker
         try:
-            def step(name: str, fn: Callable[[], dict[str, Any]]) -> None:
+            def step(name: str, fn: Callable[[], dict[str, Any]], *, target: bool = False) -> None:
                 check_stop()
                 install_stop_handlers()  # in case a library of the last step replaced them
                 if rd.done(name) is not None:
                     log.info("[%s] done earlier: skipped", name)
                     return
-                if not hold and name.endswith((".train", ".collect")):
-                    s.release_pool()  # its CPUs/GPUs go to the Train workers or the sampling actors
+                if target:  # the step scores pairs: deploy the pool unless it runs already
+                    s.pool.start()
+                    check_stop()  # a signal while Serve deployed the pool stops the run here at the latest
+                elif not hold and name.endswith((".train", ".collect")):
+                    s.pool.close()  # its CPUs/GPUs go to the Train workers or the sampling actors
                 log.info("[%s] start", name)
-                with StepTimer(s) as t, watch(name, needs, can_grow=can_grow,
-                                              fail_s=cfg.resource_wait_s if can_grow else FIXED_FAIL_S):
+                with StepTimer(s.pool) as t, watch(name, needs, can_grow=can_grow,
+                                                   fail_s=cfg.resource_wait_s if can_grow else FIXED_FAIL_S):
                     info = fn()
                 fault_point(f"{name}.before-mark")
                 # A step whose signal a library swallowed may have returned early: it gets no marker.
@@ -82,18 +86,19 @@ def _run_steps(cfg: RunConfig, rd: RunDir) -> tuple[Path, int]:
                 fault_point(f"{name}.done")
                 log.info("[%s] done in %.1f s (%d target calls)", name, t.info["wall_s"], t.info["target_calls"])
 
-            step("bootstrap", lambda: steps.bootstrap(s))
-            step("eval-0", lambda: steps.evaluate(s, 0))
+            step("bootstrap", lambda: steps.bootstrap(cfg, task, store, scores), target=True)
+            step("eval-0", lambda: steps.evaluate(cfg, task, rd, store, scores, tracker, 0), target=True)
             for t in range(1, cfg.loops + 1):
-                step(f"loop-{t}.train", lambda t=t: steps.train(s, t))
-                step(f"loop-{t}.collect", lambda t=t: steps.collect(s, t))
-                step(f"loop-{t}.score", lambda t=t: steps.score(s, t))
-                step(f"loop-{t}.merge", lambda t=t: steps.merge(s, t))
-                step(f"loop-{t}.eval", lambda t=t: steps.evaluate(s, t))
+                step(f"loop-{t}.train", lambda t=t: steps.train(cfg, rd, store, tracker, t))
+                step(f"loop-{t}.collect", lambda t=t: steps.collect(cfg, task, rd, scores, t))
+                step(f"loop-{t}.score", lambda t=t: steps.score(cfg, rd, store, scores, t), target=True)
+                step(f"loop-{t}.merge", lambda t=t: steps.merge(cfg, task, rd, store, t))
+                step(f"loop-{t}.eval", lambda t=t: steps.evaluate(cfg, task, rd, store, scores, tracker, t),
+                     target=True)
             check_stop()
             path = report(s)
         finally:
-            s.close()  # stops the scoring pool first: Serve's shutdown messages come before the summary
+            s.close()  # deletes the pool's Serve app (its replicas) before the summary is printed
     return path, s.calls
 
 

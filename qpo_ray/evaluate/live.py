@@ -8,11 +8,12 @@ gives the prompts measured here."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pyarrow.compute as pc
 
+from qpo_ray.config import RunConfig
 from qpo_ray.data.store import DatasetStore
 from qpo_ray.evaluate.baselines import offline_pool, test_queries
 from qpo_ray.evaluate.compare import (
@@ -27,8 +28,14 @@ from qpo_ray.evaluate.compare import (
 from qpo_ray.evaluate.policy_prompts import METHOD_OF, default_prompt_source, qpo_prompts
 from qpo_ray.policy.inference import InferenceSettings
 from qpo_ray.policy.served import write_inference
+from qpo_ray.runs import RunDir
+from qpo_ray.tasks import Task
 
 log = logging.getLogger("qpo_ray")
+
+# The run's scoring: rows for {query, prompt, label} pairs, each pair scored at most once per run
+# (``RunScores.score``).
+ScoreFn = Callable[..., list[dict[str, Any]]]
 
 
 def offline_rows_accuracy(store: DatasetStore, version: int = 0) -> tuple[AccTable, dict[str, str]]:
@@ -47,25 +54,26 @@ def trained_prompts(store: DatasetStore, version: int) -> list[str]:
     return list(seen)
 
 
-def record_inference(session, loop: int, settings: InferenceSettings, best: dict[str, Any] | None) -> None:
+def record_inference(cfg: RunConfig, run: RunDir, loop: int, settings: InferenceSettings,
+                     best: dict[str, Any] | None) -> None:
     """``policy/loop-N/inference.json``: how the loop's policy was evaluated, so it is served that way."""
     what = f"live evaluation of loop {loop}"
     pool = f"the offline prompt pool of D0, {len(settings.candidates)} prompts ({what})"
-    write_inference(session.run.policy_dir(loop), session.cfg, settings, evaluation=what,
-                    run_config=session.run.path / "config.yaml",
+    write_inference(run.policy_dir(loop), cfg, settings, evaluation=what, run_config=run.path / "config.yaml",
                     sources={"candidates": pool, "default_prompt": default_prompt_source(best, what)})
 
 
-def evaluate_loop(session, loop: int) -> dict[str, Any]:
-    """Baselines (and, from loop 1, the QPO methods of ``policy/loop-N``) on the task's test queries."""
-    cfg, task = session.cfg, session.task
+def evaluate_loop(cfg: RunConfig, task: Task, run: RunDir, store: DatasetStore, score: ScoreFn,
+                  loop: int) -> dict[str, Any]:
+    """Baselines (and, from loop 1, the QPO methods of ``policy/loop-N``) on the task's test queries, judged
+    by ``score``."""
     queries = [EvalQuery(q, lab, task.kind_of(q))
                for q, lab in test_queries(task.queries("test"), cfg.eval.max_test_queries, cfg.seed)]
-    pool = [p["prompt"] for p in offline_pool(session.store, 0)]
-    train_acc, names = offline_rows_accuracy(session.store, 0)
+    pool = [p["prompt"] for p in offline_pool(store, 0)]
+    train_acc, names = offline_rows_accuracy(store, 0)
 
     def judge(pairs: Sequence[tuple[str, str]]) -> list[tuple[float | None, dict[str, Any]]]:
-        rows = session.score([{"query": q, "prompt": p, "label": task.label_of(q)} for q, p in pairs],
+        rows = score([{"query": q, "prompt": p, "label": task.label_of(q)} for q, p in pairs],
                              f"eval-{loop}", phase="test", source="eval", loop=loop)
         return [(r["correct"], {}) for r in rows]
 
@@ -77,11 +85,11 @@ def evaluate_loop(session, loop: int) -> dict[str, Any]:
         log.info("[eval %d] writing the policy's prompts for %d test queries", loop, len(queries))
         # open_run refuses rerank_margin="fit" for live runs: it is a number here.
         settings = InferenceSettings.from_config(cfg, candidates=pool, default_prompt=best["prompt"] if best else None)
-        qpo, took = qpo_prompts(session.run.policy_dir(loop), [q.query for q in queries], settings)
-    trained_on = trained_prompts(session.store, loop - 1) if loop >= 1 else None
+        qpo, took = qpo_prompts(run.policy_dir(loop), [q.query for q in queries], settings)
+    trained_on = trained_prompts(store, loop - 1) if loop >= 1 else None
     result = compare(queries, pool, table, judge, qpo, best=best, default_method=METHOD_OF[cfg.eval.method],
                      seed=cfg.seed, earlier=trained_on)
     if loop >= 1:
-        record_inference(session, loop, settings, best)
+        record_inference(cfg, run, loop, settings, best)
     return {"loop": loop, "target": "live", **result, "names": names, "generation_s": took,
             "num_beams": cfg.eval.num_beams, "best_of_n": cfg.eval.best_of_n}

@@ -66,14 +66,6 @@ def _start_serve() -> bool:
     return started
 
 
-def _ray_started_here() -> bool:
-    """Whether this process started the Ray instance it uses (embedded Ray), not joined a shared cluster."""
-    import ray
-
-    node = ray._private.worker._global_node  # no public API tells the two apart
-    return node is not None and node.is_head()
-
-
 @serve.deployment(name=DEPLOYMENT)
 class TargetReplica:
     """One copy of the target engine; concurrent requests are grouped into engine batches."""
@@ -127,7 +119,10 @@ class ScoringPool:
 
     # -- lifecycle ----------------------------------------------------------------------------------
     def start(self) -> ScoringPool:
-        """Deploy the pool's Serve application and wait until it answers; returns self."""
+        """Deploy the pool's Serve application and wait until it answers; returns self. A pool that runs
+        already is left as it is; a closed one deploys again (its ``stats`` go on counting)."""
+        if self.handle is not None:
+            return self
         init_ray()
         # Handle-only traffic: start Serve without HTTP proxies unless something already started it.
         self._started_serve = _start_serve()
@@ -146,17 +141,18 @@ class ScoringPool:
         return self
 
     def close(self) -> None:
-        """Delete the application (and Serve, when this pool started it on a Ray of this process)."""
+        """Delete the application, waiting until its replicas are gone (their CPUs and GPUs are free then).
+
+        Serve itself stays: on a shared cluster another run may be between its ``serve.start`` and
+        ``serve.run``, and its idle controller holds no CPU. On embedded Ray it ends with Ray at the process's
+        exit. ``serve.shutdown()`` is not called: it waits on the controller's ``graceful_shutdown`` until the
+        controller kills itself, and Ray reports that call and the handle's ``listen_for_change`` as failed
+        tasks on the console ("The actor is dead because it was killed by `ray.kill`").
+        """
         if self.handle is not None:
             self.handle = None
             try:
                 serve.delete(self.app_name)
-                # Leave the cluster as found: stop Serve if this pool started it and nothing else runs there.
-                # Only on a Ray instance this process started: on a shared cluster another run may be between
-                # its serve.start and serve.run (no app listed yet), and serve.shutdown() deletes every app.
-                # An idle controller without proxies holds no CPU.
-                if self._started_serve and _ray_started_here() and not serve.status().applications:
-                    serve.shutdown()
             except Exception as e:  # the cluster may already be gone at interpreter exit
                 log.warning("could not delete Serve app '%s': %s", self.app_name, e)
 

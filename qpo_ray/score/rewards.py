@@ -10,7 +10,7 @@ so a stored dataset can be re-rewarded after a formula changes.
 
 ``acc(p)`` / ``avg_acc`` / ``avg_acc_fs(p)`` (the ``prompt_acc`` column) is the mean ``correct`` over the
 distinct pairs with prompt ``p`` in one scoring request, those scored before included (``score_pairs`` with
-``known``). A request is one driver step (``Session.score``: bootstrap, a loop's score step, an eval) or one
+``known``). A request is one driver step (``RunScores.score``: bootstrap, a loop's score step, an eval) or one
 ``source`` group of a ``qpo-ray score`` input; both count the same pairs, so a pair gets the same reward
 either way. That is the reference's "accuracy over the evaluation batch the prompt was scored with", with
 one change: ``prior_pairs`` pseudo-pairs at the request's mean ``correct`` join each prompt's count

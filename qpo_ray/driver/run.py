@@ -35,7 +35,7 @@ log = logging.getLogger("qpo_ray")
 
 
 def run_qpo(cfg: RunConfig | None = None, *, resume: str | Path | None = None,
-        overrides: list[str] | None = None) -> Path:
+            overrides: list[str] | None = None) -> Path:
     """Run (or resume) a QPO run; returns the report's path. ``overrides`` apply to a resumed run's saved
     config (``resume_config``: only ``loops`` may change). Holds the run directory's writer lock throughout;
     SIGINT/SIGTERM raise :class:`Stopped` carrying the run directory."""

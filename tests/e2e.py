@@ -58,11 +58,13 @@ def same_rows(a: list[tuple], b: list[tuple], tol: float = 1e-4) -> bool:
                                     for x, y in zip(a, b, strict=True))
 
 
-def scored_keys(run_dir: Path) -> list[str]:
-    """Every pair key sent to the target in a run (the persisted score chunks), with repeats."""
+def scored_keys(run_dir: Path, steps: tuple[str, ...] | None = None) -> list[str]:
+    """Every pair key sent to the target in a run (the persisted score chunks, ``<step>-<id>.parquet``), with
+    repeats; only those of ``steps`` (``bootstrap``, ``loop-1``, ``eval-0``, ...) when given."""
     keys: list[str] = []
     for f in sorted((run_dir / "scores").glob("*.parquet")):
-        keys += pq.read_table(f, columns=["key"]).column("key").to_pylist()
+        if steps is None or f.stem.rsplit("-", 1)[0] in steps:
+            keys += pq.read_table(f, columns=["key"]).column("key").to_pylist()
     return keys
 
 

@@ -26,16 +26,16 @@ STEPS = ("bootstrap", "eval-0", "loop-1", "eval-1")  # the steps that score, up 
 
 pytestmark = pytest.mark.slow
 
-# (what is interrupted, the fault point). None = killed from outside while Ray Train is training. A step is
-# killed before its marker (its work is redone, reusing what it persisted) and just after it (it is skipped);
-# a step killed before it writes anything is the latter case (the merge re-entered with its version committed
-# is test_relocate.py's).
+# (what is interrupted, the fault point), one of each kind. None = killed from outside while Ray Train is
+# training. A step is killed before its marker (its work is redone, reusing what it persisted) and just after it
+# (it is skipped); a step killed before it writes anything is the latter case (the merge re-entered with its
+# version committed is test_relocate.py's). Every step scores through the same chunked, persisted path
+# (Session.score; rows come back in input order and get the asking step's label), so scoring is killed once.
 DRILL = [
     ("scoring (bootstrap, after its first persisted chunk)", "score.bootstrap.chunk"),
     ("a dataset version half-written (v000, before its rename)", "store.commit.before-rename"),
     ("training (loop 1, driver killed mid-fit)", None),
     ("sampling and screening (loop 1 collect, just after its marker)", "loop-1.collect.done"),
-    ("scoring the chosen prompts and the pool (loop 1, after its first persisted chunk)", "score.loop-1.chunk"),
     ("evaluation (loop 1, its work done, before its marker)", "loop-1.eval.before-mark"),
 ]
 

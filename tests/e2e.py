@@ -92,6 +92,9 @@ def ray_env(token: str) -> dict[str, str]:
         # A token of our own (not ~/.ray/auth_token): the head and every client of it agree on it.
         "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
         "RAY_USAGE_STATS_ENABLED": "0",
+        # A SIGTERMed `ray start --block` first drains its node for up to 30 s (for Serve behind a load
+        # balancer), which never ends while Serve's controller holds a worker: the tests' nodes stop at once.
+        "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
     })
     return env
 

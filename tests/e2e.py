@@ -4,6 +4,7 @@ never with `ray stop` (which would stop every Ray instance on the machine)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -58,11 +59,13 @@ def same_rows(a: list[tuple], b: list[tuple], tol: float = 1e-4) -> bool:
                                     for x, y in zip(a, b, strict=True))
 
 
-def scored_keys(run_dir: Path) -> list[str]:
-    """Every pair key sent to the target in a run (the persisted score chunks), with repeats."""
+def scored_keys(run_dir: Path, steps: tuple[str, ...] | None = None) -> list[str]:
+    """Every pair key sent to the target in a run (the persisted score chunks, ``<step>-<id>.parquet``), with
+    repeats; only those of ``steps`` (``bootstrap``, ``loop-1``, ``eval-0``, ...) when given."""
     keys: list[str] = []
     for f in sorted((run_dir / "scores").glob("*.parquet")):
-        keys += pq.read_table(f, columns=["key"]).column("key").to_pylist()
+        if steps is None or f.stem.rsplit("-", 1)[0] in steps:
+            keys += pq.read_table(f, columns=["key"]).column("key").to_pylist()
     return keys
 
 
@@ -90,6 +93,9 @@ def ray_env(token: str) -> dict[str, str]:
         # A token of our own (not ~/.ray/auth_token): the head and every client of it agree on it.
         "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
         "RAY_USAGE_STATS_ENABLED": "0",
+        # A SIGTERMed `ray start --block` first drains its node for up to 30 s (for Serve behind a load
+        # balancer), which never ends while Serve's controller holds a worker: the tests' nodes stop at once.
+        "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
     })
     return env
 
@@ -122,7 +128,7 @@ def ray_head(temp_dir: Path, env: dict[str, str], num_cpus: int = 4,
     gcs, dash, client, agent_http, agent_grpc, metrics, rt_env, nm, om = free_ports(9)
     if ports is not None:
         ports["gcs"] = gcs
-    log = open(temp_dir.parent / "head.log", "w")
+    log = open(temp_dir.parent / "head.log", "w")  # noqa: SIM115 - the head writes it for its lifetime
     head = subprocess.Popen(
         [str(RAY), "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dash}",
          "--dashboard-host=127.0.0.1", "--include-dashboard=true", f"--ray-client-server-port={client}",
@@ -139,7 +145,8 @@ def ray_head(temp_dir: Path, env: dict[str, str], num_cpus: int = 4,
             if ray_cli(env, "job", "list", "--address", address, timeout=60).returncode == 0:
                 break
             if time.time() > deadline:
-                raise TimeoutError(f"the dashboard at {address} did not come up: {log_tail(temp_dir.parent / 'head.log')}")
+                raise TimeoutError(f"the dashboard at {address} did not come up: "
+                                   f"{log_tail(temp_dir.parent / 'head.log')}")
             time.sleep(2)
         yield address
     finally:
@@ -152,7 +159,7 @@ def ray_node(temp_dir: Path, env: dict[str, str], gcs: int, num_cpus: int) -> It
     """Another node of the head at ``127.0.0.1:gcs`` (its ``temp_dir``), on this machine, with ports of its own;
     stopped like the head, by signalling its own ``ray start --block``."""
     agent_http, agent_grpc, metrics, rt_env, nm, om = free_ports(6)
-    log = open(temp_dir.parent / f"node-{nm}.log", "w")
+    log = open(temp_dir.parent / f"node-{nm}.log", "w")  # noqa: SIM115 - the node writes it for its lifetime
     node = subprocess.Popen(
         [str(RAY), "start", "--block", f"--address=127.0.0.1:{gcs}", f"--num-cpus={num_cpus}",
          f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
@@ -183,10 +190,8 @@ def stop_head(head: subprocess.Popen, temp_dir: Path) -> None:
     # process still naming our temp dir (workers) are cleaned up after it, by id.
     _stop_block(head)
     for pid in pids_using(temp_dir):
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def pids_using(temp_dir: Path) -> list[int]:

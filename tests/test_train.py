@@ -300,8 +300,8 @@ def test_exported_policy_loads_and_generates(zero2):
     assert len(out) == 2 and all(isinstance(t, str) for t in out)
     # tiny trains the CPU setup: a head over the prompts' tokens, and the prompts travel with the policy
     tok = policy.tokenizer
-    assert policy.vocab_ids.tolist() == sorted({i for p in PROMPTS for i in tok(p, add_special_tokens=False)["input_ids"]}
-                                               | {tok.eos_token_id})
+    prompt_tokens = {i for p in PROMPTS for i in tok(p, add_special_tokens=False)["input_ids"]}
+    assert policy.vocab_ids.tolist() == sorted(prompt_tokens | {tok.eos_token_id})
     assert sorted(QPOPolicy.candidates(second.policy_dir)) == sorted(PROMPTS)
 
 
@@ -325,10 +325,11 @@ def test_reference_path_trains_the_whole_vocabulary_with_the_reward_slot_head(ru
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage,workers", [(0, 1), (3, 2)])
+@pytest.mark.parametrize("stage,workers", [(3, 2)])
 def test_other_zero_stages_train_one_epoch(stage, workers, zero2, run_dir):
-    """ZeRO-0 on one worker (gradient accumulation 2) and ZeRO-3 on two (sharded parameters, gathered
-    for the export), each fine-tuning the ZeRO-2 policy for one epoch."""
+    """ZeRO-3 on two workers (sharded parameters, gathered for the export), fine-tuning the ZeRO-2 policy for
+    one epoch. ZeRO-0 on one worker (gradient accumulation 2) is the tiny profile's: every end-to-end run
+    trains and fine-tunes with it (test_driver_e2e.py checks its schedules)."""
     from qpo_ray.policy import QPOPolicy
 
     _, base = zero2

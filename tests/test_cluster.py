@@ -4,6 +4,7 @@ train placement strategy. tests/test_multinode.py runs the whole thing on two Ra
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 
@@ -85,7 +86,16 @@ def every_cpu_held(ray_local):
     ray.kill(holder)
 
 
-def test_a_step_waiting_for_a_cpu_is_stopped_with_one_line(every_cpu_held):
+@pytest.fixture
+def sigint_raises():
+    """SIGINT raises KeyboardInterrupt, as inside a run (``stop_on_signals``), even when pytest was started
+    where SIGINT is ignored (a background job of a shell without job control)."""
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, old)
+
+
+def test_a_step_waiting_for_a_cpu_is_stopped_with_one_line(every_cpu_held, sigint_raises):
     ray = every_cpu_held
     ref = ray.remote(num_cpus=1)(lambda: "ran").remote()  # the ingest task of the hang: 1 CPU, none free
     t0 = time.monotonic()

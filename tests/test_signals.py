@@ -26,7 +26,7 @@ from tests.e2e import REPO, qpo, scored_keys
 pytestmark = pytest.mark.slow
 
 STEP = "loop-2.eval"
-POOL_STARTS = "[eval-2] scoring"  # the step has found pairs to score: the pool starts now
+POOL_STARTS = "' starting ("  # "scoring pool 'NAME' starting (engine, model)": the step's pool deploys now
 
 
 def _start(run_dir: Path, out: Path) -> subprocess.Popen:

@@ -127,6 +127,7 @@ class ScoringPool:
         # Handle-only traffic: start Serve without HTTP proxies unless something already started it.
         self._started_serve = _start_serve()
         t0 = time.time()
+        log.info("scoring pool '%s' starting (%s, %s)", self.app_name, self.cfg.engine, self.cfg.model)
         app = build_app(self.cfg, self.tasks, self.engine_factory)
         try:
             self.handle = serve.run(app, name=self.app_name, route_prefix=None)
